@@ -1,0 +1,296 @@
+"""Run configuration shared by the simulator (`sim/`) and the real trainer (`real/`).
+
+Every field carries its help text; `stalecast simulate --help-config` prints them all. Config objects
+are plain data: building one does no I/O. `load_config` reads YAML and turns any validation failure
+into one `ConfigError` naming the file, the field and the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user: `file: field: reason`."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- length distributions
+class ConstantLen(_Section):
+    kind: Literal["constant"]
+    value: int = Field(ge=1, description="Every sample has exactly this many tokens.")
+
+
+class ExponentialLen(_Section):
+    kind: Literal["exponential"]
+    mean: float = Field(gt=0, description="Mean tokens; lengths are ceil(Exp(mean)), so at least 1.")
+
+
+class LognormalLen(_Section):
+    kind: Literal["lognormal"]
+    median: float = Field(gt=0, description="Median tokens (exp of the underlying normal's mean).")
+    sigma: float | None = Field(None, gt=0, description="Std of the underlying normal. Give sigma or p99.")
+    p99: float | None = Field(None, gt=0, description="99th percentile in tokens; sets sigma = ln(p99/median)/2.326.")
+
+    @model_validator(mode="after")
+    def _one_spread(self):
+        if (self.sigma is None) == (self.p99 is None):
+            raise ValueError("give exactly one of sigma or p99")
+        if self.p99 is not None and self.p99 <= self.median:
+            raise ValueError(f"p99 ({self.p99}) must exceed median ({self.median})")
+        return self
+
+
+class EmpiricalLen(_Section):
+    kind: Literal["empirical"]
+    values: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, description="Lengths to resample uniformly with replacement.")
+    trace: str | None = Field(
+        None, description="Trace file (Parquet/CSV, stalecast schema) whose column is resampled; "
+                          "a relative path is taken from the config file's folder.")
+    column: Literal["response_len", "prompt_len"] = Field(
+        "response_len", description="Trace column to resample.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.values is None) == (self.trace is None):
+            raise ValueError("give exactly one of values or trace")
+        if self.values is not None and not self.values:
+            raise ValueError("values must not be empty")
+        return self
+
+
+LengthDist = Annotated[Union[ConstantLen, ExponentialLen, LognormalLen, EmpiricalLen],
+                       Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- sections
+class Workload(_Section):
+    batch_prompts: int = Field(ge=1, description="Prompts (GRPO groups) the learner consumes per step.")
+    group_size: int = Field(ge=1, description="Samples generated per prompt (the GRPO group).")
+    prompt_len: LengthDist = Field(description="Prompt length distribution, tokens.")
+    response_len: LengthDist = Field(description="Response length distribution, tokens (before the cap).")
+    max_new_tokens: int = Field(ge=1, description="Cap on response length; longer draws are truncated to it.")
+
+
+class Cluster(_Section):
+    rollout_workers: int = Field(ge=1, description="Inference engines generating rollouts (R).")
+    gpus_per_worker: int = Field(1, ge=1, description="GPUs per rollout worker (its tensor-parallel degree).")
+    max_concurrency: int = Field(ge=1, description="Sequences a worker decodes at once (continuous batching slots).")
+    learner_gpus: int = Field(1, ge=1, description="GPUs the learner trains on (L).")
+    colocated: bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
+                                               "the hardware colocation slowdowns apply while both run.")
+
+    @property
+    def total_gpus(self) -> int:
+        return self.learner_gpus if self.colocated else self.rollout_workers * self.gpus_per_worker + self.learner_gpus
+
+
+class Pipeline(_Section):
+    mode: Literal["sync", "one_step_off", "async"] = Field(
+        "async", description="sync: generate, train, sync, repeat. one_step_off: batch k+1 is generated "
+                             "with version k while step k trains. async: fully asynchronous.")
+    max_staleness: int = Field(1, ge=0, description="Staleness bound S (learner version at consumption minus "
+                                                    "version at generation start) for async mode.")
+    staleness_control: Literal["gating", "drop", "both", "none"] = Field(
+        "gating", description="async only. gating: admit a new group only while accepted + running < "
+                              "(S + v + 1) * batch_prompts, v the version of the oldest unconsumed group; "
+                              "drop: discard groups staler than S at consumption; both; none.")
+    interruptible: bool = Field(False, description="Workers pause in-flight sequences to load new weights "
+                                                   "(tokens then carry several versions); otherwise they stop "
+                                                   "admitting, drain in-flight sequences, then load.")
+    queue_capacity: int | None = Field(None, ge=1, description="Completed groups the buffer holds before workers "
+                                                               "stop admitting new groups; null = unbounded.")
+    queue_order: Literal["fifo", "freshest"] = Field("fifo", description="fifo: oldest completed group first; "
+                                                                         "freshest: newest policy version first.")
+
+    @model_validator(mode="after")
+    def _interruptible_async(self):
+        if self.interruptible and self.mode != "async":
+            raise ValueError("interruptible workers only apply to mode: async")
+        return self
+
+
+class Efficiency(_Section):
+    """Calibration factors of the analytic cost model: explicit, never hidden constants."""
+    decode_mem: float = Field(0.80, gt=0, le=1, description="Fraction of HBM bandwidth decode reaches.")
+    decode_compute: float = Field(0.50, gt=0, le=1, description="Fraction of peak FLOP/s decode reaches.")
+    prefill_mfu: float = Field(0.50, gt=0, le=1, description="Model FLOPs utilisation of prefill.")
+    train_mfu: float = Field(0.40, gt=0, le=1, description="Model FLOPs utilisation of training (6·N·tokens).")
+    network: float = Field(0.80, gt=0, le=1, description="Fraction of link bandwidth a weight sync reaches.")
+    decode_step_overhead_s: float = Field(0.004, ge=0, description="Fixed host/scheduler time per decode step.")
+    train_step_overhead_s: float = Field(1.0, ge=0, description="Fixed time per learner step (optimizer, logging).")
+    sync_latency_s: float = Field(0.5, ge=0, description="Fixed time per weight sync on top of bytes/bandwidth.")
+    colocation_gen_slowdown: float = Field(1.15, ge=1, description="Generation slowdown while sharing GPUs "
+                                                                   "with training (measured on one H200: 1.15).")
+    colocation_train_slowdown: float = Field(1.11, ge=1, description="Training slowdown while sharing GPUs with "
+                                                                     "generation (measured on one H200: 1.11).")
+
+
+class ConstantCosts(_Section):
+    """Fixed times, for textbook cases: each decode step, prefill token and training token costs the same."""
+    decode_step_s: float = Field(ge=0, description="Seconds per decode step, whatever the batch.")
+    prefill_s_per_token: float = Field(0.0, ge=0, description="Seconds per prompt token of prefill.")
+    train_step_s: float = Field(0.0, ge=0, description="Fixed seconds per learner step.")
+    train_s_per_token: float = Field(0.0, ge=0, description="Seconds per trained token (prompt + response).")
+    sync_s: float = Field(0.0, ge=0, description="Seconds per weight sync.")
+
+
+class Hardware(_Section):
+    gpu: str | None = Field("H100-SXM", description="Named GPU spec (see `sim.hardware.specs.GPUS`).")
+    model: str | dict = Field("qwen2.5-0.5b", description="Model-shape preset name, or an inline shape with "
+                                                          "params, layers, hidden, heads, kv_heads, vocab.")
+    profile: str | None = Field(None, description="Measured profile YAML (from `stalecast profile`); its tables "
+                                                  "override the analytic costs they cover.")
+    efficiency: Efficiency = Field(default_factory=Efficiency, description="Analytic cost-model calibration.")
+    constant: ConstantCosts | None = Field(None, description="Use fixed times instead of the GPU/model costs.")
+
+
+class Optim(_Section):
+    lr: float = Field(1e-6, gt=0, description="Base learning rate.")
+    schedule: Literal["constant", "ess_coupled", "staleness_aware"] = Field(
+        "constant", description="constant: lr. ess_coupled: lr*min(1, ess/ess_base)^ess_power. "
+                                "staleness_aware: lr/(1 + staleness_alpha * mean staleness).")
+    ess_base: float = Field(0.9, gt=0, le=1, description="ESS ratio at and above which ess_coupled keeps lr.")
+    ess_power: float = Field(1.0, gt=0, description="Exponent of the ESS-coupled schedule.")
+    staleness_alpha: float = Field(0.5, ge=0, description="Strength of the staleness-aware schedule.")
+
+
+class Run(_Section):
+    steps: int = Field(ge=1, description="Learner steps to run.")
+
+
+class RunConfig(_Section):
+    name: str = Field("run", description="Short name used in output folders and reports.")
+    seed: int = Field(0, ge=0, description="Seed of every random stream (one SeedSequence per run).")
+    workload: Workload
+    cluster: Cluster
+    pipeline: Pipeline = Field(default_factory=Pipeline)
+    hardware: Hardware = Field(default_factory=Hardware)
+    optim: Optim = Field(default_factory=Optim)
+    run: Run
+
+    @model_validator(mode="after")
+    def _groups_fit(self):
+        if self.cluster.max_concurrency < self.workload.group_size:
+            raise ValueError(f"cluster.max_concurrency ({self.cluster.max_concurrency}) must be at least "
+                             f"workload.group_size ({self.workload.group_size}): a group is admitted whole")
+        return self
+
+    def with_overrides(self, overrides: dict) -> "RunConfig":
+        """A copy with dotted-key overrides applied, e.g. {"pipeline.mode": "sync"}; validated again."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return RunConfig.model_validate(data)
+
+
+# --------------------------------------------------------------------------- loading
+def _field_path(loc: tuple) -> str:
+    # Drop discriminator tags ("lognormal") that pydantic inserts into union locations.
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("constant", "exponential", "lognormal", "empirical"))]
+    return ".".join(parts) or "(top level)"
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+        return f"{_field_path(loc)}: unknown field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{_field_path(loc)}: {msg}{shown}"
+
+
+def parse_config(data: object, source: str = "<config>") -> RunConfig:
+    """Validate already-parsed data; errors name `source`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the file must hold a mapping of sections, not {type(data).__name__}")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: {_describe(e)}" for e in exc.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    from sim.hardware.specs import check_hardware  # resolves names; no I/O
+    try:
+        check_hardware(cfg.hardware)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config. Relative file paths inside it are resolved against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    cfg = parse_config(data, str(path))
+    if overrides:
+        try:
+            cfg = cfg.with_overrides(overrides)
+        except (KeyError, TypeError):
+            raise ConfigError(f"{path}: override names a field that does not exist: {overrides}") from None
+        except ValidationError as exc:
+            raise ConfigError("\n".join(f"{path} (override): {_describe(e)}" for e in exc.errors())) from None
+    return _resolve_paths(cfg, path)
+
+
+def _resolve_paths(cfg: RunConfig, path: Path) -> RunConfig:
+    """Make file references absolute and check they exist, so errors point at the config that named them."""
+    base = path.resolve().parent
+    updates: dict = {}
+    for dotted, value in (("hardware.profile", cfg.hardware.profile),
+                          ("workload.prompt_len.trace", getattr(cfg.workload.prompt_len, "trace", None)),
+                          ("workload.response_len.trace", getattr(cfg.workload.response_len, "trace", None))):
+        if value is None:
+            continue
+        resolved = (base / value).resolve()
+        if not resolved.is_file():
+            raise ConfigError(f"{path}: {dotted}: file not found: {value}")
+        updates[dotted] = str(resolved)
+    return cfg.with_overrides(updates) if updates else cfg
+
+
+def config_help() -> str:
+    """Every field with its type and help text, indented by section."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], indent: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            lines.append(f"{indent}{name}: {field.description or ''}")
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, indent + "  ")
+
+    walk(RunConfig, "")
+    lines.append("length distributions (workload.prompt_len / response_len), by kind:")
+    for model in (ConstantLen, ExponentialLen, LognormalLen, EmpiricalLen):
+        walk(model, "  ")
+    return "\n".join(lines)

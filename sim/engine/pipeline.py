@@ -1,0 +1,244 @@
+"""The SimPy model of an async GRPO pipeline: rollout workers, the buffer, the learner and weight sync.
+
+`simulate(cfg)` runs one replication and returns its trace. The `Simulation` object is the shared world
+the actors consult: versions published, the admission rules of each mode, the group ledger.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from sim.config import RunConfig
+from sim.engine.worker import BLOCKED, DRAIN, Worker
+from sim.hardware.cost import CostModel, cost_model_for
+from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
+from sim.workload import GroupStream
+
+
+class Buffer:
+    """Completed groups waiting for the learner, FIFO or freshest (highest version_start) first."""
+
+    def __init__(self, order: str, version_start: np.ndarray):
+        self.freshest = order == "freshest"
+        self._fifo: deque[int] = deque()
+        self._heap: list[tuple[int, int, int]] = []
+        self._seq = 0
+        self.v_start = version_start
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.freshest else len(self._fifo)
+
+    def put(self, gid: int) -> None:
+        if self.freshest:
+            heapq.heappush(self._heap, (-int(self.v_start[gid]), self._seq, gid))
+            self._seq += 1
+        else:
+            self._fifo.append(gid)
+
+    def pop(self) -> int | None:
+        if self.freshest:
+            return heapq.heappop(self._heap)[2] if self._heap else None
+        return self._fifo.popleft() if self._fifo else None
+
+
+class Simulation:
+    def __init__(self, cfg: RunConfig, cost: CostModel | None = None):
+        self.cfg = cfg
+        wl, pl = cfg.workload, cfg.pipeline
+        self.env = simpy.Environment()
+        self.cost = cost if cost is not None else cost_model_for(cfg)
+        self.decode_x, self.decode_y = (np.ascontiguousarray(a, dtype=np.float64) for a in self.cost.decode_table())
+        self.sync_s = float(self.cost.sync_s())
+        self.B, self.group_size, self.S = wl.batch_prompts, wl.group_size, pl.max_staleness
+        self.mode = pl.mode
+        self.lag = {"sync": 0, "one_step_off": 1}.get(pl.mode)
+        self.gating = pl.mode == "async" and pl.staleness_control in ("gating", "both")
+        self.dropping = pl.mode == "async" and pl.staleness_control in ("drop", "both")
+        self.interruptible = pl.interruptible
+        self.capacity = pl.queue_capacity
+        self.stream = GroupStream(cfg, np.random.SeedSequence(cfg.seed))
+
+        self.latest_version = 0      # newest weights published by the learner
+        self.learner_version = 0
+        self.n_groups = 0            # groups admitted so far (ids 0..n_groups-1)
+        self.live = 0                # admitted, not dropped: "accepted + running" of the gate
+        self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
+        self._oldest = 0               # lowest version with unconsumed groups (or the latest version)
+        self._grow(4096)
+        self.buffer = Buffer(pl.queue_order, self.g_v_start)
+        self.data_event: simpy.Event | None = None
+        self.steps: list[tuple] = []
+        self.on_step = None  # optional callback(step) after each learner step, for progress bars
+        self.workers = [Worker(self, w) for w in range(cfg.cluster.rollout_workers)]
+        self.learner = self.env.process(self.learn())
+
+    # ------------------------------------------------------------------ ledger
+    def _grow(self, n_groups: int) -> None:
+        g = self.group_size
+        old = getattr(self, "g_worker", None)
+        fields = {"g_worker": (np.int32, -1), "g_prompt": (np.int32, 0), "g_t_admit": (np.float64, np.nan),
+                  "g_t_start": (np.float64, np.nan), "g_t_consumed": (np.float64, np.nan),
+                  "g_v_start": (np.int32, -1), "g_v_consumed": (np.int32, -1), "g_step": (np.int32, -1),
+                  "g_dropped": (np.bool_, False), "g_tokens": (np.int64, 0)}
+        sample_fields = {"response_len": (np.int32, 0), "t_end": (np.float64, np.nan),
+                         "v_end": (np.int32, -1), "v_mean": (np.float64, np.nan)}
+        for name, (dtype, fill) in fields.items():
+            arr = np.full(n_groups, fill, dtype)
+            if old is not None:
+                arr[: len(old)] = getattr(self, name)
+            setattr(self, name, arr)
+        for name, (dtype, fill) in sample_fields.items():
+            arr = np.full(n_groups * g, fill, dtype)
+            if old is not None:
+                arr[: len(old) * g] = getattr(self, name)
+            setattr(self, name, arr)
+        if old is not None:
+            self.buffer.v_start = self.g_v_start
+
+    def next_group(self) -> tuple[int, int, np.ndarray]:
+        gid = self.n_groups
+        if gid >= len(self.g_worker):
+            self._grow(2 * len(self.g_worker))
+        self.n_groups += 1
+        prompt_len, lens = self.stream.group(gid)
+        g = self.group_size
+        self.response_len[gid * g:(gid + 1) * g] = lens
+        self.g_prompt[gid] = prompt_len
+        self.g_tokens[gid] = g * prompt_len + int(lens.sum())
+        return gid, prompt_len, lens
+
+    def group_admitted(self, gid: int, worker: Worker, t_start: float) -> None:
+        v = worker.version
+        self.g_worker[gid], self.g_t_admit[gid], self.g_t_start[gid], self.g_v_start[gid] = (
+            worker.worker_id, self.env.now, t_start, v)
+        if v >= len(self.unconsumed):
+            self.unconsumed.extend([0] * len(self.unconsumed))
+        self.unconsumed[v] += 1
+        self._oldest = min(self._oldest, v)
+        self.live += 1
+
+    def group_done(self, gid: int, t: float) -> None:
+        self.buffer.put(gid)
+        if self.data_event is not None and not self.data_event.triggered:
+            self.data_event.succeed()
+
+    def _retire(self, gid: int, step: int, dropped: bool) -> None:
+        self.g_t_consumed[gid], self.g_v_consumed[gid], self.g_step[gid] = self.env.now, self.learner_version, step
+        self.unconsumed[self.g_v_start[gid]] -= 1
+        if dropped:
+            self.g_dropped[gid] = True
+            self.live -= 1
+
+    # ------------------------------------------------------------------ admission rules
+    def oldest_unconsumed(self) -> int:
+        counts, v = self.unconsumed, self._oldest
+        while v < self.latest_version and counts[v] == 0:
+            v += 1
+        self._oldest = v
+        return v
+
+    def admission_block(self, worker: Worker) -> str | None:
+        """None if `worker` may start the next group now, else why not (worker.BLOCKED or worker.DRAIN)."""
+        if self.capacity is not None and len(self.buffer) >= self.capacity:
+            return BLOCKED
+        if self.lag is not None:  # sync / one_step_off: batch j is generated with version j - lag exactly
+            required = max(self.n_groups // self.B - self.lag, 0)
+            if worker.version == required:
+                return None
+            return DRAIN if self.latest_version >= required else BLOCKED
+        if not self.interruptible and self.latest_version > worker.version:
+            return DRAIN
+        if self.gating:
+            # The version of the oldest unconsumed group (not the learner's) makes the bound hold even when
+            # groups finish out of order: while a group of version v is outstanding, at most (S+v+1)*B
+            # groups exist, so the learner cannot pass version v+S without it.
+            v_ref = min(worker.version, self.oldest_unconsumed())
+            if self.live >= (self.S + v_ref + 1) * self.B:
+                return BLOCKED
+        return None
+
+    def load_target(self, worker: Worker) -> int | None:
+        """The version an idle worker should load now, or None."""
+        if self.lag is not None:
+            required = max(self.n_groups // self.B - self.lag, 0)
+            return required if worker.version < required <= self.latest_version else None
+        return self.latest_version if self.latest_version > worker.version else None
+
+    # ------------------------------------------------------------------ the learner
+    def _poke_workers(self) -> None:
+        for w in self.workers:
+            w.poke()
+
+    def learn(self):
+        env, B = self.env, self.B
+        for step in range(self.cfg.run.steps):
+            batch: list[int] = []
+            queue_len = len(self.buffer)
+            while len(batch) < B:
+                gid = self.buffer.pop()
+                if gid is None:
+                    self.data_event = env.event()
+                    yield self.data_event
+                    self.data_event = None
+                    continue
+                if self.dropping and self.learner_version - self.g_v_start[gid] > self.S:
+                    self._retire(gid, step, dropped=True)
+                    continue
+                batch.append(gid)
+            t_start = env.now
+            for gid in batch:
+                self._retire(gid, step, dropped=False)
+            self._poke_workers()  # buffer space, gate (oldest version, drops) may have opened
+            tokens = int(self.g_tokens[batch].sum())
+            yield env.timeout(self.cost.train_s(tokens))
+            t_end = env.now
+            self.steps.append((step, t_start, t_end, self.learner_version, B * self.group_size, tokens,
+                               queue_len, self.sync_s))
+            self.learner_version += 1
+            self.latest_version = self.learner_version
+            self._poke_workers()
+            yield env.timeout(self.sync_s)
+            if self.on_step is not None:
+                self.on_step(step)
+
+    # ------------------------------------------------------------------ running and the trace
+    def run(self) -> Trace:
+        self.env.run(until=self.learner)
+        return self.trace()
+
+    def trace(self) -> Trace:
+        n, g = self.n_groups, self.group_size
+        ns = n * g
+        rep = lambda a: np.repeat(a[:n], g)  # noqa: E731 - group column -> sample column
+        # A worker may have committed its batch up to its next event, past the end of the run.
+        late = self.t_end[:ns] > self.env.now
+        self.t_end[:ns][late], self.v_end[:ns][late], self.v_mean[:ns][late] = np.nan, -1, np.nan
+        columns = {
+            "sample_id": np.arange(ns, dtype=np.int64), "group_id": np.repeat(np.arange(n, dtype=np.int64), g),
+            "worker_id": rep(self.g_worker), "prompt_len": rep(self.g_prompt), "response_len": self.response_len[:ns],
+            "t_admit": rep(self.g_t_admit), "t_start": rep(self.g_t_start), "t_end": self.t_end[:ns],
+            "t_consumed": rep(self.g_t_consumed), "version_start": rep(self.g_v_start),
+            "version_end": self.v_end[:ns], "version_mean": self.v_mean[:ns],
+            "version_consumed": rep(self.g_v_consumed), "learner_step": rep(self.g_step),
+            "dropped": rep(self.g_dropped), "reward": np.full(ns, np.nan, np.float32),
+        }
+        # Columns already have the schema's dtypes: no copy beyond the repeats.
+        samples = pd.DataFrame({c: columns[c].astype(SAMPLE_COLUMNS[c], copy=False) for c in SAMPLE_COLUMNS},
+                               copy=False)
+        steps = pd.DataFrame(self.steps, columns=["step", "t_start", "t_end", "version", "n_samples", "n_tokens",
+                                                  "queue_len", "weight_sync_s"])
+        for col in ("lr", "grad_norm", "kl", "ess_token", "ess_seq", "reward_mean", "clip_frac"):
+            steps[col] = np.nan
+        header = {"schema": "stalecast.trace/1", **provenance("sim"), "config": self.cfg.model_dump(mode="json"),
+                  "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None)}
+        return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header)
+
+
+def simulate(cfg: RunConfig, cost: CostModel | None = None) -> Trace:
+    """Run one replication of `cfg` and return its trace."""
+    return Simulation(cfg, cost).run()

@@ -1,0 +1,133 @@
+"""A rollout worker: one SimPy generator around the compiled continuous batch of `kernel.py`.
+
+The worker wakes only at events that matter to others: a group completes (it goes to the buffer), enough
+slots free up to admit a group, or, while it is listening, the learner changes something it waits on
+(new weights, gate or buffer space). Per-sample work happens inside the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import simpy
+
+from sim.engine import kernel as K
+
+if TYPE_CHECKING:
+    from sim.engine.pipeline import Simulation
+
+# Why a worker cannot admit a group right now.
+SLOTS = "slots"        # fewer than group_size free slots: wait for completions
+BLOCKED = "blocked"    # gate, buffer or dispatcher: wait for the learner to change something
+DRAIN = "drain"        # non-interruptible and newer weights exist: finish in-flight sequences, then load
+
+
+class Worker:
+    def __init__(self, sim: "Simulation", worker_id: int):
+        self.sim = sim
+        self.env = sim.env
+        self.worker_id = worker_id
+        self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done = K.new_state(
+            sim.cfg.cluster.max_concurrency)
+        self.listening = False
+        self.proc = self.env.process(self.run())
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def version(self) -> int:
+        return int(self.si[K.VER])
+
+    @property
+    def n_active(self) -> int:
+        return int(self.si[K.N_ACTIVE])
+
+    def poke(self) -> None:
+        """Called by the learner when something this worker may be waiting on has changed."""
+        if self.listening:
+            self.listening = False
+            self.proc.interrupt()
+
+    def _advance(self, until: float, want_free: int, dry: bool) -> int:
+        sim = self.sim
+        return K.advance(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done,
+                         sim.decode_x, sim.decode_y, sim.t_end, sim.v_end, sim.v_mean, until, want_free, dry)
+
+    def _commit(self, until: float, want_free: int) -> None:
+        """Advance for real up to `until`, handing every completed group to the buffer."""
+        while True:
+            flags = self._advance(until, want_free, False)
+            if flags & K.GROUPS_DONE:
+                t = float(self.sf[K.EVT_T])
+                for gid in self.done[: self.si[K.N_DONE]]:
+                    self.sim.group_done(int(gid), t)
+            if flags == 0 or flags & K.SLOTS_FREE:
+                return
+
+    def _admit(self) -> str:
+        sim, g = self.sim, self.sim.group_size
+        while self.si[K.N_FREE] >= g:
+            blocked = sim.admission_block(self)
+            if blocked:
+                return blocked
+            gid, prompt_len, lens = sim.next_group()
+            t_start = K.admit(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, gid, gid * g,
+                              lens, prompt_len, self.env.now, sim.cost.prefill_s(prompt_len))
+            sim.group_admitted(gid, self, t_start)
+        return SLOTS
+
+    def _on_new_weights(self) -> None:
+        """Interruptible: pause at the next step boundary and continue in-flight sequences with new weights."""
+        latest = self.sim.latest_version
+        if latest <= self.version:
+            return
+        if self.n_active == 0 or self.sf[K.T] >= self.env.now:
+            K.load_now(self.si, self.sf, latest, self.sim.sync_s, self.env.now)
+            self.si[K.PAUSE_STEP] = -1
+        else:
+            self.si[K.PAUSE_STEP] = self.si[K.K_STEP] + 1
+            self.si[K.PAUSE_VER] = latest
+            self.sf[K.PAUSE_S] = self.sim.sync_s
+
+    # ------------------------------------------------------------------ the actor
+    def run(self):
+        env, sim = self.env, self.sim
+        interruptible = sim.interruptible
+        while True:
+            # Drained and due for new weights: load them (the worker is busy meanwhile).
+            target = sim.load_target(self) if self.n_active == 0 else None
+            if target is not None:
+                K.load_now(self.si, self.sf, target, sim.sync_s, env.now)
+                yield env.timeout(float(self.sf[K.T]) - env.now)
+                continue
+            reason = self._admit()
+            want_free = sim.group_size if reason == SLOTS else 0
+            listen = reason == BLOCKED or interruptible
+            # Listening, the world may change before the next event: peek, then commit on waking.
+            flags = self._advance(math.inf, want_free, listen)
+            t_event = float(self.sf[K.EVT_T])
+            if not listen and flags & K.GROUPS_DONE:
+                wait = t_event - env.now
+                if wait > 0:
+                    yield env.timeout(wait)
+                for gid in self.done[: self.si[K.N_DONE]]:
+                    sim.group_done(int(gid), t_event)
+                continue
+            if not listen:
+                if flags:  # slots freed: admit at that time
+                    yield env.timeout(max(0.0, t_event - env.now))
+                    continue
+                # Batch empty and nothing to wait for but a drain that just finished: loop to load.
+                if reason == DRAIN:
+                    continue
+                raise RuntimeError(f"worker {self.worker_id} has nothing to wait for (reason {reason})")
+            self.listening = True
+            try:
+                yield env.timeout(t_event - env.now) if math.isfinite(t_event) else env.event()
+            except simpy.Interrupt:
+                self._commit(env.now, 0)
+                if interruptible:
+                    self._on_new_weights()
+                continue
+            self.listening = False
+            self._commit(t_event, want_free)

@@ -1,0 +1,168 @@
+"""The cost model the simulator calls: decode step, prefill, learner step and weight-sync times.
+
+Three sources, per table: a measured profile's table if it has one, else fixed times
+(`hardware.constant`), else the analytic roofline of `hardware.gpu` running `hardware.model`:
+
+- decode step(n, x) = overhead + max(mem, comp), n active sequences with x context tokens in total;
+  mem  = (weight bytes + KV bytes/token * x) / (TP * HBM * decode_mem)
+  comp = (2 * params * n + attention FLOPs/context token * x) / (TP * peak * decode_compute)
+- prefill(p) = (2 * params * p + attention FLOPs/context token * p(p+1)/2) / (TP * peak * prefill_mfu):
+  the causal attention term counts each prompt token against the tokens before it (and itself).
+- train(t) = 6 * params * t / (learner GPUs * peak * train_mfu) + train_step_overhead_s
+- sync = weight bytes / (link * network) + sync_latency_s; NVLink when the whole cluster fits one
+  8-GPU node (or is colocated), else the per-GPU network.
+
+All weights and KV are bf16 (2 bytes). When workers and learner share GPUs in a mode that overlaps
+them (not sync), generation times are multiplied by the generation colocation slowdown and learner
+times by the training one, whatever the source; a profile's factors override the efficiency ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from sim.hardware.measured import DecodeGrid, MeasuredProfile, interp_linear, load_profile
+from sim.hardware.specs import GPUS, resolve_model
+
+
+class CostModel:
+    """Costs of one run's workers and learner. Built by `build_cost_model`; no I/O."""
+
+    def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
+                 prefill: Callable[[float], float], train: Callable[[float], float], sync_s: float,
+                 gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None):
+        self.max_n = max_n
+        self.gen_slowdown, self.train_slowdown = gen_slowdown, train_slowdown
+        self.sources = sources or {}  # table -> "measured" | "constant" | "analytic", for summaries
+        self._x = np.ascontiguousarray(decode_x, dtype=np.float64)
+        self._y = np.ascontiguousarray(decode_y * gen_slowdown, dtype=np.float64)
+        self._x.flags.writeable = self._y.flags.writeable = False  # shared by every caller
+        self._prefill, self._train, self._sync = prefill, train, sync_s
+
+    def decode_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """X, Y of shape (max_n + 1, M): row n gives one decode step's seconds (Y) against the total
+        context tokens (X) of n active sequences, piecewise-linear, extended linearly beyond the last two
+        points. Row 0 repeats row 1. Tables built here have X[n, 0] = 0 and strictly increasing X."""
+        return self._x, self._y
+
+    def decode_step_s(self, n: int, x: float) -> float:
+        """One decode step with n active sequences holding x context tokens in total (same function as
+        decode_table)."""
+        xs, ys = self._x[n], self._y[n]
+        if x <= xs[-1]:
+            return float(np.interp(x, xs, ys))
+        return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        """Prefill of one group's prompt, shared by the group's samples."""
+        return self._prefill(prompt_tokens) * self.gen_slowdown
+
+    def train_s(self, tokens: int) -> float:
+        """One learner step over `tokens` (prompt + response tokens of every sample in the batch)."""
+        return self._train(tokens) * self.train_slowdown
+
+    def sync_s(self) -> float:
+        """One weight sync (publish and load)."""
+        return self._sync
+
+
+def build_cost_model(cfg, profile: MeasuredProfile | None = None) -> CostModel:
+    """The cost model of a `RunConfig`, with an already-loaded profile's tables overriding; no I/O."""
+    hw, cl = cfg.hardware, cfg.cluster
+    max_n = cl.max_concurrency
+    if hw.constant is not None:
+        parts, base = _constant_parts(hw.constant, max_n), "constant"
+    elif hw.gpu is not None:
+        parts, base = _analytic_parts(cfg), "analytic"
+    else:
+        parts, base = {}, None
+    sources = dict.fromkeys(parts, base)
+    if profile is not None:
+        measured = _measured_parts(profile, max_n)
+        parts.update(measured)
+        sources.update(dict.fromkeys(measured, "measured"))
+    missing = [k for k in ("decode", "prefill", "train", "sync") if k not in parts]
+    if missing:
+        raise ValueError(f"hardware.gpu: required for the costs the profile does not measure "
+                         f"({', '.join(missing)}), unless hardware.constant is given")
+
+    gen = train = 1.0
+    if cl.colocated and cfg.pipeline.mode != "sync":  # sync mode never runs both at once
+        if profile is not None and profile.colocation is not None:
+            gen, train = profile.colocation.gen_slowdown, profile.colocation.train_slowdown
+        else:
+            gen, train = hw.efficiency.colocation_gen_slowdown, hw.efficiency.colocation_train_slowdown
+    x, y = parts["decode"]
+    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], gen, train, sources)
+
+
+def cost_model_for(cfg) -> CostModel:
+    """Load `hardware.profile` (if any) and build the cost model."""
+    profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
+    return build_cost_model(cfg, profile)
+
+
+# --------------------------------------------------------------------------- sources
+def _constant_parts(c, max_n: int) -> dict:
+    x = np.tile([0.0, 1.0, 2.0], (max_n + 1, 1))
+    return {"decode": (x, np.full_like(x, c.decode_step_s)),
+            "prefill": lambda p: c.prefill_s_per_token * p,
+            "train": lambda t: c.train_step_s + c.train_s_per_token * t,
+            "sync": c.sync_s}
+
+
+def _analytic_parts(cfg) -> dict:
+    hw, cl, eff = cfg.hardware, cfg.cluster, cfg.hardware.efficiency
+    gpu, m = GPUS[hw.gpu], resolve_model(hw.model)
+    tp, peak = cl.gpus_per_worker, gpu.bf16_tflops * 1e12
+
+    # Decode: for fixed n both mem and comp are lines in x, so the row is exact with three points:
+    # 0, their crossover xc (where the steeper line takes over) and 2*xc on the steeper line.
+    mem_bw = tp * gpu.hbm_gbps * 1e9 * eff.decode_mem
+    flops = tp * peak * eff.decode_compute
+    n = np.maximum(np.arange(cl.max_concurrency + 1), 1).astype(np.float64)  # row 0 = row 1
+    a_mem, b_mem = m.weight_bytes() / mem_bw, m.kv_bytes_per_token() / mem_bw
+    a_comp, b_comp = 2 * m.params * n / flops, m.attn_flops_per_ctx_token / flops
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xc = (a_comp - a_mem) / (b_mem - b_comp)
+    xc = np.where(np.isfinite(xc) & (xc > 0), xc, 1.0)  # no crossover at x > 0: any positive point
+    x = np.column_stack([np.zeros_like(xc), xc, 2 * xc])
+    y = eff.decode_step_overhead_s + np.maximum(a_mem + b_mem * x, a_comp[:, None] + b_comp * x)
+
+    prefill_rate = tp * peak * eff.prefill_mfu
+    train_rate = cl.learner_gpus * peak * eff.train_mfu
+    link = gpu.intra_node_gbps if cl.colocated or cl.total_gpus <= 8 else gpu.inter_node_gbps
+    return {"decode": (x, y),
+            "prefill": lambda p: (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / prefill_rate,
+            "train": lambda t: 6 * m.params * t / train_rate + eff.train_step_overhead_s,
+            "sync": m.weight_bytes() / (link * 1e9 * eff.network) + eff.sync_latency_s}
+
+
+def _measured_parts(profile: MeasuredProfile, max_n: int) -> dict:
+    parts = {}
+    if profile.decode is not None:
+        parts["decode"] = _measured_decode(profile.decode, max_n)
+    if profile.prefill is not None:
+        parts["prefill"] = profile.prefill
+    if profile.train is not None:
+        parts["train"] = profile.train
+    if profile.sync_s is not None:
+        parts["sync"] = profile.sync_s
+    return parts
+
+
+def _measured_decode(d: DecodeGrid, max_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows over total context x = n * mean context: interpolate (or extend) linearly between the
+    measured active counts, then add x = 0 by extending the first context segment and a tail point at
+    twice the last context that keeps the last slope but never lets it go negative (the simulator
+    extends the last segment to infinity)."""
+    n = np.maximum(np.arange(max_n + 1), 1).astype(np.float64)  # row 0 = row 1
+    s = np.maximum(interp_linear(d.active, d.seconds, n), 0.0)  # (max_n + 1, len(context))
+    c = np.asarray(d.context, dtype=np.float64)
+    first_slope = (s[:, 1] - s[:, 0]) / (c[1] - c[0])
+    last_slope = np.maximum((s[:, -1] - s[:, -2]) / (c[-1] - c[-2]), 0.0)
+    y = np.column_stack([np.maximum(s[:, 0] - c[0] * first_slope, 0.0), s, s[:, -1] + c[-1] * last_slope])
+    x = n[:, None] * np.concatenate([[0.0], c, [2 * c[-1]]])
+    return x, y

@@ -1,0 +1,192 @@
+"""Measured hardware profiles: timing tables written by `stalecast profile`, read back as YAML.
+
+Every table is optional; the cost model falls back to the analytic or constant costs for the ones a
+profile lacks. Tables are used as measured (per worker for decode and prefill, for the learner as it
+ran for train): nothing is rescaled to the configured tensor-parallel degree or learner GPU count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Seconds against token count; piecewise-linear, extended linearly beyond both ends, floored at 0."""
+    tokens: tuple[float, ...]
+    seconds: tuple[float, ...]
+
+    def __call__(self, tokens: float) -> float:
+        return max(0.0, float(interp_linear(self.tokens, self.seconds, tokens)))
+
+
+@dataclass(frozen=True)
+class DecodeGrid:
+    """Seconds of one decode step: seconds[i][j] with active[i] sequences of mean context[j] tokens each."""
+    active: tuple[int, ...]
+    context: tuple[float, ...]
+    seconds: tuple[tuple[float, ...], ...]
+
+
+@dataclass(frozen=True)
+class Colocation:
+    gen_slowdown: float
+    train_slowdown: float
+
+
+@dataclass(frozen=True)
+class MeasuredProfile:
+    machine: dict = field(default_factory=dict)  # free-form: hostname, device, torch version, date
+    model: str | None = None
+    decode: DecodeGrid | None = None
+    prefill: Curve | None = None
+    train: Curve | None = None
+    sync_s: float | None = None
+    colocation: Colocation | None = None
+
+    def __post_init__(self):
+        # Validated on construction, so a profile the `profile` command builds is checked like a loaded one.
+        if self.decode is not None:
+            d = self.decode
+            _check_axis("decode.active", d.active, positive=True)
+            _check_axis("decode.context", d.context, positive=True)
+            if len(d.seconds) != len(d.active):
+                raise ValueError(f"decode.seconds: {len(d.seconds)} rows, expected one per decode.active "
+                                 f"value ({len(d.active)})")
+            for i, row in enumerate(d.seconds):
+                if len(row) != len(d.context):
+                    raise ValueError(f"decode.seconds: row {i} has {len(row)} values, expected one per "
+                                     f"decode.context value ({len(d.context)})")
+                _check_nonneg(f"decode.seconds[{i}]", row)
+        for name in ("prefill", "train"):
+            curve = getattr(self, name)
+            if curve is not None:
+                _check_axis(f"{name}.tokens", curve.tokens, positive=False)
+                if len(curve.seconds) != len(curve.tokens):
+                    raise ValueError(f"{name}.seconds: {len(curve.seconds)} values, expected one per "
+                                     f"{name}.tokens value ({len(curve.tokens)})")
+                _check_nonneg(f"{name}.seconds", curve.seconds)
+        if self.sync_s is not None and not self.sync_s >= 0:
+            raise ValueError(f"sync_s: must be >= 0 (got {self.sync_s})")
+        if self.colocation is not None:
+            for name in ("gen_slowdown", "train_slowdown"):
+                if not getattr(self.colocation, name) > 0:
+                    raise ValueError(f"colocation.{name}: must be > 0 (got {getattr(self.colocation, name)})")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MeasuredProfile":
+        """Build from parsed YAML; ValueError names the field and the reason."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a mapping of tables, not {type(data).__name__}")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{sorted(unknown)[0]}: unknown field")
+        kw = {"machine": data.get("machine") or {}, "model": data.get("model")}
+        if not isinstance(kw["machine"], dict):
+            raise ValueError("machine: expected a mapping")
+        if data.get("decode") is not None:
+            d = _section(data, "decode", ("active", "context", "seconds"))
+            rows = d["seconds"]
+            if not isinstance(rows, list):
+                raise ValueError("decode.seconds: expected a list of rows")
+            active = _numbers("decode.active", d["active"])
+            if any(v != int(v) for v in active):
+                raise ValueError(f"decode.active: must be whole numbers of sequences (got {list(active)})")
+            kw["decode"] = DecodeGrid(
+                active=tuple(int(v) for v in active),
+                context=_numbers("decode.context", d["context"]),
+                seconds=tuple(_numbers(f"decode.seconds[{i}]", r) for i, r in enumerate(rows)))
+        for name in ("prefill", "train"):
+            if data.get(name) is not None:
+                c = _section(data, name, ("tokens", "seconds"))
+                kw[name] = Curve(_numbers(f"{name}.tokens", c["tokens"]), _numbers(f"{name}.seconds", c["seconds"]))
+        if data.get("sync_s") is not None:
+            kw["sync_s"] = _numbers("sync_s", [data["sync_s"]])[0]
+        if data.get("colocation") is not None:
+            c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"))
+            kw["colocation"] = Colocation(*(_numbers(f"colocation.{k}", [c[k]])[0]
+                                            for k in ("gen_slowdown", "train_slowdown")))
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers, absent tables left out."""
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = {k: plain(v) for k, v in asdict(value).items()} if f.name in (
+                "decode", "prefill", "train", "colocation") else value
+        return out
+
+
+def load_profile(path: str | Path) -> MeasuredProfile:
+    """Read a profile YAML; any problem is a ValueError `path: field: reason`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such profile file")
+    try:
+        return MeasuredProfile.from_dict(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def save_profile(profile: MeasuredProfile, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
+
+
+def interp_linear(xs, ys, x) -> np.ndarray:
+    """Piecewise-linear through (xs[i], ys[i]), extended linearly from the end segments.
+    xs strictly ascending with at least 2 points; ys may be 2-D (one row per xs), x a scalar or 1-D array."""
+    xs, ys, x = np.asarray(xs, float), np.asarray(ys, float), np.asarray(x, float)
+    i = np.clip(np.searchsorted(xs, x), 1, len(xs) - 1)
+    t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+    if ys.ndim == 2:
+        t = t[..., None]
+    return ys[i - 1] + t * (ys[i] - ys[i - 1])
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def _section(data: dict, name: str, keys: tuple[str, ...]) -> dict:
+    sec = data[name]
+    if not isinstance(sec, dict):
+        raise ValueError(f"{name}: expected a mapping with {', '.join(keys)}")
+    for key in keys:
+        if key not in sec:
+            raise ValueError(f"{name}.{key}: missing")
+    extra = set(sec) - set(keys)
+    if extra:
+        raise ValueError(f"{name}.{sorted(extra)[0]}: unknown field")
+    return sec
+
+
+def _numbers(name: str, values) -> tuple[float, ...]:
+    if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name}: expected a list of numbers (got {values!r})")
+    return tuple(float(v) for v in values)
+
+
+def _check_axis(name: str, values, positive: bool) -> None:
+    # At least two points, so every table has an end segment to extrapolate along.
+    if len(values) < 2:
+        raise ValueError(f"{name}: needs at least 2 values (got {len(values)})")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name}: must be strictly ascending (got {list(values)})")
+    if positive and values[0] <= 0:
+        raise ValueError(f"{name}: values must be > 0 (got {values[0]})")
+    _check_nonneg(name, values)
+
+
+def _check_nonneg(name: str, values) -> None:
+    bad = [v for v in values if not v >= 0]  # also catches NaN
+    if bad:
+        raise ValueError(f"{name}: values must be >= 0 (got {bad[0]})")

@@ -1,0 +1,150 @@
+"""Every metric of DESIGN.md, computed one way from any trace (simulated, real or external).
+
+Names are fixed (slash-namespaced); values are plain floats, or None where the trace has no data for them
+(a simulated trace has no learning columns).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from sim.trace import Trace
+
+STALENESS_QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
+LEARNING_COLUMNS = {"ess/token": "ess_token", "ess/seq": "ess_seq", "kl/k3": "kl", "grad_norm": "grad_norm",
+                    "clip_frac": "clip_frac", "reward/mean": "reward_mean", "lr": "lr"}
+
+
+# --------------------------------------------------------------------------- importance-weight statistics
+def ess(weights: np.ndarray) -> float:
+    """Normalised effective sample size (Σw)² / (N Σw²), in (0, 1]."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w.sum() ** 2 / (len(w) * np.square(w).sum()))
+
+
+def kl_k3(log_ratio: np.ndarray) -> float:
+    """Mean k3 estimator (r - 1) - log r with r = π_behav/π_θ, given log r per sampled token."""
+    lr = np.asarray(log_ratio, dtype=np.float64)
+    return float(np.mean(np.expm1(lr) - lr))
+
+
+# --------------------------------------------------------------------------- staleness
+def consumed_mask(samples: pd.DataFrame) -> np.ndarray:
+    """Samples the learner trained on (consumed and not dropped)."""
+    return (samples["version_consumed"].to_numpy() >= 0) & ~samples["dropped"].to_numpy()
+
+
+def sample_staleness(samples: pd.DataFrame) -> np.ndarray:
+    """Learner version at consumption minus version at the sample's first token, per consumed sample."""
+    used = consumed_mask(samples)
+    return (samples["version_consumed"].to_numpy()[used].astype(np.int64)
+            - samples["version_start"].to_numpy()[used])
+
+
+def staleness_histogram(samples: pd.DataFrame) -> dict[int, int]:
+    counts = np.bincount(sample_staleness(samples))
+    return {s: int(c) for s, c in enumerate(counts) if c}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _staleness_metrics(samples: pd.DataFrame, used: np.ndarray) -> dict:
+    if not used.any():
+        return {}
+    col = lambda name: samples[name].to_numpy()[used].astype(np.float64)  # noqa: E731
+    v_cons, v_start, v_end, lengths = col("version_consumed"), col("version_start"), col("version_end"), col("response_len")
+    stale = v_cons - v_start
+    out = {"staleness/mean": float(stale.mean()), "staleness/max": float(stale.max())}
+    for name, q in STALENESS_QUANTILES.items():
+        out[f"staleness/{name}"] = float(np.quantile(stale, q, method="inverted_cdf"))
+    out["staleness/token_mean"] = float(np.sum(lengths * (v_cons - col("version_mean"))) / lengths.sum())
+    out["off_policy/in_flight/mean"] = float(np.mean(v_end - v_start))
+    out["off_policy/in_queue/mean"] = float(np.mean(v_cons - v_end))
+    out["len/mean"] = float(lengths.mean())
+    return out
+
+
+# --------------------------------------------------------------------------- time
+def run_wall_s(steps: pd.DataFrame) -> float:
+    """Run length: from t=0 to the end of the last step's weight sync."""
+    last = steps.iloc[-1]
+    return float(last["t_end"] + np.nan_to_num(last["weight_sync_s"]))
+
+
+def learner_wait_s(steps: pd.DataFrame) -> np.ndarray:
+    """Per step, how long the learner waited for its batch after finishing the previous step's sync."""
+    prev_free = np.concatenate([[0.0], (steps["t_end"] + steps["weight_sync_s"].fillna(0.0)).to_numpy()[:-1]])
+    return np.maximum(steps["t_start"].to_numpy() - prev_free, 0.0)
+
+
+def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(worker, start, end) per started group; end is NaN while any of its samples is still generating."""
+    gid = samples["group_id"].to_numpy()
+    order = None if np.all(gid[1:] >= gid[:-1]) else np.argsort(gid, kind="stable")
+    pick = (lambda name: samples[name].to_numpy()) if order is None else (lambda name: samples[name].to_numpy()[order])
+    gid, t_end = pick("group_id"), pick("t_end")
+    first = np.r_[0, np.flatnonzero(np.diff(gid)) + 1]
+    end = np.maximum.reduceat(np.nan_to_num(t_end, nan=-np.inf), first)
+    end[np.add.reduceat(np.isnan(t_end), first) > 0] = np.nan
+    start = pick("t_start")[first]
+    keep = ~np.isnan(start)
+    return pick("worker_id")[first][keep], start[keep], end[keep]
+
+
+def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, n_workers: int, wall: float) -> float:
+    """Fraction of worker-time with at least one sequence in flight (union of intervals per worker)."""
+    if len(t_start) == 0 or wall <= 0:
+        return 0.0
+    t_end = np.where(np.isnan(t_end), wall, np.minimum(t_end, wall))
+    order = np.lexsort((t_start, worker_id))
+    w, s, e = worker_id[order], t_start[order], t_end[order]
+    busy = 0.0
+    bounds = np.flatnonzero(np.diff(w)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(w)]):
+        ws, we = s[lo:hi], np.maximum.accumulate(e[lo:hi])
+        # A new busy period starts where a start lies beyond every earlier end.
+        new = np.r_[True, ws[1:] > we[:-1]]
+        starts = ws[new]
+        ends = we[np.r_[np.flatnonzero(new)[1:] - 1, len(ws) - 1]]
+        busy += float(np.sum(ends - starts))
+    return busy / (n_workers * wall)
+
+
+def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:
+    """All DESIGN.md metrics of a trace. `sync_step_s`: time per learner step of the synchronous pipeline
+    on the same hardware and workload, for speedup/vs_sync."""
+    samples, steps = trace.samples, trace.steps
+    if steps.empty:
+        raise ValueError("trace has no learner steps")
+    wall = run_wall_s(steps)
+    used = consumed_mask(samples)
+    waits = learner_wait_s(steps)
+    sync = steps["weight_sync_s"].fillna(0.0)
+    train_busy = float(np.sum(steps["t_end"] - steps["t_start"]) + sync.sum())
+    step_s = wall / len(steps)
+    generated = ~np.isnan(samples["t_end"].to_numpy())
+    dropped = samples["dropped"].to_numpy()
+    out = {
+        **_staleness_metrics(samples, used),
+        "throughput/samples_per_s": int(used.sum()) / wall,
+        "throughput/tokens_per_s": float(samples["response_len"].to_numpy()[used].sum(dtype=np.int64)) / wall,
+        "throughput/steps_per_h": 3600.0 / step_s,
+        "idle/trainer": max(0.0, 1.0 - train_busy / wall),
+        "idle/rollout": 1.0 - busy_fraction(*group_intervals(samples), trace.n_workers, wall),
+        "speedup/vs_sync": (sync_step_s / step_s) if sync_step_s else None,
+        "time/step_s": step_s,
+        "time/wall_s": wall,
+        "time/weight_sync_s": float(sync.mean()),
+        "time/queue_wait_s": float(waits.mean()),
+        "dropped/groups": int(len(np.unique(samples["group_id"].to_numpy()[dropped]))),
+        "samples/generated": int(generated.sum()),
+        "samples/in_flight": int((~generated).sum()),
+    }
+    for name, col in LEARNING_COLUMNS.items():
+        out[name] = _finite_or_none(float(steps[col].mean())) if steps[col].notna().any() else None
+    return {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in out.items()}

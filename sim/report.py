@@ -1,0 +1,112 @@
+"""What a person reads after a simulation: the printed summary and the staleness figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from sim.config import RunConfig
+from sim.metrics import consumed_mask
+from sim.trace import Trace
+
+
+def _fmt(value, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}{unit}"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], console: Console,
+                  sim_seconds: float | None = None, sync_metrics: dict | None = None) -> None:
+    pl, cl = cfg.pipeline, cfg.cluster
+    control = f", {pl.staleness_control} S={pl.max_staleness}" if pl.mode == "async" else ""
+    console.print(f"[bold]{cfg.name}[/]: {pl.mode}{control}, {cl.rollout_workers} workers x {cl.gpus_per_worker} GPU, "
+                  f"{cl.learner_gpus} learner GPU(s), {cfg.workload.batch_prompts}x{cfg.workload.group_size} "
+                  f"per step, {cfg.run.steps} steps")
+
+    table = Table(title="staleness (versions)", show_edge=False)
+    for col in ("mean", "p50", "p90", "p99", "max", "token mean", "in-flight", "in-queue"):
+        table.add_column(col, justify="right")
+    table.add_row(*(_fmt(metrics.get(k)) for k in (
+        "staleness/mean", "staleness/p50", "staleness/p90", "staleness/p99", "staleness/max",
+        "staleness/token_mean", "off_policy/in_flight/mean", "off_policy/in_queue/mean")))
+    console.print(table)
+
+    total = sum(histogram.values()) or 1
+    dist = Table(title="staleness distribution (share of consumed samples)", show_edge=False)
+    for s in histogram:
+        dist.add_column(str(s), justify="right")
+    dist.add_row(*(f"{100 * c / total:.1f}%" for c in histogram.values()))
+    console.print(dist)
+
+    perf = Table(title="throughput and time", show_edge=False)
+    perf.add_column("metric")
+    perf.add_column("value", justify="right")
+    rows = [
+        ("samples/s", _fmt(metrics["throughput/samples_per_s"])),
+        ("tokens/s", _fmt(metrics["throughput/tokens_per_s"], digits=0)),
+        ("learner steps/h", _fmt(metrics["throughput/steps_per_h"])),
+        ("time per learner step", _fmt(metrics["time/step_s"], " s")),
+        ("learner idle (waiting for data)", _fmt(100 * metrics["idle/trainer"], " %", 1)),
+        ("rollout idle (nothing in flight)", _fmt(100 * metrics["idle/rollout"], " %", 1)),
+        ("learner wait per step", _fmt(metrics["time/queue_wait_s"], " s")),
+        ("weight sync per step", _fmt(metrics["time/weight_sync_s"], " s")),
+        ("dropped groups", _fmt(metrics["dropped/groups"])),
+        ("samples in flight at the end", _fmt(metrics["samples/in_flight"])),
+    ]
+    if sync_metrics is not None:
+        rows.append(("sync pipeline time per step", _fmt(sync_metrics["time/step_s"], " s")))
+        rows.append(("speedup over sync", _fmt(metrics["speedup/vs_sync"], "x")))
+    for name, value in rows:
+        perf.add_row(name, value)
+    console.print(perf)
+    if sim_seconds is not None:
+        n = metrics["samples/generated"] + metrics["samples/in_flight"]
+        console.print(f"simulated {cfg.run.steps:,} learner steps ({n:,} rollouts) in {sim_seconds:.2f} s")
+
+
+def staleness_figure(trace: Trace, path: Path, title: str) -> None:
+    """Left: share of consumed samples per staleness, split into in-flight and in-queue parts.
+    Right: mean staleness per learner step, to show warm-up and steady state."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    s = trace.samples
+    used = consumed_mask(s)
+    v_c = s["version_consumed"].to_numpy()[used].astype(np.int64)
+    v_s = s["version_start"].to_numpy()[used]
+    v_e = s["version_end"].to_numpy()[used]
+    stale = v_c - v_s
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if len(stale):
+        levels = np.arange(stale.max() + 1)
+        share = np.bincount(stale, minlength=len(levels)) / len(stale)
+        # Each sample's staleness = in-flight + in-queue versions: split each bar by the mean parts.
+        flight = np.bincount(stale, weights=v_e - v_s, minlength=len(levels))
+        denom = np.bincount(stale, minlength=len(levels)) * levels
+        frac_flight = np.divide(flight, denom, out=np.zeros(len(levels)), where=denom > 0)
+        bars = pd.DataFrame({"staleness": np.r_[levels, levels],
+                             "share": np.r_[share * (1 - frac_flight), share * frac_flight],
+                             "part": ["in queue"] * len(levels) + ["in flight"] * len(levels)})
+        sns.histplot(bars, x="staleness", weights="share", hue="part", multiple="stack", discrete=True,
+                     shrink=0.8, ax=left, palette={"in queue": "#4C72B0", "in flight": "#DD8452"})
+        left.set_xticks(levels)
+        per_step = pd.DataFrame({"step": s["learner_step"].to_numpy()[used], "staleness": stale})
+        mean_by_step = per_step.groupby("step")["staleness"].mean().reset_index()
+        sns.lineplot(mean_by_step, x="step", y="staleness", ax=right, color="#4C72B0")
+    left.set(xlabel="staleness (learner versions behind)", ylabel="share of consumed samples",
+             title="staleness distribution")
+    right.set(xlabel="learner step", ylabel="mean staleness (versions)", title="staleness per step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""The trace schema shared by simulated and real runs: one row per sample, one row per learner step.
+
+A trace is a folder: `samples.parquet`, `steps.parquet` (or `.csv`) and `header.json` with the config
+and the run's provenance. Missing values: times are NaN, versions and steps are -1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCHEMA = "stalecast.trace/1"
+
+# column -> dtype. `version_mean` (token-averaged policy version of the sample's tokens) extends DESIGN.md's
+# list so token staleness can be computed from any trace; it equals version_start without interruptions.
+SAMPLE_COLUMNS: dict[str, str] = {
+    "sample_id": "int64", "group_id": "int64", "worker_id": "int32",
+    "prompt_len": "int32", "response_len": "int32",
+    "t_admit": "float64", "t_start": "float64", "t_end": "float64", "t_consumed": "float64",
+    "version_start": "int32", "version_end": "int32", "version_mean": "float64", "version_consumed": "int32",
+    "learner_step": "int32", "dropped": "bool", "reward": "float32",
+}
+STEP_COLUMNS: dict[str, str] = {
+    "step": "int32", "t_start": "float64", "t_end": "float64", "version": "int32",
+    "n_samples": "int32", "n_tokens": "int64", "queue_len": "int32",
+    "lr": "float64", "grad_norm": "float64", "kl": "float64", "ess_token": "float64", "ess_seq": "float64",
+    "reward_mean": "float64", "clip_frac": "float64", "weight_sync_s": "float64",
+}
+
+
+class TraceError(ValueError):
+    """A trace file that does not follow the schema: names the file, the column and the reason."""
+
+
+@dataclass
+class Trace:
+    samples: pd.DataFrame
+    steps: pd.DataFrame
+    header: dict = field(default_factory=dict)
+
+    @property
+    def n_workers(self) -> int:
+        return int(self.header.get("rollout_workers") or self.samples["worker_id"].max() + 1)
+
+    def write(self, out_dir: str | Path, fmt: str = "parquet") -> Path:
+        """Write atomically: the folder appears complete or not at all."""
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            for name, frame in (("samples", self.samples), ("steps", self.steps)):
+                if fmt == "parquet":
+                    frame.to_parquet(tmp / f"{name}.parquet", index=False)
+                elif fmt == "csv":
+                    frame.to_csv(tmp / f"{name}.csv", index=False)
+                else:
+                    raise ValueError(f"unknown trace format {fmt!r} (parquet or csv)")
+            (tmp / "header.json").write_text(json.dumps(self.header, indent=2, default=str))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+
+def provenance(source: str) -> dict:
+    from sim import __version__
+    return {"source": source, "stalecast": __version__, "host": platform.node(),
+            "python": platform.python_version(), "created": datetime.now(timezone.utc).isoformat()}
+
+
+def _read_table(folder: Path, name: str) -> tuple[pd.DataFrame, Path]:
+    for ext, reader in (("parquet", pd.read_parquet), ("csv", pd.read_csv)):
+        path = folder / f"{name}.{ext}"
+        if path.is_file():
+            return reader(path), path
+    raise TraceError(f"{folder}: no {name}.parquet or {name}.csv")
+
+
+def _conform(frame: pd.DataFrame, columns: dict[str, str], path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
+    for col, dtype in columns.items():
+        if col not in frame.columns:
+            frame[col] = np.nan if dtype.startswith("float") else (False if dtype == "bool" else -1)
+        try:
+            frame[col] = frame[col].fillna(-1).astype(dtype) if dtype.startswith("int") else frame[col].astype(dtype)
+        except (TypeError, ValueError) as exc:
+            raise TraceError(f"{path}: column {col}: cannot read as {dtype}: {exc}") from None
+    return frame[list(columns)]
+
+
+SAMPLE_REQUIRED = ("group_id", "worker_id", "response_len", "t_start", "t_end", "t_consumed",
+                   "version_start", "version_consumed")
+STEP_REQUIRED = ("step", "t_start", "t_end")
+
+
+def read_trace(folder: str | Path) -> Trace:
+    """Read a trace folder (ours or another system's, with at least the required columns)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TraceError(f"{folder}: no such trace folder")
+    samples, spath = _read_table(folder, "samples")
+    steps, tpath = _read_table(folder, "steps")
+    if "sample_id" not in samples.columns:
+        samples["sample_id"] = np.arange(len(samples))
+    if "version_end" not in samples.columns:
+        samples["version_end"] = samples["version_start"]
+    if "version_mean" not in samples.columns:
+        samples["version_mean"] = samples["version_start"].astype("float64")
+    if "dropped" not in samples.columns:
+        samples["dropped"] = False
+    samples = _conform(samples, SAMPLE_COLUMNS, spath, SAMPLE_REQUIRED)
+    steps = _conform(steps, STEP_COLUMNS, tpath, STEP_REQUIRED)
+    header_path = folder / "header.json"
+    header = json.loads(header_path.read_text()) if header_path.is_file() else {}
+    return Trace(samples, steps, header)
