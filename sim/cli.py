@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
     if getattr(args, "help_config", False):
-        console.print(config_help(), markup=False, highlight=False)
+        console.print(config_help(), markup=False, highlight=False, soft_wrap=True)
         return 0
     if getattr(args, "config", "") is None:
         console.print("[red]error:[/] a config file is required (try examples/tiny_cpu.yaml)")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except ConfigError as exc:
-        console.print(f"config error: {exc}", style="red", markup=False, highlight=False)
+        console.print(f"config error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

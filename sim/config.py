@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -198,19 +198,38 @@ class RunConfig(_Section):
 
 
 # --------------------------------------------------------------------------- loading
+_DIST_KINDS: dict[str, type[BaseModel]] = {"constant": ConstantLen, "exponential": ExponentialLen,
+                                            "lognormal": LognormalLen, "empirical": EmpiricalLen}
+
+
+def _is_tag(loc: tuple, i: int) -> bool:
+    """A discriminator tag ("lognormal") that pydantic inserts after a length-distribution field; only there,
+    so a real field of the same name (`hardware.constant`) stays in the path."""
+    return i > 0 and loc[i] in _DIST_KINDS and loc[i - 1] in ("prompt_len", "response_len")
+
+
 def _field_path(loc: tuple) -> str:
-    # Drop discriminator tags ("lognormal") that pydantic inserts into union locations.
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in ("constant", "exponential", "lognormal", "empirical"))]
+    parts = [str(p) for i, p in enumerate(loc) if not _is_tag(loc, i)]
     return ".".join(parts) or "(top level)"
+
+
+def _section_model(ann) -> type[BaseModel] | None:
+    """The section model a field holds, unwrapping `Section | None`."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    models = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
 
 
 def _known_fields(loc: tuple) -> list[str]:
     model: type[BaseModel] | None = RunConfig
-    for part in loc[:-1]:
+    for i, part in enumerate(loc[:-1]):
+        if _is_tag(loc, i):
+            model = _DIST_KINDS[part]
+            continue
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return []
-        ann = model.model_fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section_model(model.model_fields[part].annotation)
     return list(model.model_fields) if model is not None else []
 
 

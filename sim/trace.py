@@ -88,10 +88,14 @@ def _read_table(folder: Path, name: str) -> tuple[pd.DataFrame, Path]:
     raise TraceError(f"{folder}: no {name}.parquet or {name}.csv")
 
 
-def _conform(frame: pd.DataFrame, columns: dict[str, str], path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _require(frame: pd.DataFrame, path: Path, required: tuple[str, ...]) -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise TraceError(f"{path}: missing column(s) {', '.join(missing)}")
+
+
+def _conform(frame: pd.DataFrame, columns: dict[str, str], path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    _require(frame, path, required)
     for col, dtype in columns.items():
         if col not in frame.columns:
             frame[col] = np.nan if dtype.startswith("float") else (False if dtype == "bool" else -1)
@@ -114,6 +118,7 @@ def read_trace(folder: str | Path) -> Trace:
         raise TraceError(f"{folder}: no such trace folder")
     samples, spath = _read_table(folder, "samples")
     steps, tpath = _read_table(folder, "steps")
+    _require(samples, spath, SAMPLE_REQUIRED)  # before the defaults below read version_start
     if "sample_id" not in samples.columns:
         samples["sample_id"] = np.arange(len(samples))
     if "version_end" not in samples.columns:

@@ -21,29 +21,40 @@ from sim.workload import GroupStream
 
 
 class Buffer:
-    """Completed groups waiting for the learner, FIFO or freshest (highest version_start) first."""
+    """Completed groups waiting for the learner: FIFO, freshest (highest version_start) first, or, in sync
+    and one_step_off modes, by batch (step j takes exactly the groups dispatched as batch j)."""
 
-    def __init__(self, order: str, version_start: np.ndarray):
-        self.freshest = order == "freshest"
+    def __init__(self, order: str, version_start: np.ndarray, batch_prompts: int | None = None):
+        self.order = "batch" if batch_prompts else order
+        self.batch_prompts = batch_prompts
         self._fifo: deque[int] = deque()
-        self._heap: list[tuple[int, int, int]] = []
-        self._seq = 0
+        self._heap: list[tuple[int, int]] = []
+        self._batches: dict[int, list[int]] = {}
+        self._len = 0
         self.v_start = version_start
 
     def __len__(self) -> int:
-        return len(self._heap) if self.freshest else len(self._fifo)
+        return self._len
 
     def put(self, gid: int) -> None:
-        if self.freshest:
-            heapq.heappush(self._heap, (-int(self.v_start[gid]), self._seq, gid))
-            self._seq += 1
+        self._len += 1
+        if self.order == "freshest":
+            heapq.heappush(self._heap, (-int(self.v_start[gid]), gid))
+        elif self.order == "batch":
+            self._batches.setdefault(gid // self.batch_prompts, []).append(gid)
         else:
             self._fifo.append(gid)
 
-    def pop(self) -> int | None:
-        if self.freshest:
-            return heapq.heappop(self._heap)[2] if self._heap else None
-        return self._fifo.popleft() if self._fifo else None
+    def pop(self, step: int) -> int | None:
+        if self.order == "freshest":
+            gid = heapq.heappop(self._heap)[1] if self._heap else None
+        elif self.order == "batch":
+            waiting = self._batches.get(step)
+            gid = waiting.pop() if waiting else None
+        else:
+            gid = self._fifo.popleft() if self._fifo else None
+        self._len -= gid is not None
+        return gid
 
 
 class Simulation:
@@ -70,7 +81,7 @@ class Simulation:
         self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
         self._oldest = 0               # lowest version with unconsumed groups (or the latest version)
         self._grow(4096)
-        self.buffer = Buffer(pl.queue_order, self.g_v_start)
+        self.buffer = Buffer(pl.queue_order, self.g_v_start, self.B if self.lag is not None else None)
         self.data_event: simpy.Event | None = None
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
@@ -180,7 +191,7 @@ class Simulation:
             batch: list[int] = []
             queue_len = len(self.buffer)
             while len(batch) < B:
-                gid = self.buffer.pop()
+                gid = self.buffer.pop(step)
                 if gid is None:
                     self.data_event = env.event()
                     yield self.data_event

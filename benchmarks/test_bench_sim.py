@@ -1,0 +1,59 @@
+"""Speed and memory of the simulator on the 64-GPU cluster what-if (not part of the default test run).
+
+    pytest benchmarks --benchmark-only --benchmark-disable-gc
+
+The issue's bar: 1,000 learner steps (about 8 million rollouts) in under 20 s on one core, peak memory
+under 2 GB. Memory is measured in a fresh subprocess so earlier tests don't count.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sim.config import load_config
+from sim.engine.pipeline import Simulation
+
+CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster_7b_64xh100.yaml"
+
+_PEAK_SCRIPT = """
+import json, resource, sys, time
+from sim.config import load_config
+from sim.engine.pipeline import Simulation
+cfg = load_config(sys.argv[1], {"run.steps": int(sys.argv[2]), "pipeline.interruptible": sys.argv[3] == "1"})
+t = time.perf_counter(); sim = Simulation(cfg); trace = sim.run(); seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "rollouts": len(trace.samples),
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _simulate(steps: int, interruptible: bool):
+    cfg = load_config(CLUSTER, {"run.steps": steps, "pipeline.interruptible": interruptible})
+    return Simulation(cfg).run()
+
+
+@pytest.mark.parametrize("interruptible", [False, True])
+def test_cluster_1000_steps(benchmark, interruptible):
+    _simulate(2, interruptible)  # compile / load the kernel cache outside the timing
+    trace = benchmark.pedantic(_simulate, args=(1000, interruptible), rounds=1, iterations=1)
+    assert len(trace.steps) == 1000
+    assert len(trace.samples) >= 1000 * 512 * 16
+    assert benchmark.stats.stats.max < 20.0
+
+
+@pytest.mark.parametrize("interruptible", [False, True])
+def test_cluster_1000_steps_peak_memory(benchmark, interruptible):
+    def run():
+        return subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(CLUSTER), "1000", str(int(interruptible))],
+                              capture_output=True, text=True, check=True)
+
+    out = benchmark.pedantic(run, rounds=1, iterations=1)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    benchmark.extra_info.update(result)
+    assert result["rollouts"] >= 1000 * 512 * 16
+    assert result["seconds"] < 20.0
+    assert result["peak_mb"] < 2048

@@ -1,0 +1,244 @@
+"""The SimPy pipeline model against closed forms, a step-by-step reference, and its invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sim.config import parse_config
+from sim.engine.kernel import span_time
+from sim.engine.pipeline import Simulation, simulate
+from sim.hardware.cost import build_cost_model
+from sim.metrics import compute_metrics, sample_staleness
+
+
+def make_cfg(mode="async", steps=5, batch=4, group=2, workers=2, concurrency=4, prompt=10, response=None,
+             decode=0.01, prefill=0.0, train=1.0, train_tok=0.0, sync=0.0, **pipeline):
+    return parse_config({
+        "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": {"kind": "constant", "value": prompt},
+                     "response_len": response or {"kind": "constant", "value": 100}, "max_new_tokens": 10**6},
+        "cluster": {"rollout_workers": workers, "max_concurrency": concurrency},
+        "pipeline": {"mode": mode, **pipeline},
+        "hardware": {"constant": {"decode_step_s": decode, "prefill_s_per_token": prefill, "train_step_s": train,
+                                  "train_s_per_token": train_tok, "sync_s": sync}},
+        "run": {"steps": steps},
+    })
+
+
+def step_periods(trace) -> np.ndarray:
+    return np.diff(trace.steps["t_start"].to_numpy())
+
+
+# --------------------------------------------------------------------------- closed forms
+def test_span_time_matches_step_by_step_sum():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        m = rng.integers(2, 6)
+        xs = np.r_[0.0, np.cumsum(rng.uniform(1, 500, m - 1))]
+        ys = rng.uniform(0.001, 0.05, m)
+        n, ksum = int(rng.integers(1, 40)), int(rng.integers(-200, 2000))
+        k1 = int(rng.integers(max(0, -ksum // n + 1), 300))
+        k2 = k1 + int(rng.integers(0, 400))
+
+        def h(x):
+            if x <= xs[-1]:
+                return np.interp(x, xs, ys)
+            return ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+
+        brute = sum(h(n * k + ksum) for k in range(k1, k2))
+        assert span_time(xs, ys, n, ksum, k1, k2) == pytest.approx(brute, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("prefill", [0.0, 0.001])
+def test_sync_step_is_generate_plus_train_plus_sync(prefill):
+    # 4 groups x 2 samples over 2 workers of 4 slots: each worker runs 2 groups at once.
+    L, d, P, train, per_tok, sync = 100, 0.01, 10, 1.0, 1e-4, 0.5
+    trace = simulate(make_cfg("sync", decode=d, prefill=prefill, train=train, train_tok=per_tok, sync=sync, prompt=P))
+    generate = 2 * P * prefill + L * d            # two prefills on a worker, then L decode steps
+    train_s = train + per_tok * 4 * 2 * (P + L)   # every prompt and response token of the batch
+    assert trace.steps["t_start"].iloc[0] == pytest.approx(generate)
+    np.testing.assert_allclose(step_periods(trace), generate + train_s + sync, rtol=1e-12)
+    assert (sample_staleness(trace.samples) == 0).all()
+
+
+@pytest.mark.parametrize("train", [0.5, 3.0])  # generation-bound, then training-bound
+def test_one_step_off_period_is_max_of_sides_plus_sync(train):
+    L, d, sync = 100, 0.01, 0.25
+    trace = simulate(make_cfg("one_step_off", steps=8, decode=d, train=train, sync=sync))
+    np.testing.assert_allclose(step_periods(trace)[3:], max(L * d, train) + sync, rtol=1e-12)
+    s = trace.samples[trace.samples.learner_step >= 0]
+    stale = (s.version_consumed - s.version_start).groupby(s.learner_step).unique()
+    assert list(stale.iloc[0]) == [0] and all(list(v) == [1] for v in stale.iloc[1:])
+
+
+@pytest.mark.parametrize("train", [0.5, 3.0])
+def test_async_steady_state_period_is_max_of_sides(train):
+    # One batch fills every slot; without staleness control the workers never wait for the learner.
+    L, d = 100, 0.01
+    trace = simulate(make_cfg("async", steps=10, decode=d, train=train, staleness_control="none"))
+    np.testing.assert_allclose(step_periods(trace)[4:], max(L * d, train), rtol=1e-12)
+
+
+def test_exponential_generation_gives_geometric_staleness():
+    """R workers, one sequence each, batch of one, near-instant training. A worker starts its next sample
+    as soon as it hands in the last one, before the learner has trained on that one: the update from its own
+    previous sample always lands during the new generation. Every other completion during the generation is
+    one more version, and by memorylessness each next completion is another worker's with probability
+    1 - p, p = 1/R. So staleness = 1 + K with K ~ Geometric(p): P(S = k) = p (1 - p)^(k - 1) for k >= 1,
+    mean R."""
+    R, n = 4, 20_000
+    cfg = make_cfg("async", steps=n, batch=1, group=1, workers=R, concurrency=1, prompt=1, decode=1e-4,
+                   train=1e-9, response={"kind": "exponential", "mean": 10_000}, staleness_control="none")
+    stale = sample_staleness(simulate(cfg).samples)[200:]  # after warm-up
+    p = 1 / R
+    assert stale.min() == 1
+    assert stale.mean() == pytest.approx(1 / p, abs=0.1)  # sd sqrt(1-p)/p = 3.5: 0.1 is > 4 standard errors
+    k = np.arange(1, 9)
+    pmf = np.bincount(stale, minlength=9)[1:9] / len(stale)
+    np.testing.assert_allclose(pmf, p * (1 - p) ** (k - 1), atol=0.012)
+
+
+# --------------------------------------------------------------------------- exactness of continuous batching
+def reference_worker(cfg, n_groups):
+    """Step-by-step reference for one worker and one sync batch: decode one step at a time."""
+    cost = build_cost_model(cfg)
+    sim = Simulation(cfg)
+    G, C = cfg.workload.group_size, cfg.cluster.max_concurrency
+    pending = [sim.stream.group(g) for g in range(n_groups)]
+    active, ends, t, nxt = [], {}, 0.0, 0   # active: [group, sample, prompt, generated, length]
+    while nxt < n_groups or active:
+        while nxt < n_groups and C - len(active) >= G:
+            prompt, lens = pending[nxt]
+            t += cost.prefill_s(prompt)
+            active += [[nxt, j, prompt, 0, int(lens[j])] for j in range(G)]
+            nxt += 1
+        x = sum(a[2] + a[3] for a in active)
+        t += cost.decode_step_s(len(active), x)
+        for a in active:
+            a[3] += 1
+        for a in [a for a in active if a[3] == a[4]]:
+            ends[(a[0], a[1])] = t
+            active.remove(a)
+    return ends
+
+
+@pytest.mark.parametrize("gpu,model", [("H100-SXM", "qwen2.5-7b"), ("A100-80GB", "llama3.1-8b")])
+def test_closed_form_batch_equals_step_by_step_decoding(gpu, model):
+    batch, group = 12, 3
+    cfg = parse_config({
+        "workload": {"batch_prompts": batch, "group_size": group,
+                     "prompt_len": {"kind": "lognormal", "median": 200, "sigma": 0.5},
+                     "response_len": {"kind": "lognormal", "median": 60, "p99": 400}, "max_new_tokens": 500},
+        "cluster": {"rollout_workers": 1, "max_concurrency": 7},
+        "pipeline": {"mode": "sync"}, "hardware": {"gpu": gpu, "model": model}, "run": {"steps": 1}})
+    expected = reference_worker(cfg, batch)
+    samples = simulate(cfg).samples
+    first_batch = samples[samples.group_id < batch]
+    got = {(int(r.group_id), int(r.sample_id) % group): r.t_end for r in first_batch.itertuples()}
+    assert got.keys() == expected.keys()
+    for key, t in expected.items():
+        assert got[key] == pytest.approx(t, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- invariants
+lengths = st.one_of(
+    st.builds(lambda v: {"kind": "constant", "value": v}, st.integers(1, 40)),
+    st.builds(lambda m: {"kind": "exponential", "mean": m}, st.floats(2, 60)),
+    st.builds(lambda m, s: {"kind": "lognormal", "median": m, "sigma": s}, st.floats(2, 40), st.floats(0.1, 1.5)),
+)
+
+
+@st.composite
+def configs(draw):
+    mode = draw(st.sampled_from(["sync", "one_step_off", "async"]))
+    group = draw(st.integers(1, 3))
+    pipeline = {"mode": mode}
+    if mode == "async":
+        pipeline |= {"max_staleness": draw(st.integers(0, 3)),
+                     "staleness_control": draw(st.sampled_from(["gating", "drop", "both", "none"])),
+                     "interruptible": draw(st.booleans()),
+                     "queue_order": draw(st.sampled_from(["fifo", "freshest"])),
+                     "queue_capacity": draw(st.one_of(st.none(), st.integers(1, 6)))}
+    return parse_config({
+        "seed": draw(st.integers(0, 2**16)),
+        "workload": {"batch_prompts": draw(st.integers(1, 4)), "group_size": group,
+                     "prompt_len": draw(lengths), "response_len": draw(lengths), "max_new_tokens": 50},
+        "cluster": {"rollout_workers": draw(st.integers(1, 3)),
+                    "max_concurrency": group * draw(st.integers(1, 4)) + draw(st.integers(0, 2))},
+        "pipeline": pipeline,
+        "hardware": {"constant": {"decode_step_s": draw(st.floats(0.001, 0.02)),
+                                  "prefill_s_per_token": draw(st.sampled_from([0.0, 1e-4])),
+                                  "train_step_s": draw(st.floats(0.0, 1.0)),
+                                  "sync_s": draw(st.sampled_from([0.0, 0.05, 0.3]))}},
+        "run": {"steps": draw(st.integers(2, 8))},
+    })
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs())
+def test_invariants(cfg):
+    sim = Simulation(cfg)
+    trace = sim.run()
+    s = trace.samples
+    pl, B, G = cfg.pipeline, cfg.workload.batch_prompts, cfg.workload.group_size
+    used = (s.version_consumed >= 0) & ~s.dropped
+    stale = (s.version_consumed - s.version_start)[used]
+
+    # The learner trained on exactly steps x batch groups, each sample generated before it was consumed.
+    assert used.sum() == cfg.run.steps * B * G
+    assert (s.t_end[used] <= s.t_consumed[used]).all()
+    # Every generated sample is consumed, dropped, waiting in the buffer (its group complete) or in flight
+    # (its group still generating).
+    in_flight = s.t_end.isna()
+    group_in_flight = in_flight.groupby(s.group_id).transform("any")
+    waiting = ~group_in_flight & (s.version_consumed < 0)
+    assert (used.astype(int) + s.dropped + group_in_flight + waiting == 1).all()
+    assert waiting.sum() == len(sim.buffer) * G
+    assert not (group_in_flight & (s.version_consumed >= 0)).any()
+    # Time and versions move forward for every sample.
+    done = ~in_flight
+    assert (s.t_admit <= s.t_start).all() and (s.t_start[done] < s.t_end[done]).all()
+    assert (s.version_start[done] <= s.version_end[done]).all()
+    assert (s.version_mean[done] >= s.version_start[done] - 1e-9).all()
+    assert (s.version_mean[done] <= s.version_end[done] + 1e-9).all()
+    if not pl.interruptible:
+        assert (s.version_end[done] == s.version_start[done]).all()
+    # Staleness control and modes.
+    if pl.mode == "sync":
+        assert (stale == 0).all()
+    elif pl.mode == "one_step_off":
+        assert (stale[s.learner_step[used] >= 1] == 1).all() and (stale[s.learner_step[used] == 0] == 0).all()
+    elif pl.staleness_control != "none":
+        assert (stale <= pl.max_staleness).all()
+    if s.dropped.any():
+        assert pl.mode == "async" and pl.staleness_control in ("drop", "both")
+        assert ((s.version_consumed - s.version_start)[s.dropped] > pl.max_staleness).all()
+    # The learner's steps are ordered and never overlap.
+    st_ = trace.steps
+    assert (st_.t_start.to_numpy()[1:] >= (st_.t_end + st_.weight_sync_s).to_numpy()[:-1] - 1e-12).all()
+
+
+@pytest.mark.parametrize("interruptible", [False, True])
+def test_same_config_and_seed_give_identical_traces(tmp_path, interruptible):
+    cfg = make_cfg("async", steps=6, response={"kind": "lognormal", "median": 40, "sigma": 0.8},
+                   interruptible=interruptible, sync=0.1)
+    paths = [simulate(cfg).write(tmp_path / f"run{i}") for i in range(2)]
+    for name in ("samples.parquet", "steps.parquet"):
+        assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
+    other = simulate(cfg.with_overrides({"seed": 1})).samples
+    assert not np.array_equal(other.t_end.to_numpy(), simulate(cfg).samples.t_end.to_numpy(), equal_nan=True)
+
+
+def test_interruptible_workers_carry_several_versions_per_sample():
+    cfg = make_cfg("async", steps=10, train=0.2, sync=0.05, interruptible=True, staleness_control="none",
+                   response={"kind": "constant", "value": 100})
+    s = simulate(cfg).samples
+    done = s.t_end.notna()
+    assert (s.version_end[done] > s.version_start[done]).any()
+    m = compute_metrics(simulate(cfg))
+    assert m["off_policy/in_flight/mean"] > 0
+    assert m["staleness/token_mean"] < m["staleness/mean"]  # later tokens are fresher
