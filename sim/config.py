@@ -164,6 +164,46 @@ class Optim(_Section):
     staleness_alpha: float = Field(0.5, ge=0, description="Strength of the staleness-aware schedule.")
 
 
+class Instability(_Section):
+    """DESIGN.md's instability rule; a run is unstable at the first step (after warm-up) where any fires."""
+    warmup_steps: int = Field(5, ge=0, description="Steps before any check applies.")
+    reward_drop: float = Field(0.5, gt=0, le=1, description="Fraction below the running best reward that counts "
+                                                            "as a fall.")
+    recover_window: int = Field(5, ge=1, description="Steps a fallen reward has to recover before it is a collapse.")
+    grad_norm_k: float = Field(10.0, gt=1, description="Grad norm above k x its running median is a collapse.")
+    kl_max: float = Field(1.0, gt=0, description="KL (k3, current vs behavior policy) above this is a collapse.")
+
+
+class Real(_Section):
+    """How `stalecast train` runs the configuration for real (ignored by the simulator)."""
+    model: str = Field("tiny", description="'tiny' (random-init Qwen2-style model built from a config, with the "
+                                           "project's tokenizer) or a local checkpoint folder; nothing is downloaded.")
+    task: Literal["reverse", "sort", "add"] = Field("reverse", description="Synthetic verifiable task: reverse or "
+                                                                           "sort a digit string, or add two numbers.")
+    min_digits: int = Field(2, ge=1, description="Shortest digit string of a prompt.")
+    max_digits: int = Field(8, ge=1, description="Longest digit string of a prompt (answers vary in length).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers and learner run; auto picks "
+                                                                       "cuda when available.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the policy.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    loss: Literal["coupled", "decoupled"] = Field("decoupled", description="coupled: PPO ratio to the behavior "
+                                                  "policy, clipped. decoupled: ratio to the proximal policy (the policy "
+                                                  "at the step's start) times a capped behavior importance weight.")
+    ratio_level: Literal["token", "sequence"] = Field("token", description="Importance ratios per token or per "
+                                                                           "sequence (exp of the summed log-ratio).")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clipping radius of the ratio.")
+    behav_cap: float = Field(5.0, gt=1, description="Cap on the behavior importance weight (decoupled loss).")
+    micro_batch: int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
+    warm_start_steps: int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
+    instability: Instability = Field(default_factory=Instability, description="When a run counts as collapsed.")
+
+    @model_validator(mode="after")
+    def _digits(self):
+        if self.max_digits < self.min_digits:
+            raise ValueError(f"max_digits ({self.max_digits}) must be at least min_digits ({self.min_digits})")
+        return self
+
+
 class Run(_Section):
     steps: int = Field(ge=1, description="Learner steps to run.")
 
@@ -176,7 +216,16 @@ class RunConfig(_Section):
     pipeline: Pipeline = Field(default_factory=Pipeline)
     hardware: Hardware = Field(default_factory=Hardware)
     optim: Optim = Field(default_factory=Optim)
+    real: Real = Field(default_factory=Real, description="Settings of the real trainer (`stalecast train`).")
     run: Run
+
+    @model_validator(mode="after")
+    def _buffer_fits_batch(self):
+        cap = self.pipeline.queue_capacity
+        if cap is not None and cap < self.workload.batch_prompts:
+            raise ValueError(f"pipeline.queue_capacity ({cap}) must be at least workload.batch_prompts "
+                             f"({self.workload.batch_prompts}), or the learner can never fill a batch")
+        return self
 
     @model_validator(mode="after")
     def _groups_fit(self):

@@ -162,10 +162,13 @@ def configs(draw):
                      "staleness_control": draw(st.sampled_from(["gating", "drop", "both", "none"])),
                      "interruptible": draw(st.booleans()),
                      "queue_order": draw(st.sampled_from(["fifo", "freshest"])),
-                     "queue_capacity": draw(st.one_of(st.none(), st.integers(1, 6)))}
+                     "queue_capacity": draw(st.one_of(st.none(), st.integers(0, 3)))}
+    batch = draw(st.integers(1, 4))
+    if pipeline.get("queue_capacity") is not None:
+        pipeline["queue_capacity"] += batch
     return parse_config({
         "seed": draw(st.integers(0, 2**16)),
-        "workload": {"batch_prompts": draw(st.integers(1, 4)), "group_size": group,
+        "workload": {"batch_prompts": batch, "group_size": group,
                      "prompt_len": draw(lengths), "response_len": draw(lengths), "max_new_tokens": 50},
         "cluster": {"rollout_workers": draw(st.integers(1, 3)),
                     "max_concurrency": group * draw(st.integers(1, 4)) + draw(st.integers(0, 2))},

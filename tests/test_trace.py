@@ -1,5 +1,7 @@
 """Trace files: lossless round trips, atomic writes, and reading other systems' traces."""
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,8 +111,8 @@ def test_external_csv_with_required_columns_only(tmp_path):
 
 @pytest.mark.parametrize("table, drop", [("samples", "version_start"), ("samples", "t_consumed"), ("steps", "t_end")])
 def test_missing_required_column(tmp_path, table, drop):
-    frames = {"samples": pd.read_csv(pd.io.common.StringIO(EXTERNAL_SAMPLES)),
-              "steps": pd.read_csv(pd.io.common.StringIO(EXTERNAL_STEPS))}
+    frames = {"samples": pd.read_csv(io.StringIO(EXTERNAL_SAMPLES)),
+              "steps": pd.read_csv(io.StringIO(EXTERNAL_STEPS))}
     frames[table] = frames[table].drop(columns=drop)
     folder = write_external(tmp_path / "ext", frames["samples"].to_csv(index=False), frames["steps"].to_csv(index=False))
     with pytest.raises(TraceError) as err:

@@ -219,7 +219,13 @@ class Simulation:
 
     # ------------------------------------------------------------------ running and the trace
     def run(self) -> Trace:
-        self.env.run(until=self.learner)
+        try:
+            self.env.run(until=self.learner)
+        except RuntimeError as exc:
+            if self.learner.is_alive and not self.env._queue:  # nothing left to happen: a stuck pipeline
+                raise RuntimeError(f"the pipeline stalled at t={self.env.now:.3f} s after {len(self.steps)} learner "
+                                   f"steps: the learner waits for data no worker may generate") from exc
+            raise
         return self.trace()
 
     def trace(self) -> Trace:

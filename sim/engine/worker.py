@@ -48,6 +48,13 @@ class Worker:
             self.listening = False
             self.proc.interrupt()
 
+    def _until(self, t: float) -> simpy.Timeout:
+        """A timeout that ends no earlier than t: now + (t - now) can fall one rounding step short."""
+        delay = max(0.0, t - self.env.now)
+        if self.env.now + delay < t:
+            delay = math.nextafter(delay, math.inf)
+        return self.env.timeout(delay)
+
     def _advance(self, until: float, want_free: int, dry: bool) -> int:
         sim = self.sim
         return K.advance(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done,
@@ -98,7 +105,7 @@ class Worker:
             target = sim.load_target(self) if self.n_active == 0 else None
             if target is not None:
                 K.load_now(self.si, self.sf, target, sim.sync_s, env.now)
-                yield env.timeout(float(self.sf[K.T]) - env.now)
+                yield self._until(float(self.sf[K.T]))
                 continue
             reason = self._admit()
             want_free = sim.group_size if reason == SLOTS else 0
@@ -107,15 +114,13 @@ class Worker:
             flags = self._advance(math.inf, want_free, listen)
             t_event = float(self.sf[K.EVT_T])
             if not listen and flags & K.GROUPS_DONE:
-                wait = t_event - env.now
-                if wait > 0:
-                    yield env.timeout(wait)
+                yield self._until(t_event)
                 for gid in self.done[: self.si[K.N_DONE]]:
                     sim.group_done(int(gid), t_event)
                 continue
             if not listen:
                 if flags:  # slots freed: admit at that time
-                    yield env.timeout(max(0.0, t_event - env.now))
+                    yield self._until(t_event)
                     continue
                 # Batch empty and nothing to wait for but a drain that just finished: loop to load.
                 if reason == DRAIN:
@@ -123,7 +128,7 @@ class Worker:
                 raise RuntimeError(f"worker {self.worker_id} has nothing to wait for (reason {reason})")
             self.listening = True
             try:
-                yield env.timeout(t_event - env.now) if math.isfinite(t_event) else env.event()
+                yield self._until(t_event) if math.isfinite(t_event) else env.event()
             except simpy.Interrupt:
                 self._commit(env.now, 0)
                 if interruptible:

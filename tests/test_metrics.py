@@ -1,0 +1,129 @@
+"""Every metric checked by hand on a trace small enough to compute on paper."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sim.metrics import compute_metrics, ess, kl_k3, staleness_histogram
+from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace
+
+NAN = float("nan")
+
+# Three learner steps, each followed by a 0.5 s weight sync: wall = 5.5 + 0.5 = 6.0 s, 2 s per step.
+STEPS = pd.DataFrame({"step": [0, 1, 2], "t_start": [1.0, 3.0, 4.5], "t_end": [2.0, 4.0, 5.5],
+                      "version": [0, 1, 2], "weight_sync_s": [0.5, 0.5, 0.5]})
+
+# group g, worker w, response length, times, versions; v_mean is the token-averaged version.
+#        g  w  len  t_start t_end  t_cons v_start v_end v_mean v_cons dropped
+ROWS = [(0, 0, 10, 0.0, 1.0, 1.0, 0, 0, 0.0, 0, False),    # stale 0
+        (0, 0, 20, 0.0, 0.8, 1.0, 0, 0, 0.0, 0, False),    # stale 0
+        (1, 1, 30, 0.5, 2.5, 3.0, 0, 1, 0.5, 1, False),    # stale 1, all in flight (interrupted once)
+        (1, 1, 40, 0.5, 2.8, 3.0, 0, 1, 0.25, 1, False),   # stale 1, all in flight
+        (2, 0, 50, 0.6, 1.5, 4.5, 0, 0, 0.0, 2, True),     # dropped group: counted once, no staleness
+        (2, 0, 55, 0.6, 1.2, 4.5, 0, 0, 0.0, 2, True),
+        (3, 1, 60, 4.0, NAN, NAN, 2, -1, NAN, -1, False),  # still generating at the end
+        (3, 1, 70, 4.0, NAN, NAN, 2, -1, NAN, -1, False),
+        (4, 0, 80, 3.0, 4.2, 4.5, 1, 1, 1.0, 2, False),    # stale 1, in queue
+        (5, 1, 90, 2.0, 3.5, 4.5, 0, 0, 0.0, 2, False)]    # stale 2, in queue
+
+
+def make_trace(steps=STEPS, rows=ROWS) -> Trace:
+    names = ["group_id", "worker_id", "response_len", "t_start", "t_end", "t_consumed", "version_start",
+             "version_end", "version_mean", "version_consumed", "dropped"]
+    s = pd.DataFrame(rows, columns=names)
+    s["sample_id"] = np.arange(len(s))
+    s["prompt_len"], s["t_admit"], s["reward"] = 5, s["t_start"], NAN
+    s["learner_step"] = np.where(s["dropped"], -1, s["version_consumed"])
+    t = steps.copy()
+    for col in STEP_COLUMNS:
+        if col not in t:
+            t[col] = NAN if STEP_COLUMNS[col] == "float64" else 8
+    return Trace(s[list(SAMPLE_COLUMNS)].astype(SAMPLE_COLUMNS), t[list(STEP_COLUMNS)].astype(STEP_COLUMNS),
+                 {"rollout_workers": 2})
+
+
+@pytest.fixture(scope="module")
+def m():
+    return compute_metrics(make_trace(), sync_step_s=3.0)
+
+
+def test_staleness(m):
+    # Consumed, not dropped: staleness 0, 0, 1, 1, 1, 2.
+    assert m["staleness/mean"] == pytest.approx(5 / 6)
+    assert m["staleness/max"] == 2
+    # inverted_cdf: the smallest s with F(s) >= q; F(0) = 2/6, F(1) = 5/6, F(2) = 1.
+    assert (m["staleness/p50"], m["staleness/p90"], m["staleness/p99"]) == (1, 2, 2)
+    assert staleness_histogram(make_trace().samples) == {0: 2, 1: 3, 2: 1}
+
+
+def test_token_staleness_and_split(m):
+    # Σ len·(v_cons − v_mean) / Σ len = (0 + 0 + 30·0.5 + 40·0.75 + 80·1 + 90·2) / 270 = 305 / 270.
+    assert m["staleness/token_mean"] == pytest.approx(305 / 270)
+    assert m["off_policy/in_flight/mean"] == pytest.approx(2 / 6)   # v_end − v_start: 0 0 1 1 0 0
+    assert m["off_policy/in_queue/mean"] == pytest.approx(3 / 6)    # v_cons − v_end: 0 0 0 0 1 2
+    assert m["len/mean"] == pytest.approx(270 / 6)
+
+
+def test_counts(m):
+    assert m["dropped/groups"] == 1
+    assert m["samples/generated"] == 8 and m["samples/in_flight"] == 2
+
+
+def test_throughput(m):
+    assert m["time/wall_s"] == pytest.approx(6.0)
+    assert m["throughput/samples_per_s"] == pytest.approx(6 / 6.0)
+    assert m["throughput/tokens_per_s"] == pytest.approx(270 / 6.0)  # response tokens of consumed samples
+    assert m["throughput/steps_per_h"] == pytest.approx(3600 / 2.0)
+    assert m["time/step_s"] == pytest.approx(2.0)
+    assert m["speedup/vs_sync"] == pytest.approx(3.0 / 2.0)
+
+
+def test_idle_and_waits(m):
+    # Learner busy: three 1 s steps + three 0.5 s syncs = 4.5 s of 6 s.
+    assert m["idle/trainer"] == pytest.approx(1 - 4.5 / 6.0)
+    # Worker 0: [0, 1] ∪ [0.6, 1.5] ∪ [3, 4.2] = 1.5 + 1.2 s.
+    # Worker 1: [0.5, 2.8] ∪ [2, 3.5] ∪ [4, wall = 6] (still generating) = 3.0 + 2.0 s.
+    assert m["idle/rollout"] == pytest.approx(1 - (2.7 + 5.0) / (2 * 6.0))
+    # The learner is free at 0, 2.5, 4.5 and starts at 1.0, 3.0, 4.5: waits 1.0, 0.5, 0.
+    assert m["time/queue_wait_s"] == pytest.approx(0.5)
+    assert m["time/weight_sync_s"] == pytest.approx(0.5)
+
+
+def test_rollout_idle_ignores_row_order(m):
+    shuffled = make_trace(rows=[ROWS[i] for i in (9, 3, 6, 0, 8, 5, 1, 7, 4, 2)])
+    assert compute_metrics(shuffled)["idle/rollout"] == pytest.approx(m["idle/rollout"])
+
+
+def test_no_speedup_without_baseline():
+    assert compute_metrics(make_trace())["speedup/vs_sync"] is None
+
+
+def test_learning_metrics_none_when_empty_mean_otherwise(m):
+    for name in ("ess/token", "ess/seq", "kl/k3", "grad_norm", "clip_frac", "reward/mean", "lr"):
+        assert m[name] is None, name
+    logged = STEPS.assign(grad_norm=[1.0, 2.0, 6.0], kl=[0.1, 0.2, 0.3], ess_token=[1.0, 0.8, 0.6],
+                          reward_mean=[NAN, 1.0, 2.0])  # reward logged on two steps only
+    got = compute_metrics(make_trace(steps=logged))
+    assert got["grad_norm"] == pytest.approx(3.0)
+    assert got["kl/k3"] == pytest.approx(0.2)
+    assert got["ess/token"] == pytest.approx(0.8)
+    assert got["reward/mean"] == pytest.approx(1.5)
+    assert got["ess/seq"] is None and got["lr"] is None
+
+
+def test_ess():
+    assert ess(np.full(4, 2.0)) == pytest.approx(1.0)
+    assert ess(np.array([1.0, 2.0, 3.0])) == pytest.approx(36 / 42)  # (1+2+3)² / (3·(1+4+9))
+    assert ess(np.array([1.0, 0.0, 0.0, 0.0])) == pytest.approx(1 / 4)  # one sample carries all weight
+    # Sequence level: weight = exp(Σ token log-ratios); sequences summing to ln 2 and 0 give weights 2 and 1.
+    seq_w = np.exp([math.log(2) + 0.0, 0.0 + 0.0])
+    assert ess(seq_w) == pytest.approx(9 / 10)
+
+
+def test_kl_k3():
+    assert kl_k3(np.zeros(5)) == 0.0
+    # r = 2: (2 − 1) − ln 2; r = 1/2: (1/2 − 1) + ln 2; mean = (1 − 1/2) / 2.
+    assert kl_k3(np.array([math.log(2), -math.log(2)])) == pytest.approx(0.25)
+    assert kl_k3(np.array([math.log(3)])) == pytest.approx(2 - math.log(3))
