@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sim.config import ConfigError, RunConfig, config_help, load_config
+from sim.trace import replace_dir
 
 # name -> "module:function" that adds the subcommand's parser; filled in as packages land.
 EXTERNAL_COMMANDS: dict[str, str] = {}
@@ -100,9 +100,7 @@ def _write_outputs(out: Path, trace, metrics: dict, histogram: dict, cfg: RunCon
                    "sync_baseline": sync_metrics, "config": cfg.model_dump(mode="json")}
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2))
         staleness_figure(trace, tmp / "staleness.png", f"{cfg.name}: {cfg.pipeline.mode}")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

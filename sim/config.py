@@ -259,7 +259,7 @@ def _is_tag(loc: tuple, i: int) -> bool:
 
 def _field_path(loc: tuple) -> str:
     parts = [str(p) for i, p in enumerate(loc) if not _is_tag(loc, i)]
-    return ".".join(parts) or "(top level)"
+    return ".".join(parts)
 
 
 def _section_model(ann) -> type[BaseModel] | None:
@@ -290,7 +290,8 @@ def _describe(err: dict) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-    return f"{_field_path(loc)}: {msg}{shown}"
+    # Whole-config rules (loc empty) name their fields in the message itself.
+    return f"{_field_path(loc)}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
 def parse_config(data: object, source: str = "<config>") -> RunConfig:

@@ -65,13 +65,22 @@ class Trace:
                 else:
                     raise ValueError(f"unknown trace format {fmt!r} (parquet or csv)")
             (tmp / "header.json").write_text(json.dumps(self.header, indent=2, default=str))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out_dir
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, moving any old one aside first so `target` is never missing or mixed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def provenance(source: str) -> dict:

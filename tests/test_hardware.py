@@ -94,7 +94,7 @@ def test_analytic_prefill_train_sync():
     gpu, m = GPUS["A100-80GB"], MODELS["llama3.1-8b"]
     p = 300
     assert cost.prefill_s(p) == pytest.approx(
-        (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / (2 * 312e12 * 0.5))
+        (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / (2 * gpu.bf16_tflops * 1e12 * 0.5))
     assert cost.train_s(10_000) == pytest.approx(6 * m.params * 10_000 / (8 * 312e12 * 0.4) + 1.0)
     # 4*2 + 8 = 16 GPUs: more than one node, so the sync goes over the network.
     assert cost.sync_s() == pytest.approx(m.params * 2 / (25e9 * 0.8) + 0.5)

@@ -133,6 +133,12 @@ class Simulation:
         self._oldest = min(self._oldest, v)
         self.live += 1
 
+    def restamp(self, gid: int, version: int) -> None:
+        """A group whose first token comes after an immediate weight load starts at the new version."""
+        self.unconsumed[self.g_v_start[gid]] -= 1
+        self.unconsumed[version] += 1
+        self.g_v_start[gid] = version
+
     def group_done(self, gid: int, t: float) -> None:
         self.buffer.put(gid)
         if self.data_event is not None and not self.data_event.triggered:
@@ -199,6 +205,7 @@ class Simulation:
                     continue
                 if self.dropping and self.learner_version - self.g_v_start[gid] > self.S:
                     self._retire(gid, step, dropped=True)
+                    self._poke_workers()  # buffer space and gate budget just opened
                     continue
                 batch.append(gid)
             t_start = env.now

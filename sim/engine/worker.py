@@ -31,6 +31,8 @@ class Worker:
         self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done = K.new_state(
             sim.cfg.cluster.max_concurrency)
         self.listening = False
+        self.fresh: list[int] = []  # groups admitted at the current step boundary, no token generated yet
+        self.fresh_step = -1
         self.proc = self.env.process(self.run())
 
     # ------------------------------------------------------------------ helpers
@@ -78,6 +80,9 @@ class Worker:
             if blocked:
                 return blocked
             gid, prompt_len, lens = sim.next_group()
+            if self.fresh_step != self.si[K.K_STEP]:
+                self.fresh, self.fresh_step = [], int(self.si[K.K_STEP])
+            self.fresh.append(gid)
             t_start = K.admit(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, gid, gid * g,
                               lens, prompt_len, self.env.now, sim.cost.prefill_s(prompt_len))
             sim.group_admitted(gid, self, t_start)
@@ -91,6 +96,9 @@ class Worker:
         if self.n_active == 0 or self.sf[K.T] >= self.env.now:
             K.load_now(self.si, self.sf, latest, self.sim.sync_s, self.env.now)
             self.si[K.PAUSE_STEP] = -1
+            if self.fresh_step == self.si[K.K_STEP]:
+                for gid in self.fresh:
+                    self.sim.restamp(gid, latest)
         else:
             self.si[K.PAUSE_STEP] = self.si[K.K_STEP] + 1
             self.si[K.PAUSE_VER] = latest
