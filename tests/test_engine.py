@@ -110,7 +110,7 @@ def reference_worker(cfg, n_groups):
     active, ends, t, nxt = [], {}, 0.0, 0   # active: [group, sample, prompt, generated, length]
     while nxt < n_groups or active:
         while nxt < n_groups and C - len(active) >= G:
-            prompt, lens = pending[nxt]
+            prompt, lens, _ = pending[nxt]
             t += cost.prefill_s(prompt)
             active += [[nxt, j, prompt, 0, int(lens[j])] for j in range(G)]
             nxt += 1

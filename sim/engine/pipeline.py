@@ -116,11 +116,11 @@ class Simulation:
         if gid >= len(self.g_worker):
             self._grow(2 * len(self.g_worker))
         self.n_groups += 1
-        prompt_len, lens = self.stream.group(gid)
+        prompt_len, lens, tokens = self.stream.group(gid)
         g = self.group_size
         self.response_len[gid * g:(gid + 1) * g] = lens
         self.g_prompt[gid] = prompt_len
-        self.g_tokens[gid] = g * prompt_len + int(lens.sum())
+        self.g_tokens[gid] = tokens
         return gid, prompt_len, lens
 
     def group_admitted(self, gid: int, worker: Worker, t_start: float) -> None:
@@ -163,18 +163,19 @@ class Simulation:
         """None if `worker` may start the next group now, else why not (worker.BLOCKED or worker.DRAIN)."""
         if self.capacity is not None and len(self.buffer) >= self.capacity:
             return BLOCKED
+        version = worker.version
         if self.lag is not None:  # sync / one_step_off: batch j is generated with version j - lag exactly
             required = max(self.n_groups // self.B - self.lag, 0)
-            if worker.version == required:
+            if version == required:
                 return None
             return DRAIN if self.latest_version >= required else BLOCKED
-        if not self.interruptible and self.latest_version > worker.version:
+        if not self.interruptible and self.latest_version > version:
             return DRAIN
         if self.gating:
             # The version of the oldest unconsumed group (not the learner's) makes the bound hold even when
             # groups finish out of order: while a group of version v is outstanding, at most (S+v+1)*B
             # groups exist, so the learner cannot pass version v+S without it.
-            v_ref = min(worker.version, self.oldest_unconsumed())
+            v_ref = min(version, self.oldest_unconsumed())
             if self.live >= (self.S + v_ref + 1) * self.B:
                 return BLOCKED
         return None
