@@ -60,6 +60,7 @@ class ModelShape:
     kv_heads: int
     vocab: int
     head_dim: int | None = None  # defaults to hidden // heads
+    intermediate: int | None = None  # MLP width, for building a random-init model of this shape (real/)
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -80,19 +81,19 @@ class ModelShape:
 
 MODELS: dict[str, ModelShape] = {m.name: m for m in (
     # Each from the model's config.json on its Hugging Face model card (num_hidden_layers, hidden_size,
-    # num_attention_heads, num_key_value_heads, vocab_size); params as stated on the model card.
-    ModelShape("qwen2.5-0.5b", 0.494e9, 24, 896, 14, 2, 151936),    # Qwen/Qwen2.5-0.5B
-    ModelShape("qwen2.5-1.5b", 1.54e9, 28, 1536, 12, 2, 151936),    # Qwen/Qwen2.5-1.5B
-    ModelShape("qwen2.5-3b", 3.09e9, 36, 2048, 16, 2, 151936),      # Qwen/Qwen2.5-3B
-    ModelShape("qwen2.5-7b", 7.62e9, 28, 3584, 28, 4, 152064),      # Qwen/Qwen2.5-7B
-    ModelShape("llama3.1-8b", 8.03e9, 32, 4096, 32, 8, 128256),     # meta-llama/Llama-3.1-8B
-    ModelShape("qwen2.5-14b", 14.7e9, 48, 5120, 40, 8, 152064),     # Qwen/Qwen2.5-14B
-    ModelShape("qwen2.5-32b", 32.8e9, 64, 5120, 40, 8, 152064),     # Qwen/Qwen2.5-32B
-    ModelShape("llama3.1-70b", 70.6e9, 80, 8192, 64, 8, 128256),    # meta-llama/Llama-3.1-70B
+    # num_attention_heads, num_key_value_heads, vocab_size, intermediate_size); params as on the model card.
+    ModelShape("qwen2.5-0.5b", 0.494e9, 24, 896, 14, 2, 151936, intermediate=4864),    # Qwen/Qwen2.5-0.5B
+    ModelShape("qwen2.5-1.5b", 1.54e9, 28, 1536, 12, 2, 151936, intermediate=8960),    # Qwen/Qwen2.5-1.5B
+    ModelShape("qwen2.5-3b", 3.09e9, 36, 2048, 16, 2, 151936, intermediate=11008),     # Qwen/Qwen2.5-3B
+    ModelShape("qwen2.5-7b", 7.62e9, 28, 3584, 28, 4, 152064, intermediate=18944),     # Qwen/Qwen2.5-7B
+    ModelShape("llama3.1-8b", 8.03e9, 32, 4096, 32, 8, 128256, intermediate=14336),    # meta-llama/Llama-3.1-8B
+    ModelShape("qwen2.5-14b", 14.7e9, 48, 5120, 40, 8, 152064, intermediate=13824),    # Qwen/Qwen2.5-14B
+    ModelShape("qwen2.5-32b", 32.8e9, 64, 5120, 40, 8, 152064, intermediate=27648),    # Qwen/Qwen2.5-32B
+    ModelShape("llama3.1-70b", 70.6e9, 80, 8192, 64, 8, 128256, intermediate=28672),   # meta-llama/Llama-3.1-70B
     # Random-init Qwen2-style CPU model (no model card; shape chosen here). params assumes
     # intermediate_size 512 and tied embeddings: per layer q 128*128+128, k and v 128*64+64 each,
     # o 128*128, MLP 3*128*512, two norms 2*128 = 246,272; x4 layers + embeddings 64*128 + final norm 128.
-    ModelShape("tiny", 993_408, 4, 128, 4, 2, 64),
+    ModelShape("tiny", 993_408, 4, 128, 4, 2, 64, intermediate=512),
 )}
 
 _SHAPE_KEYS = ("params", "layers", "hidden", "heads", "kv_heads", "vocab")
