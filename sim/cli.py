@@ -20,7 +20,9 @@ from sim.config import ConfigError, RunConfig, config_help, load_config
 from sim.trace import replace_dir
 
 # name -> "module:function" that adds the subcommand's parser; filled in as packages land.
-EXTERNAL_COMMANDS: dict[str, str] = {}
+EXTERNAL_COMMANDS: dict[str, str] = {
+    "validate": "validate.cli:add_parser",
+}
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -120,14 +120,9 @@ SAMPLE_REQUIRED = ("group_id", "worker_id", "response_len", "t_start", "t_end", 
 STEP_REQUIRED = ("step", "t_start", "t_end")
 
 
-def read_trace(folder: str | Path) -> Trace:
-    """Read a trace folder (ours or another system's, with at least the required columns)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TraceError(f"{folder}: no such trace folder")
-    samples, spath = _read_table(folder, "samples")
-    steps, tpath = _read_table(folder, "steps")
-    _require(samples, spath, SAMPLE_REQUIRED)  # before the defaults below read version_start
+def _fill_optional(samples: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Defaults for sample columns other systems may not log: no interruption, nothing dropped."""
+    _require(samples, path, SAMPLE_REQUIRED)  # before the defaults below read version_start
     if "sample_id" not in samples.columns:
         samples["sample_id"] = np.arange(len(samples))
     if "version_end" not in samples.columns:
@@ -136,8 +131,58 @@ def read_trace(folder: str | Path) -> Trace:
         samples["version_mean"] = samples["version_start"].astype("float64")
     if "dropped" not in samples.columns:
         samples["dropped"] = False
-    samples = _conform(samples, SAMPLE_COLUMNS, spath, SAMPLE_REQUIRED)
+    return samples
+
+
+def read_trace(folder: str | Path) -> Trace:
+    """Read a trace folder (ours or another system's, with at least the required columns)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TraceError(f"{folder}: no such trace folder")
+    samples, spath = _read_table(folder, "samples")
+    steps, tpath = _read_table(folder, "steps")
+    samples = _conform(_fill_optional(samples, spath), SAMPLE_COLUMNS, spath, SAMPLE_REQUIRED)
     steps = _conform(steps, STEP_COLUMNS, tpath, STEP_REQUIRED)
     header_path = folder / "header.json"
     header = json.loads(header_path.read_text()) if header_path.is_file() else {}
     return Trace(samples, steps, header)
+
+
+def steps_from_samples(samples: pd.DataFrame) -> pd.DataFrame:
+    """Learner-step rows for a trace that logged only samples: a step starts when its samples are consumed
+    and ends when the next one starts (the last lasts the median step). Weight sync is not separable: 0."""
+    used = samples[(samples["learner_step"] >= 0) & ~samples["dropped"]]
+    if used.empty:
+        raise TraceError("samples: no consumed samples (learner_step >= 0) to derive learner steps from")
+    by_step = used.groupby("learner_step")
+    starts = by_step["t_consumed"].min().to_numpy()
+    period = float(np.median(np.diff(starts))) if len(starts) > 1 else 0.0
+    tokens = (used["prompt_len"].clip(lower=0) + used["response_len"]).groupby(used["learner_step"]).sum()
+    done_at = samples.groupby("group_id")["t_end"].max()  # NaN while a sample is still generating
+    taken_at = samples.groupby("group_id")["t_consumed"].first().reindex(done_at.index)
+    waiting = [int(((done_at <= t) & ~(taken_at < t)).sum()) for t in starts]
+    return pd.DataFrame({
+        "step": by_step.size().index.to_numpy(), "t_start": starts, "t_end": np.r_[starts[1:], starts[-1] + period],
+        "version": by_step["version_consumed"].first().to_numpy(), "n_samples": by_step.size().to_numpy(),
+        "n_tokens": tokens.to_numpy(), "queue_len": waiting, "weight_sync_s": 0.0,
+    })
+
+
+def read_any_trace(path: str | Path) -> Trace:
+    """A trace folder, or a single samples file (.parquet/.csv) from another system: its learner-step
+    rows are derived with `steps_from_samples`."""
+    path = Path(path)
+    if path.is_dir():
+        return read_trace(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file or folder")
+    reader = {".parquet": pd.read_parquet, ".csv": pd.read_csv}.get(path.suffix)
+    if reader is None:
+        raise TraceError(f"{path}: expected a .parquet or .csv samples file, or a trace folder")
+    samples = _fill_optional(reader(path), path)
+    for col in ("learner_step", "prompt_len"):
+        if col not in samples.columns:
+            raise TraceError(f"{path}: missing column {col}")
+    samples = _conform(samples, SAMPLE_COLUMNS, path, SAMPLE_REQUIRED)
+    steps = _conform(steps_from_samples(samples), STEP_COLUMNS, path, STEP_REQUIRED)
+    return Trace(samples, steps, {"source": f"external: {path}"})

@@ -1,0 +1,62 @@
+"""validate/: distances between staleness distributions, the comparison rows, and the --trace command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sim.cli import main
+from sim.engine.pipeline import simulate
+from validate.compare import Tolerances, compare, ks_distance, wasserstein1
+
+
+def test_distances_on_hand_computed_cases():
+    a = np.array([0, 0, 1, 1])
+    b = np.array([1, 1, 2, 2])
+    # CDFs: a = [.5, 1, 1], b = [0, .5, 1] -> |diff| = [.5, .5, 0]
+    assert wasserstein1(a, b) == pytest.approx(1.0)   # a shifted by one version
+    assert ks_distance(a, b) == pytest.approx(0.5)
+    assert wasserstein1(a, a) == 0 and ks_distance(a, a) == 0
+
+
+def test_compare_judges_each_metric_by_its_tolerance(config_data):
+    from sim.config import parse_config
+    cfg = parse_config(config_data)
+    base = simulate(cfg)
+    rows = {r.metric: r for r in compare(base, base)}
+    assert all(r.ok is not False for r in rows.values())
+    assert rows["staleness/mean"].error == 0 and rows["staleness/wasserstein1"].error == 0
+
+    # A measurement whose learner was twice as slow: rates off by 50 %, which fails a 10 % tolerance.
+    slow = simulate(cfg)
+    for col in ("t_start", "t_end"):
+        slow.steps[col] *= 2
+    slow.steps["weight_sync_s"] *= 2
+    rows = {r.metric: r for r in compare(base, slow, Tolerances(rel=0.10))}
+    assert rows["throughput/samples_per_s"].rel_error == pytest.approx(1.0)
+    assert rows["throughput/samples_per_s"].ok is False
+    assert rows["time/step_s"].rel_error == pytest.approx(-0.5)
+    assert rows["staleness/mean"].ok is True  # the versions did not change
+
+
+def test_validate_command_against_an_external_samples_file(tmp_path, config_data):
+    import yaml
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_data))
+    assert main(["simulate", str(cfg_path), "--no-sync-baseline", "--out", str(tmp_path / "sim")]) == 0
+    samples = tmp_path / "sim" / "trace" / "samples.parquet"
+    out = tmp_path / "report"
+    assert main(["validate", str(cfg_path), "--trace", str(samples), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pass"] is True
+    assert {r["metric"] for r in report["rows"]} >= {"staleness/mean", "staleness/p90", "throughput/samples_per_s",
+                                                    "staleness/wasserstein1", "staleness/ks"}
+    for name in ("report.md", "staleness.png", "throughput.png", "timeline.png"):
+        assert (out / name).is_file()
+
+    # A different staleness bound predicts a different distribution: the command fails (exit 1).
+    config_data["pipeline"] = {"mode": "sync"}
+    cfg_path.write_text(yaml.safe_dump(config_data))
+    assert main(["validate", str(cfg_path), "--trace", str(samples), "--out", str(out)]) == 1

@@ -1,0 +1,89 @@
+"""`stalecast validate`: compare the simulator's prediction for a config with a measured trace."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sim.config import ConfigError, load_config
+from sim.trace import TraceError, read_any_trace, replace_dir
+from validate.compare import Tolerances, all_ok, compare
+from validate.report import write_report
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("validate", help="compare the simulator's prediction with a measured trace",
+                       description="Predict CONFIG with the simulator and compare it with a measured trace "
+                                   "(--trace: a stalecast trace folder, or one samples file from another "
+                                   "system). Exits 1 when any error exceeds its tolerance.")
+    p.add_argument("config", help="run config YAML describing the measured run")
+    p.add_argument("--trace", required=True, help="measured trace: folder, or samples .parquet/.csv with columns "
+                   "group_id, worker_id, prompt_len, response_len, t_start, t_end, t_consumed, version_start, "
+                   "version_consumed, learner_step (optional: version_end, version_mean, dropped)")
+    p.add_argument("--out", help="report folder (default runs/NAME-validate)")
+    p.add_argument("--sync-trace", help="measured sync-mode trace of the same config, to check speedup/vs_sync")
+    defaults = Tolerances()
+    p.add_argument("--tol-rel", type=float, default=defaults.rel, help="relative tolerance on rates and means")
+    p.add_argument("--tol-mean-abs", type=float, default=defaults.small_mean_abs,
+                   help="absolute tolerance on mean staleness when the measured mean < 1.5")
+    p.add_argument("--tol-quantile", type=float, default=defaults.quantile_abs,
+                   help="absolute tolerance (versions) on staleness quantiles")
+    p.add_argument("--tol-idle", type=float, default=defaults.idle_abs, help="absolute tolerance on idle ratios")
+    p.set_defaults(func=cmd_validate)
+
+
+def print_rows(rows, console: Console) -> None:
+    table = Table(title="predicted vs measured", show_edge=False)
+    for col in ("metric", "predicted", "measured", "error", "tolerance", "ok"):
+        table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=col == "metric")
+    fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
+    for r in rows:
+        table.add_row(r.metric, fmt(r.predicted), fmt(r.measured), fmt(r.error), r.tolerance,
+                      {True: "[green]yes[/]", False: "[red]NO[/]", None: "-"}[r.ok])
+    console.print(table)
+
+
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from sim.cli import run_simulation
+
+    cfg = load_config(args.config)
+    try:
+        measured = read_any_trace(args.trace)
+        measured_sync = read_any_trace(args.sync_trace) if args.sync_trace else None
+    except TraceError as exc:
+        raise ConfigError(str(exc)) from None
+    # The prediction runs as many learner steps as the measurement holds.
+    cfg = cfg.with_overrides({"run.steps": len(measured.steps)})
+    predicted, _ = run_simulation(cfg, console, "predicting")
+    pred_sync_step = meas_sync_step = None
+    if measured_sync is not None:
+        from sim.metrics import compute_metrics
+        sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
+                                       "run.steps": len(measured_sync.steps)})
+        pred_sync_step = compute_metrics(run_simulation(sync_cfg, console, "predicting")[0])["time/step_s"]
+        meas_sync_step = compute_metrics(measured_sync)["time/step_s"]
+    tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
+                     idle_abs=args.tol_idle)
+    rows = compare(predicted, measured, tol, pred_sync_step, meas_sync_step)
+    print_rows(rows, console)
+
+    notes = [f"config: {args.config}; measured trace: {args.trace}",
+             "prediction made from the config alone (response lengths from the config's distribution), "
+             "not fitted to the measured trace"]
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_report(tmp, f"{cfg.name}: prediction vs {args.trace}", rows, notes, predicted, measured)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    passed = all_ok(rows)
+    console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/]: report in {out}/ (report.md, report.json, figures)")
+    return 0 if passed else 1
