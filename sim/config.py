@@ -176,8 +176,9 @@ class Instability(_Section):
 
 class Real(_Section):
     """How `stalecast train` runs the configuration for real (ignored by the simulator)."""
-    model: str = Field("tiny", description="'tiny' (random-init Qwen2-style model built from a config, with the "
-                                           "project's tokenizer) or a local checkpoint folder; nothing is downloaded.")
+    model: str = Field("tiny", description="A model-shape preset ('tiny', 'qwen2.5-0.5b', ...: a random-init "
+                                           "Qwen2-style model of that shape with the project's tokenizer) or a "
+                                           "local checkpoint folder; nothing is downloaded.")
     task: Literal["reverse", "sort", "add"] = Field("reverse", description="Synthetic verifiable task: reverse or "
                                                                            "sort a digit string, or add two numbers.")
     min_digits: int = Field(2, ge=1, description="Shortest digit string of a prompt.")
@@ -195,6 +196,8 @@ class Real(_Section):
     behav_cap: float = Field(5.0, gt=1, description="Cap on the behavior importance weight (decoupled loss).")
     micro_batch: int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
     warm_start_steps: int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
+    warm_start_lr: float | None = Field(None, gt=0, description="Learning rate of the supervised warm start; "
+                                                                "null = optim.lr.")
     instability: Instability = Field(default_factory=Instability, description="When a run counts as collapsed.")
 
     @model_validator(mode="after")

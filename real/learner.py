@@ -1,0 +1,390 @@
+"""The learner: collects whole groups from the workers' queue, trains one GRPO step on each batch, publishes.
+
+It runs in the trainer's (main) process. Per step it
+
+1. receives messages into its own buffer until `batch_prompts` groups can be taken in the configured
+   order (fifo / freshest; by batch in sync modes), dropping groups staler than the bound when the
+   control says so; while it waits it checks that every worker is alive and that the run is on time;
+2. computes rewards, group advantages, and the proximal log-probs (the policy at the step's start, for
+   the decoupled loss) in micro-batches;
+3. accumulates the gradient in micro-batches grouped by sample staleness, so the gradient of each
+   staleness range is the difference of two snapshots: per-range grad norms cost no extra backward;
+4. steps AdamW at the scheduled lr (ESS of the previous step, mean staleness of this batch) with the
+   grad norm clipped at 1.0 (the logged norm is the one before clipping), bumps the version, publishes.
+
+Every admitted group is kept as a `GroupRecord`: the trace is written from them, so in-flight, waiting,
+dropped and consumed groups all appear.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import queue as queue_mod
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, token_logprobs
+from real.worker import Admitted, Control, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
+
+CLIP_NORM = 1.0
+
+
+class WorkerError(RuntimeError):
+    """A rollout worker died or raised: names the worker and its exit code or traceback."""
+
+
+# --------------------------------------------------------------------------- the buffer
+class Buffer:
+    """Completed groups waiting for the learner: fifo, freshest (highest version_start first), or by batch
+    (sync / one_step_off: step j takes exactly the groups admitted as batch j), as the simulator's."""
+
+    def __init__(self, order: str, batch_prompts: int | None = None):
+        self.order = "batch" if batch_prompts else order
+        self.batch_prompts = batch_prompts
+        self._fifo: deque[int] = deque()
+        self._heap: list[tuple[int, int]] = []
+        self._batches: dict[int, list[int]] = {}
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def put(self, gid: int, version_start: int) -> None:
+        self._len += 1
+        if self.order == "freshest":
+            heapq.heappush(self._heap, (-version_start, gid))
+        elif self.order == "batch":
+            self._batches.setdefault(gid // self.batch_prompts, []).append(gid)
+        else:
+            self._fifo.append(gid)
+
+    def pop(self, step: int) -> int | None:
+        if self.order == "freshest":
+            gid = heapq.heappop(self._heap)[1] if self._heap else None
+        elif self.order == "batch":
+            waiting = self._batches.get(step)
+            gid = waiting.pop() if waiting else None
+        else:
+            gid = self._fifo.popleft() if self._fifo else None
+        self._len -= gid is not None
+        return gid
+
+    def gids(self) -> list[int]:
+        return [*self._fifo, *(g for _, g in self._heap), *(g for b in self._batches.values() for g in b)]
+
+
+# --------------------------------------------------------------------------- instability
+class InstabilityDetector:
+    """DESIGN.md's rule: after warm-up, a reward fall below (1 - reward_drop) x running best that does not
+    recover within recover_window steps (collapse step = where the fall began), grad norm above k x its
+    running median, KL above kl_max, or a non-finite loss. Only the first collapse is kept."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.best = -math.inf
+        self.fall_since: int | None = None
+        self.grad_norms: list[float] = []
+        self.step: int | None = None
+        self.reason: str | None = None
+
+    def update(self, step: int, reward: float, grad_norm: float, kl: float, loss: float) -> None:
+        c, armed = self.cfg, step >= self.cfg.warmup_steps
+        reason = None
+        if not math.isfinite(loss):
+            reason = f"loss is {loss}"
+        elif armed and self.grad_norms and grad_norm > c.grad_norm_k * float(np.median(self.grad_norms)):
+            reason = f"grad norm {grad_norm:.3g} > {c.grad_norm_k} x running median {np.median(self.grad_norms):.3g}"
+        elif armed and kl > c.kl_max:
+            reason = f"KL {kl:.3g} > {c.kl_max}"
+        if math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
+        fallen = reward < (1 - c.reward_drop) * self.best
+        if armed and fallen:
+            self.fall_since = step if self.fall_since is None else self.fall_since
+            if step - self.fall_since + 1 > c.recover_window and reason is None:
+                reason = (f"reward {reward:.3g} below {1 - c.reward_drop:.2f} x best {self.best:.3g} "
+                          f"since step {self.fall_since}")
+                step = self.fall_since
+        elif not fallen:
+            self.fall_since = None
+        self.best = max(self.best, reward)
+        if reason is not None and self.step is None and (armed or not math.isfinite(loss)):
+            self.step, self.reason = step, reason
+
+
+# --------------------------------------------------------------------------- the group ledger
+@dataclass
+class GroupRecord:
+    gid: int
+    worker_id: int
+    prompt_len: int
+    t_admit: float
+    version_start: int
+    done: GroupDone | None = None
+    t_consumed: float = math.nan
+    version_consumed: int = -1
+    step: int = -1
+    dropped: bool = False
+    rewards: list[float] | None = None
+
+
+@dataclass
+class StepResult:
+    row: dict                                   # the trace's step row
+    metrics: dict                               # slash-named, for metrics.jsonl
+    records: list[GroupRecord] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the learner
+class Learner:
+    def __init__(self, cfg, model, tokenizer, channel, ledger: Ledger, queue, check_workers: Callable[[], None],
+                 deadline: float):
+        from real.task import DigitTask
+
+        self.cfg, self.model, self.tok, self.channel, self.ledger, self.queue = (
+            cfg, model, tokenizer, channel, ledger, queue)
+        self.check_workers, self.deadline = check_workers, deadline
+        self.task = DigitTask(cfg.real, tokenizer)
+        self.control = Control.from_config(cfg)
+        self.loss_cfg = LossConfig.from_real(cfg.real)
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters()]
+        self.B, self.G = cfg.workload.batch_prompts, cfg.workload.group_size
+        self.buffer = Buffer(cfg.pipeline.queue_order, self.B if self.control.lag is not None else None)
+        self.records: dict[int, GroupRecord] = {}
+        self.loads: list[Loaded] = []
+        self.failures: dict[int, str] = {}  # worker id -> traceback it reported
+        self.version = 0
+        self.prev_ess = 1.0
+        self.instability = InstabilityDetector(cfg.real.instability)
+
+    def now(self) -> float:
+        return time.monotonic() - self.ledger.t0.value
+
+    def health(self) -> None:
+        self.check_workers()
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"the run passed its time limit at learner step {self.version}")
+
+    # ------------------------------------------------------------------ start
+    def warm_start(self, steps: int, seed: int, lr: float) -> list[float]:
+        """Supervised steps on correct answers (answer + EOS), before any rollout; returns the losses."""
+        rng = np.random.default_rng([seed, 2**31 - 1])  # a stream apart from the groups' prompts
+        self.opt = opt = torch.optim.AdamW(self.params, lr=lr)
+        losses = []
+        self.model.train()
+        for _ in range(steps):
+            prompts = self.task.sample(rng, self.B * self.G)
+            ids, attn, resp = self._pack([p.ids for p in prompts], [self.task.sft_example(p) for p in prompts])
+            opt.zero_grad(set_to_none=True)
+            loss = 0.0
+            for lo in range(0, len(ids), self.cfg.real.micro_batch):  # token-mean cross-entropy, accumulated
+                rows = slice(lo, lo + self.cfg.real.micro_batch)
+                part = -token_logprobs(self.model, ids[rows], attn[rows], resp[rows]).sum() / resp.sum()
+                part.backward()
+                loss += part.item()
+            torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+            opt.step()
+            losses.append(loss)
+        return losses
+
+    def start_optimizer(self) -> None:
+        # One AdamW for the whole run: GRPO continues the warm start's moments (fresh moments make the first
+        # GRPO steps full-size, sign-like updates; on the tiny CPU example they undid part of the warm start).
+        if getattr(self, "opt", None) is None:
+            self.opt = torch.optim.AdamW(self.params, lr=self.cfg.optim.lr)
+
+    def publish(self) -> float:
+        return self.channel.publish(self.model, self.version)
+
+    # ------------------------------------------------------------------ messages
+    def receive(self, timeout: float, strict: bool = True) -> None:
+        """Take every message waiting (the first one waiting up to `timeout`). strict: a failed worker raises."""
+        try:
+            msg = self.queue.get(timeout=timeout)
+        except queue_mod.Empty:
+            return
+        while True:
+            self._handle(msg, strict)
+            try:
+                msg = self.queue.get_nowait()
+            except queue_mod.Empty:
+                return
+
+    def _handle(self, msg, strict: bool) -> None:
+        if isinstance(msg, Admitted):
+            self.records[msg.gid] = GroupRecord(msg.gid, msg.worker_id, msg.prompt_len, msg.t_admit,
+                                                msg.version_start)
+        elif isinstance(msg, GroupDone):
+            rec = self.records[msg.gid]
+            rec.done = msg
+            self.buffer.put(msg.gid, rec.version_start)
+        elif isinstance(msg, Loaded):
+            self.loads.append(msg)
+        elif isinstance(msg, WorkerFailed):
+            self.failures[msg.worker_id] = msg.message
+            if strict:
+                raise WorkerError(f"rollout worker {msg.worker_id} failed:\n{msg.message}")
+
+    def _retire(self, recs: list[GroupRecord], step: int, dropped: bool) -> None:
+        t = self.now()
+        with self.ledger.locked(self.health):
+            for rec in recs:
+                self.ledger.unconsumed[rec.version_start] -= 1
+                self.ledger.buffered.value -= 1
+                self.ledger.n_dropped.value += dropped
+        for rec in recs:
+            rec.t_consumed, rec.version_consumed, rec.step, rec.dropped = t, self.version, step, dropped
+
+    def collect(self, step: int) -> tuple[list[GroupRecord], int, int]:
+        """Wait for a batch; returns (groups, groups waiting when the step began, groups dropped meanwhile)."""
+        self.health()
+        self.receive(0.0)
+        queue_len = int(self.ledger.buffered.value)
+        batch: list[GroupRecord] = []
+        n_dropped = 0
+        while len(batch) < self.B:
+            gid = self.buffer.pop(step)
+            if gid is None:
+                self.receive(0.05)
+                self.health()
+                continue
+            rec = self.records[gid]
+            if self.control.drop(self.version, rec.version_start):
+                self._retire([rec], step, dropped=True)
+                n_dropped += 1
+                continue
+            batch.append(rec)
+        self._retire(batch, step, dropped=False)  # the gate and the buffer open as the batch is taken
+        return batch, queue_len, n_dropped
+
+    # ------------------------------------------------------------------ tensors
+    def _pack(self, prompts: list, responses: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded prompt+response rows: ids [N, T] long, attention [N, T] long, response mask [N, T] float."""
+        T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        N = len(prompts)
+        ids = torch.full((N, T), self.tok.pad_id, dtype=torch.long)
+        attn = torch.zeros((N, T), dtype=torch.long)
+        resp = torch.zeros((N, T))
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, :len(p) + len(r)] = torch.as_tensor([*p, *r])
+            attn[i, :len(p) + len(r)] = 1
+            resp[i, len(p):len(p) + len(r)] = 1
+        return ids.to(self.device), attn.to(self.device), resp.to(self.device)
+
+    def _flat_grad(self) -> torch.Tensor:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in self.params])
+
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int) -> StepResult:
+        t_wait = self.now()
+        batch, queue_len, n_dropped = self.collect(step)
+        t_start = self.now()
+        B, G, mb = self.B, self.G, self.cfg.real.micro_batch
+        temp = self.cfg.real.temperature
+
+        prompts = [prompt_for(self.task, self.cfg.seed, rec.gid) for rec in batch]
+        for rec, p in zip(batch, prompts):
+            rec.rewards = [self.task.reward(p, toks) for toks in rec.done.tokens]
+        rewards = torch.tensor([rec.rewards for rec in batch], dtype=torch.float32)            # [B, G]
+        adv = group_advantages(rewards).reshape(-1).to(self.device)                            # [N], N = B*G
+        resp_tokens = [t for rec in batch for t in rec.done.tokens]
+        ids, attn, mask = self._pack([p.ids for p in prompts for _ in range(G)], resp_tokens)  # [N, T] each
+        behav = torch.zeros(mask.shape, device=self.device)                                   # [N, T]
+        for i, (p_ids, lps) in enumerate(zip((p.ids for p in prompts for _ in range(G)),
+                                             (lp for rec in batch for lp in rec.done.logprobs))):
+            behav[i, len(p_ids):len(p_ids) + len(lps)] = torch.as_tensor(lps)
+        stale = torch.tensor([self.version - rec.version_start for rec in batch]).repeat_interleave(G)  # [N]
+
+        # Proximal policy = the weights at the step's start (decoupled loss), without gradient.
+        self.model.eval()
+        prox = torch.zeros_like(behav)                                                        # [N, T]
+        with torch.no_grad():
+            for lo in range(0, len(ids), mb):
+                rows = slice(lo, lo + mb)
+                prox[rows] = token_logprobs(self.model, ids[rows], attn[rows], mask[rows], temp)
+
+        # Gradient accumulation grouped by staleness: each range's gradient is a snapshot difference.
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        n_tok = mask.sum()
+        logp_all = torch.zeros_like(behav)
+        ranges = sorted(set(stale.tolist()))
+        range_grad: dict[int, float] = {}
+        for s in ranges:
+            rows_s = torch.nonzero(stale == s)[:, 0]
+            before = self._flat_grad() if len(ranges) > 1 else None
+            for lo in range(0, len(rows_s), mb):
+                rows = rows_s[lo:lo + mb].to(self.device)
+                logp = token_logprobs(self.model, ids[rows], attn[rows], mask[rows], temp)
+                loss_mb, _ = grpo_loss(logp, behav[rows], prox[rows], adv[rows], mask[rows], self.loss_cfg)
+                (loss_mb * mask[rows].sum() / n_tok).backward()  # micro-batch token share of the batch mean
+                logp_all[rows] = logp.detach()
+            if before is not None:  # the range's own token-mean loss gradient
+                diff = self._flat_grad() - before
+                range_grad[s] = float(diff.norm() * n_tok / mask[stale.to(self.device) == s].sum())
+
+        with torch.no_grad():
+            loss, stats = grpo_loss(logp_all, behav, prox, adv, mask, self.loss_cfg)
+        mean_stale = float(stale.float().mean())
+        lr = scheduled_lr(self.cfg.optim, self.prev_ess, mean_stale)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM))
+        if len(ranges) == 1:
+            range_grad[ranges[0]] = grad_norm
+        self.opt.step()
+        t_end = self.now()
+        self.prev_ess = stats["ess_token"]
+
+        self.version += 1
+        sync_s = self.publish()
+
+        self.instability.update(step, float(rewards.mean()), grad_norm, stats["kl_k3"], stats["loss"])
+        resp_len = mask.sum(-1).cpu()                                                          # [N]
+        metrics = self._metrics(step, batch, stale, stats, range_grad, mask, behav, prox, logp_all, adv)
+        metrics.update({
+            "lr": lr, "grad_norm": grad_norm, "reward/mean": float(rewards.mean()), "len/mean": float(resp_len.mean()),
+            "time/weight_sync_s": sync_s, "time/queue_wait_s": t_start - t_wait, "time/train_s": t_end - t_start,
+            "queue_len": queue_len, "dropped/groups_step": n_dropped,
+            "dropped/groups": int(self.ledger.n_dropped.value), "instability/collapsed": self.instability.step is not None,
+        })
+        recent = [ld.seconds for ld in self.loads if ld.t >= t_wait]
+        metrics["time/weight_load_s"] = float(np.mean(recent)) if recent else None
+        row = {"step": step, "t_start": t_start, "t_end": t_end, "version": self.version - 1, "n_samples": B * G,
+               "n_tokens": int(attn.sum()), "queue_len": queue_len, "lr": lr, "grad_norm": grad_norm,
+               "kl": stats["kl_k3"], "ess_token": stats["ess_token"], "ess_seq": stats["ess_seq"],
+               "reward_mean": float(rewards.mean()), "clip_frac": stats["clip_frac"], "weight_sync_s": sync_s}
+        return StepResult(row, metrics, batch)
+
+    def _metrics(self, step, batch, stale, stats, range_grad, mask, behav, prox, logp, adv) -> dict:
+        """Staleness (per sample and per token, in-flight / in-queue split, histogram) and per-range stats."""
+        v_cons = self.version - 1  # the version this batch was consumed (and trained) at
+        versions = [v for rec in batch for v in rec.done.versions]                             # N lists
+        v_end = torch.tensor([v[-1] for v in versions], dtype=torch.float32)                  # [N]
+        v_start = v_cons - stale.float()                                                       # [N]
+        n_tokens = sum(len(v) for v in versions)
+        hist = torch.bincount(stale)
+        out = {"step": step, "version": v_cons, "staleness/mean": float(stale.float().mean()),
+               "staleness/max": int(stale.max()),
+               "staleness/token_mean": sum(len(v) * v_cons - sum(v) for v in versions) / n_tokens,
+               "staleness/hist": {str(s): int(c) for s, c in enumerate(hist) if c},
+               "off_policy/in_flight/mean": float((v_end - v_start).mean()),
+               "off_policy/in_queue/mean": float((v_cons - v_end).mean()),
+               "ess/token": stats["ess_token"], "ess/seq": stats["ess_seq"], "kl/k3": stats["kl_k3"],
+               "clip_frac": stats["clip_frac"], "loss": stats["loss"], "ratio_mean": stats["ratio_mean"]}
+        for s in sorted(range_grad):  # the batch's samples of staleness s, measured on their own
+            rows = torch.nonzero(stale == s)[:, 0].to(self.device)
+            with torch.no_grad():
+                _, st = grpo_loss(logp[rows], behav[rows], prox[rows], adv[rows], mask[rows], self.loss_cfg)
+            key = f"by_staleness/{s}"
+            out.update({f"{key}/n_samples": len(rows), f"{key}/grad_norm": range_grad[s], f"{key}/kl/k3": st["kl_k3"],
+                        f"{key}/ess/token": st["ess_token"], f"{key}/ess/seq": st["ess_seq"]})
+        return out

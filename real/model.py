@@ -1,0 +1,76 @@
+"""The policy: a random-init Qwen2 of a preset's shape ("tiny", or any of `sim.hardware.specs.MODELS`) or a local checkpoint.
+
+Nothing is downloaded: the tiny model is built from a config, a checkpoint folder is read with
+`local_files_only=True` and must hold the project's tokenizer file (written by `save_policy`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from real.tokenizer import FILENAME as TOKENIZER_FILE, CharTokenizer
+from sim.config import RunConfig
+from sim.hardware.specs import MODELS
+
+ATTN = "sdpa"  # works on CPU and GPU, and with left padding (fully masked pad rows stay finite)
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    want = cfg.real.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("real.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def _preset_config(name: str, tokenizer: CharTokenizer) -> Qwen2Config:
+    """A Qwen2 config of a preset's shape; the vocabulary is the project's tokenizer (padded to 64), since
+    no checkpoint is loaded: only the shape, hence the cost, of the preset is reproduced."""
+    shape = MODELS[name]
+    vocab = max(64, tokenizer.vocab_size) if name != "tiny" else shape.vocab
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the {name} preset's vocabulary only {vocab}")
+    return Qwen2Config(
+        vocab_size=vocab,  # embedding padded beyond the tokenizer's ids; they are never targets
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,  # prompts + responses of the digit tasks are far shorter
+        pad_token_id=tokenizer.pad_id, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+    )
+
+
+def build_policy(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[transformers.PreTrainedModel,
+                                                                              CharTokenizer]:
+    """The policy and its tokenizer; the tiny preset's weights depend on `cfg.seed` only (built on CPU)."""
+    dtype = getattr(torch, cfg.real.dtype)
+    if cfg.real.model in MODELS:
+        tokenizer = CharTokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = Qwen2ForCausalLM._from_config(_preset_config(cfg.real.model, tokenizer), attn_implementation=ATTN)
+        return model.to(device=device, dtype=dtype), tokenizer
+    folder = Path(cfg.real.model)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"real.model: '{folder}' is neither a preset ({', '.join(MODELS)}) nor a checkpoint "
+                                f"folder with config.json")
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"real.model: '{folder}' lacks {TOKENIZER_FILE}, the project's tokenizer "
+                                f"(checkpoints written by `stalecast train` have it)")
+    tokenizer = CharTokenizer.load(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, attn_implementation=ATTN)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"real.model: '{folder}' has vocabulary {model.config.vocab_size}, "
+                         f"its tokenizer {tokenizer.vocab_size} ids")
+    return model.to(device), tokenizer
+
+
+def save_policy(model: transformers.PreTrainedModel, tokenizer: CharTokenizer, folder) -> None:
+    """A checkpoint folder that `build_policy` loads with `real.model: FOLDER`."""
+    model.save_pretrained(folder)
+    tokenizer.save(folder)

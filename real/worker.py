@@ -1,0 +1,299 @@
+"""Rollout workers: separate processes that admit GRPO groups under the pipeline's rules and generate them.
+
+The rules are the simulator's (`sim.engine.pipeline.Simulation.admission_block` / `load_target`), written
+as the pure `Control` class so they can be tested without processes. The counters they read (groups
+admitted and dropped, completed groups waiting for the learner, unconsumed groups per version) live in
+shared memory (`Ledger`) under one lock, so an admission decision and its bookkeeping are one atomic act.
+
+One difference from the simulator, by design: a real worker batches per `generate()` call (it admits as
+many whole groups as its `max_concurrency` slots hold, generates them to the end, then admits again),
+while the simulator batches continuously (a freed slot is refilled at the next decode step). Finished
+sequences do leave the decode batch early, so a step costs what its active sequences cost.
+
+Messages to the learner (one `mp.Queue`, per-worker order preserved): `Admitted` when a group is admitted
+(so in-flight groups appear in the trace), `GroupDone` when it is generated, `Loaded` per weight load,
+`WorkerFailed` with a traceback when the worker crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCKED = "blocked"  # gate, buffer capacity or the sync dispatcher: wait for the learner
+DRAIN = "drain"      # non-interruptible and newer weights exist: load them before admitting more
+POLL_S = 0.002       # how often a blocked worker looks again
+LOCK_TIMEOUT_S = 30.0
+
+
+# --------------------------------------------------------------------------- the rules (pure)
+def oldest_unconsumed(unconsumed, latest: int) -> int:
+    """Lowest version <= latest with an admitted, not yet consumed or dropped group; `latest` if none."""
+    for v in range(max(latest, 0)):
+        if unconsumed[v] > 0:
+            return v
+    return latest
+
+
+@dataclass(frozen=True)
+class Control:
+    """Staleness control and mode rules shared by workers (admission, loading) and the learner (drop)."""
+    batch_prompts: int
+    max_staleness: int
+    lag: int | None          # sync: 0, one_step_off: 1 (batch j uses version j - lag exactly); async: None
+    gating: bool
+    dropping: bool
+    interruptible: bool
+    capacity: int | None
+
+    @classmethod
+    def from_config(cls, cfg) -> "Control":
+        pl = cfg.pipeline
+        is_async = pl.mode == "async"
+        return cls(cfg.workload.batch_prompts, pl.max_staleness, {"sync": 0, "one_step_off": 1}.get(pl.mode),
+                   is_async and pl.staleness_control in ("gating", "both"),
+                   is_async and pl.staleness_control in ("drop", "both"), pl.interruptible, pl.queue_capacity)
+
+    def required_version(self, n_admitted: int) -> int:
+        """sync / one_step_off: the version the next group (id n_admitted) must be generated with."""
+        return max(n_admitted // self.batch_prompts - self.lag, 0)
+
+    def admission_block(self, *, version: int, latest: int, n_admitted: int, live: int, buffered: int,
+                        oldest: int) -> str | None:
+        """None if a worker at `version` may admit the next group now, else BLOCKED or DRAIN.
+        live = admitted - dropped groups; buffered = completed groups not yet consumed or dropped;
+        oldest = oldest_unconsumed(...)."""
+        if self.capacity is not None and buffered >= self.capacity:
+            return BLOCKED
+        if self.lag is not None:
+            required = self.required_version(n_admitted)
+            if version == required:
+                return None
+            return DRAIN if latest >= required else BLOCKED
+        if not self.interruptible and latest > version:
+            return DRAIN
+        if self.gating:
+            # The oldest unconsumed group's version (not the learner's) keeps the bound even when groups
+            # finish out of order: while a group of version v is outstanding at most (S+v+1)*B groups exist.
+            v_ref = min(version, oldest)
+            if live >= (self.max_staleness + v_ref + 1) * self.batch_prompts:
+                return BLOCKED
+        return None
+
+    def load_target(self, *, version: int, latest: int, n_admitted: int) -> int | None:
+        """The version an idle worker (nothing in flight) should load now, or None."""
+        if self.lag is not None:
+            required = self.required_version(n_admitted)
+            return required if version < required <= latest else None
+        return latest if latest > version else None
+
+    def drop(self, learner_version: int, version_start: int) -> bool:
+        """At consumption: discard a group staler than the bound (drop / both)."""
+        return self.dropping and learner_version - version_start > self.max_staleness
+
+
+# --------------------------------------------------------------------------- shared state
+class Ledger:
+    """Counters shared by all processes, guarded by one lock (picklable: travels to spawned workers)."""
+
+    def __init__(self, ctx, max_versions: int):
+        self.lock = ctx.Lock()
+        self.n_admitted = ctx.Value("q", 0, lock=False)
+        self.n_dropped = ctx.Value("q", 0, lock=False)
+        self.buffered = ctx.Value("q", 0, lock=False)       # completed, not consumed or dropped (queue + buffer)
+        self.unconsumed = ctx.Array("q", max_versions, lock=False)  # per version_start: admitted, not retired
+        self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
+        self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
+
+    @contextmanager
+    def locked(self, check=None, timeout: float = LOCK_TIMEOUT_S):
+        """The lock, acquired in slices so `check()` (e.g. "are the workers alive?") runs while waiting: a
+        process killed while holding it must not hang the others."""
+        deadline = time.monotonic() + timeout
+        while not self.lock.acquire(timeout=0.25):
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError("the shared ledger lock was held too long (a process died holding it?)")
+        try:
+            yield self
+        finally:
+            self.lock.release()
+
+
+# --------------------------------------------------------------------------- messages
+@dataclass
+class Admitted:
+    gid: int
+    worker_id: int
+    prompt_len: int
+    t_admit: float
+    version_start: int
+
+
+@dataclass
+class GroupDone:
+    gid: int
+    worker_id: int
+    t_start: float                # generate() began (prefill)
+    t_end: list[float]            # per sample: when its last token was sampled
+    tokens: list[list[int]]       # per sample, EOS included when emitted
+    logprobs: list[list[float]]   # behavior log-probs per token
+    versions: list[list[int]]     # policy version per token
+
+
+@dataclass
+class Loaded:
+    worker_id: int
+    version: int
+    t: float
+    seconds: float
+
+
+@dataclass
+class WorkerFailed:
+    worker_id: int
+    message: str
+
+
+def prompt_for(task, seed: int, gid: int):
+    """A group's prompt depends on (seed, group id) only: any worker, any mode, the same prompt."""
+    return task.sample(np.random.default_rng([seed, gid]), 1)[0]
+
+
+class Stopped(Exception):
+    """The stop event is set (or the parent died): leave generation now; the batch stays in flight."""
+
+
+# --------------------------------------------------------------------------- the worker process
+class RolloutWorker:
+    def __init__(self, worker_id: int, cfg, channel, ledger: Ledger, queue, stop):
+        from real.model import build_policy, resolve_device
+        from real.task import DigitTask
+
+        self.id, self.cfg, self.channel, self.ledger, self.queue, self.stop = (
+            worker_id, cfg, channel, ledger, queue, stop)
+        self.control = Control.from_config(cfg)
+        self.device = resolve_device(cfg)
+        self.model, self.tok = build_policy(cfg, self.device)
+        self.model.eval()
+        self.task = DigitTask(cfg.real, self.tok)
+        self.version = -1
+        self.group_size = cfg.workload.group_size
+        self.max_groups = cfg.cluster.max_concurrency // self.group_size
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + worker_id + 1)
+        self.parent = None
+        import multiprocessing as mp
+        self.parent = mp.parent_process()
+
+    def now(self) -> float:
+        return time.monotonic() - self.ledger.t0.value
+
+    def check(self) -> None:
+        if self.stop.is_set() or (self.parent is not None and not self.parent.is_alive()):
+            raise Stopped
+
+    def load(self, version: int | None = None) -> None:
+        self.version, seconds = self.channel.load_into(self.model, version)
+        self.queue.put(Loaded(self.id, self.version, self.now(), seconds))
+
+    def admit(self) -> list[int]:
+        """Admit whole groups while the rules and this worker's slots allow; one atomic decision."""
+        gids: list[int] = []
+        L = self.ledger
+        with L.locked(self.check):
+            while len(gids) < self.max_groups:
+                latest = self.channel.latest_version()
+                n = L.n_admitted.value
+                block = self.control.admission_block(
+                    version=self.version, latest=latest, n_admitted=n, live=n - L.n_dropped.value,
+                    buffered=L.buffered.value, oldest=oldest_unconsumed(L.unconsumed, latest))
+                if block is not None:
+                    break
+                L.n_admitted.value = n + 1
+                L.unconsumed[self.version] += 1
+                gids.append(n)
+        return gids
+
+    def run(self) -> None:
+        while True:
+            self.check()
+            with self.ledger.locked(self.check):
+                n_admitted = self.ledger.n_admitted.value
+            target = self.control.load_target(version=self.version, latest=self.channel.latest_version(),
+                                              n_admitted=n_admitted)
+            if target is not None:
+                self.load(target)
+                continue
+            gids = self.admit()
+            if not gids:
+                time.sleep(POLL_S)
+                continue
+            self.generate(gids)
+
+    def generate(self, gids: list[int]) -> None:
+        from real.generate import generate
+
+        t_admit = self.now()
+        prompts = [prompt_for(self.task, self.cfg.seed, gid) for gid in gids]
+        for gid, p in zip(gids, prompts):
+            self.queue.put(Admitted(gid, self.id, len(p.ids), t_admit, self.version))
+        G = self.group_size
+        token_times: list[float] = []  # token_times[s]: when decode step s's tokens were sampled
+
+        def between_steps() -> int | None:
+            token_times.append(self.now())
+            self.check()
+            if self.control.interruptible and self.channel.latest_version() > self.version:
+                self.load()  # in place, KV cache kept: later tokens carry the new version
+                return self.version
+            return None
+
+        t_start = self.now()
+        out = generate(self.model, [p.ids for p in prompts for _ in range(G)], self.cfg.workload.max_new_tokens,
+                       temperature=self.cfg.real.temperature, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
+                       version=self.version, generator=self.generator, between_steps=between_steps)
+        t_return = self.now()
+        ends = [token_times[len(t) - 1] if len(t) - 1 < len(token_times) else t_return for t in out.tokens]
+        for k, gid in enumerate(gids):
+            rows = slice(k * G, (k + 1) * G)
+            with self.ledger.locked(self.check):
+                self.ledger.buffered.value += 1  # before the put: the learner never retires it first
+            self.queue.put(GroupDone(gid, self.id, t_start, ends[rows], out.tokens[rows], out.logprobs[rows],
+                                     out.versions[rows]))
+
+
+def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, stop, start) -> None:
+    """Process entry point. Ctrl-C is the parent's to handle: it sets `stop`, which every wait here checks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    code = 0
+    try:
+        from sim.config import RunConfig
+
+        cfg = RunConfig.model_validate(cfg_data)
+        if cfg.real.device != "cuda" and not (cfg.real.device == "auto" and torch.cuda.is_available()):
+            torch.set_num_threads(1)  # several processes share few cores
+        worker = RolloutWorker(worker_id, cfg, channel, ledger, queue, stop)
+        with ledger.locked(worker.check):
+            ledger.ready.value += 1
+        while not start.wait(0.1):
+            worker.check()
+        worker.run()
+    except Stopped:
+        pass
+    except BaseException:  # noqa: BLE001 - report everything, then exit non-zero
+        queue.put(WorkerFailed(worker_id, traceback.format_exc()))
+        code = 1
+    finally:
+        queue.close()
+        queue.join_thread()  # flush what we sent; the learner keeps reading until we exit
+    sys.stdout.flush()
+    os._exit(code)

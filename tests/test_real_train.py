@@ -1,0 +1,244 @@
+"""The real trainer's processes: staleness control rules (pure), the weight channel, and short end-to-end runs
+of examples/tiny_cpu.yaml in sync and async mode, plus a worker killed mid-run."""
+
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from real.learner import Buffer, InstabilityDetector, WorkerError
+from real.weights import SharedMemoryChannel, StaleVersionError
+from real.worker import BLOCKED, DRAIN, Control, oldest_unconsumed
+from sim.config import Instability, load_config
+from sim.metrics import compute_metrics, sample_staleness
+from sim.trace import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny_cpu.yaml"
+SYNC_STEPS, ASYNC_STEPS = 15, 60
+# GRPO from scratch learns short digit strings within 60 CPU steps (reward about x3); longer ones need far more.
+LEARN = {"real.min_digits": 1, "real.max_digits": 4, "real.warm_start_steps": 0, "optim.lr": 1e-3}
+
+
+def control(mode="async", gating=True, dropping=False, interruptible=False, capacity=None, B=8, S=2):
+    lag = {"sync": 0, "one_step_off": 1}.get(mode)
+    return Control(B, S, lag, gating and lag is None, dropping and lag is None, interruptible, capacity)
+
+
+def block(c, version=0, latest=0, n_admitted=0, live=0, buffered=0, oldest=0):
+    return c.admission_block(version=version, latest=latest, n_admitted=n_admitted, live=live, buffered=buffered,
+                             oldest=oldest)
+
+
+# --------------------------------------------------------------------------- admission rules
+def test_sync_generates_batch_j_with_version_j():
+    c = control("sync")
+    assert block(c, n_admitted=7) is None                            # batch 0, version 0
+    assert block(c, n_admitted=8) == BLOCKED                         # batch 1 needs version 1, not published
+    assert block(c, n_admitted=8, latest=1) == DRAIN                 # published: load it first
+    assert block(c, version=1, latest=1, n_admitted=8) is None
+    assert c.load_target(version=0, latest=1, n_admitted=8) == 1
+    assert c.load_target(version=0, latest=1, n_admitted=7) is None  # batch 0 not fully admitted yet
+
+
+def test_one_step_off_uses_the_previous_version():
+    c = control("one_step_off")
+    assert block(c, n_admitted=15) is None                           # batches 0 and 1: version 0
+    assert block(c, n_admitted=16, latest=0) == BLOCKED              # batch 2 needs version 1
+    assert c.load_target(version=0, latest=2, n_admitted=16) == 1    # exactly j - 1, even if 2 exists
+    assert block(c, version=1, latest=2, n_admitted=16) is None
+
+
+def test_async_gating_bound_uses_the_oldest_unconsumed_version():
+    c = control(B=8, S=2)
+    assert block(c, live=23) is None and block(c, live=24) == BLOCKED    # (S + 0 + 1) * B = 24
+    assert block(c, version=1, latest=1, live=24, oldest=0) == BLOCKED  # an old group still out: v_ref = 0
+    assert block(c, version=1, latest=1, live=24, oldest=1) is None
+    assert block(c, version=0, latest=1, live=0) == DRAIN               # non-interruptible: load first
+    assert block(control(interruptible=True), version=0, latest=1, live=0, oldest=0) is None
+    assert block(control(gating=False), live=10_000) is None            # drop-only / none: no gate
+    assert block(control(capacity=8), buffered=8) == BLOCKED             # the buffer is full
+    assert control().load_target(version=0, latest=3, n_admitted=5) == 3
+
+
+def test_drop_rule_and_oldest_unconsumed():
+    c = control(gating=False, dropping=True, S=1)
+    assert c.drop(3, 1) and not c.drop(3, 2)
+    assert not control(gating=True).drop(100, 0)                        # gating alone never drops
+    assert oldest_unconsumed([0, 2, 1, 0], latest=3) == 1
+    assert oldest_unconsumed([0, 0, 0, 0], latest=3) == 3
+
+
+def test_gating_bounds_staleness_when_groups_finish_out_of_order():
+    """Workers with lagging versions, groups finishing in random order, the learner consuming FIFO: no
+    consumed group is ever staler than S (a process-free replay of what the real pipeline does)."""
+    rng = np.random.default_rng(0)
+    B, S = 3, 2
+    c = control(B=B, S=S, interruptible=True)
+    version, n_admitted, unconsumed = 0, 0, [0] * 5000
+    running, done, worst = [], [], 0
+    worker_v = [0, 0]
+    for _ in range(5000):
+        w = int(rng.integers(2))
+        worker_v[w] = int(rng.integers(worker_v[w], version + 1))     # loads happen at random times
+        if rng.random() < 0.5 and block(c, version=worker_v[w], latest=version, n_admitted=n_admitted,
+                                        live=n_admitted, oldest=oldest_unconsumed(unconsumed, version)) is None:
+            running.append((n_admitted, worker_v[w]))
+            unconsumed[worker_v[w]] += 1
+            n_admitted += 1
+        if running and rng.random() < 0.5:
+            done.append(running.pop(int(rng.integers(len(running)))))
+        if len(done) >= B:
+            for gid, v in done[:B]:
+                worst = max(worst, version - v)
+                unconsumed[v] -= 1
+            done = done[B:]
+            version += 1
+    assert version > 100 and worst == S
+
+
+def test_buffer_orders():
+    fifo, fresh, batch = Buffer("fifo"), Buffer("freshest"), Buffer("fifo", batch_prompts=2)
+    for gid, v in [(0, 0), (1, 2), (2, 1), (3, 0)]:
+        fifo.put(gid, v), fresh.put(gid, v), batch.put(gid, v)
+    assert [fifo.pop(0) for _ in range(4)] == [0, 1, 2, 3]
+    assert [fresh.pop(0) for _ in range(4)] == [1, 2, 0, 3]
+    assert batch.pop(1) in (2, 3) and batch.pop(1) in (2, 3) and batch.pop(1) is None and len(batch) == 2
+
+
+def test_instability_detector():
+    cfg = Instability(warmup_steps=2, reward_drop=0.5, recover_window=3, grad_norm_k=10, kl_max=1.0)
+
+    def run(rewards, grads=None, kls=None, losses=None):
+        det = InstabilityDetector(cfg)
+        n = len(rewards)
+        for i in range(n):
+            det.update(i, rewards[i], (grads or [1.0] * n)[i], (kls or [0.0] * n)[i], (losses or [0.0] * n)[i])
+        return det.step
+
+    assert run([0.1, 0.5, 0.6, 0.2, 0.2, 0.6, 0.7]) is None           # fell, recovered within the window
+    assert run([0.1, 0.5, 0.6, 0.2, 0.2, 0.2, 0.2, 0.2]) == 3          # fell at 3, never recovered
+    assert run([0.5] * 6, grads=[1, 1, 1, 1, 50, 1]) == 4
+    assert run([0.5] * 6, grads=[50, 1, 1, 1, 1, 1]) is None            # a spike during warm-up does not count
+    assert run([0.5] * 6, kls=[0, 0, 0, 2.0, 0, 0]) == 3
+    assert run([0.5] * 4, losses=[0, math.nan, 0, 0]) == 1              # a non-finite loss always counts
+
+
+# --------------------------------------------------------------------------- weight channel
+def test_weight_channel_versions_and_slots():
+    ctx = mp.get_context("spawn")
+    torch.manual_seed(0)
+    src, dst = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    chan = SharedMemoryChannel(src, ctx, n_slots=2)
+    assert chan.latest_version() == -1
+    assert chan.publish(src, 0) >= 0
+    with torch.no_grad():
+        src.weight.add_(1.0)
+    chan.publish(src, 1)
+    assert chan.load_into(dst, 0)[0] == 0 and not torch.equal(dst.weight, src.weight)
+    assert chan.load_into(dst)[0] == 1 and torch.equal(dst.weight, src.weight) and torch.equal(dst.bias, src.bias)
+    chan.publish(src, 2)  # overwrites slot 0 (version 0)
+    with pytest.raises(StaleVersionError):
+        chan.load_into(dst, 0)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory):
+    """Through the CLI, as a user runs it; the outputs are read back from disk."""
+    from sim.cli import main
+
+    out = tmp_path_factory.mktemp("sync") / "run"
+    assert main(["train", str(TINY), "--mode", "sync", "--steps", str(SYNC_STEPS), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    from real.trainer import Trainer
+
+    cfg = load_config(TINY, {"pipeline.mode": "async", "pipeline.staleness_control": "gating",
+                             "run.steps": ASYNC_STEPS, **LEARN})
+    return Trainer(cfg, tmp_path_factory.mktemp("async") / "run", timeout_s=600).run()
+
+
+def _accounted(trace, summary):
+    acc = summary["accounting"]
+    n_groups = trace.samples["group_id"].nunique()
+    assert acc["complete"] and acc["admitted_groups"] == n_groups
+    assert acc["consumed"] + acc["dropped"] + acc["waiting"] + acc["in_flight"] == n_groups
+    assert sorted(trace.samples["group_id"].unique()) == list(range(n_groups))  # every admitted group
+
+
+def test_sync_run_is_on_policy_and_complete(sync_run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint/config.json", "trace/header.json"):
+        assert (sync_run / name).is_file(), name
+    trace = read_trace(sync_run / "trace")
+    summary = json.loads((sync_run / "summary.json").read_text())
+    assert trace.header["source"] == "real" and len(trace.steps) == SYNC_STEPS
+    stale = sample_staleness(trace.samples)
+    assert len(stale) == SYNC_STEPS * 8 * 4 and (stale == 0).all()
+    _accounted(trace, summary)
+    metrics = compute_metrics(trace)
+    assert metrics["staleness/max"] == 0 and metrics["ess/token"] == pytest.approx(1.0)
+    lines = [json.loads(x) for x in (sync_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == SYNC_STEPS and lines[-1]["staleness/hist"] == {"0": 32}
+    assert {"by_staleness/0/grad_norm", "time/weight_sync_s", "time/queue_wait_s", "kl/k3"} <= set(lines[-1])
+    used = trace.samples[trace.samples["learner_step"] >= 0]
+    assert used["reward"].between(0, 1).all() and (used["t_end"] <= used["t_consumed"]).all()
+
+
+def test_async_run_is_stale_within_the_bound(async_run):
+    trace, summary = async_run.trace, async_run.summary
+    stale = sample_staleness(trace.samples)
+    assert stale.max() <= 2 and (stale > 0).mean() > 0.5
+    _accounted(trace, summary)
+    metrics = compute_metrics(trace)  # the same function reports simulated and real traces
+    assert metrics["staleness/mean"] > 0 and metrics["dropped/groups"] == 0
+    ranges = set()
+    for m in async_run.step_metrics:  # per staleness range: the samples of each range, counted and measured
+        assert m["staleness/max"] <= 2 and sum(m["staleness/hist"].values()) == 32
+        for s, n in m["staleness/hist"].items():
+            assert m[f"by_staleness/{s}/n_samples"] == n and math.isfinite(m[f"by_staleness/{s}/grad_norm"])
+            ranges.add(s)
+    assert len(ranges) >= 2
+
+
+def test_async_run_learns(async_run):
+    """Mean reward over the last fifth of steps clearly above the first fifth."""
+    reward = async_run.summary["reward"]
+    assert reward["last_fifth"] > max(reward["first_fifth"] + 0.02, 1.5 * reward["first_fifth"]), reward
+
+
+def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
+    from real.trainer import Trainer
+
+    cfg = load_config(TINY, {"pipeline.mode": "async", "run.steps": 500, "cluster.rollout_workers": 1})
+    killed = {}
+
+    def kill(trainer, step, metrics):
+        if step == 1:
+            killed["pid"] = trainer.workers[0].pid
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    trainer = Trainer(cfg, tmp_path / "run", timeout_s=300, on_step=kill)
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rollout worker 0 \(pid \d+\) exited with code -9 \(SIGKILL\)"):
+        trainer.run()
+    assert time.monotonic() - t0 < 120
+    assert not (tmp_path / "run").exists()                    # nothing half-written
+    assert not any(p.is_alive() for p in trainer.workers)     # every process stopped
+
+
+def test_train_config_errors_exit_2(tmp_path, capsys):
+    from sim.cli import main
+
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", str(TINY), "--set", "pipeline.max_staleness=-1"]) == 2
