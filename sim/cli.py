@@ -22,6 +22,9 @@ from sim.trace import replace_dir
 # name -> "module:function" that adds the subcommand's parser; filled in as packages land.
 EXTERNAL_COMMANDS: dict[str, str] = {
     "validate": "validate.cli:add_parser",
+    "train": "real.cli:add_parser",
+    "study": "studies.named:add_parser",
+    "plan": "studies.plan:add_parser",
 }
 
 

@@ -1,0 +1,299 @@
+"""`stalecast plan`: how to split a GPU budget between rollout workers and the learner, and which staleness
+bound and worker concurrency to run, for the most samples/s within staleness limits.
+
+The search runs short simulations (`--steps`, default 40: enough for the queue and gate to reach steady
+state) over lines of (GPUs per worker, concurrency, bound), each line a range of rollout worker counts R
+(the learner gets the rest, at least one GPU). Throughput along a line rises while generation is the
+bottleneck and falls once training is, so instead of every R:
+  1. coarse: `--coarse` evenly spaced R on every line (every R when a line has no more);
+  2. prune: lines whose best feasible coarse throughput is below `--keep` of the best line's are dropped;
+  3. refine: around each remaining line's best feasible R (and any feasible R within `--tolerance` of it:
+     40-step throughputs are noisy and the curves have dips), evaluate a few R inside the bracket of its
+     evaluated neighbours, and repeat until both neighbours at distance 1 are evaluated.
+Every evaluation goes through the sweep engine (stored under OUT/runs/, so a repeated plan is instant).
+The ranking prefers, at equal throughput, lower mean staleness, then the smaller bound and fewer workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from sim.config import ConfigError, RunConfig, load_config
+from studies import plots
+from studies.named import add_backend_options, add_spec_options
+from studies.sweep import Backend, Sweep, run_sweep
+
+THROUGHPUT, MEAN, P99 = "throughput/samples_per_s", "staleness/mean", "staleness/p99"
+
+
+@dataclass
+class PlanSpec:
+    gpus: int | None = field(default=None, metadata={"help": "GPU budget (default: the config's total GPUs)"})
+    max_mean_staleness: float | None = field(default=None, metadata={"help": "largest acceptable mean staleness "
+                                                                             "(versions)"})
+    max_p99_staleness: float | None = field(default=None, metadata={"help": "largest acceptable p99 staleness "
+                                                                            "(versions)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "learning rate the run will use; recorded only: excluding bounds at which it is unstable "
+                "needs the stability rule, which is not yet available"})
+    tp: list[int] | None = field(default=None, metadata={
+        "help": "GPUs per rollout worker to try, e.g. 1,2 (default: the config's gpus_per_worker)"})
+    bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "staleness bounds to try"})
+    concurrency: list[int] | None = field(default=None, metadata={
+        "help": "worker max_concurrency values to try (default: the config's)"})
+    steps: int = field(default=40, metadata={"help": "learner steps per search run"})
+    top: int = field(default=5, metadata={"help": "configurations to list"})
+    coarse: int = field(default=8, metadata={"help": "rollout worker counts per line in the coarse pass"})
+    refine: int = field(default=3, metadata={"help": "new worker counts per line in each refining pass"})
+    tolerance: float = field(default=0.05, metadata={
+        "help": "also refine around feasible counts within this fraction of a line's best throughput"})
+    keep: float = field(default=0.6, metadata={
+        "help": "refine only lines whose best coarse throughput reaches this fraction of the best line's"})
+
+
+@dataclass
+class Plan:
+    table: pd.DataFrame       # every evaluated configuration, ranked (rank NaN when infeasible)
+    best: pd.Series | None
+    notes: list[str]
+    runs: int                 # configurations evaluated
+    seconds: float
+
+
+# --------------------------------------------------------------------------- the search
+class _Search:
+    def __init__(self, spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None):
+        cl = cfg.cluster
+        if cl.colocated:
+            raise ConfigError("plan splits GPUs between workers and learner: the config is colocated")
+        self.spec, self.cfg, self.out, self.backend, self.console = spec, cfg, out, backend, console
+        self.budget = spec.gpus or cl.total_gpus
+        self.bounds = spec.bounds if cfg.pipeline.mode == "async" else [cfg.pipeline.max_staleness]
+        tps = [tp for tp in (spec.tp or [cl.gpus_per_worker]) if self.budget - tp >= 1]
+        if not tps:
+            raise ConfigError(f"a budget of {self.budget} GPUs leaves no GPU for the learner")
+        self.lines = [(tp, c, s) for tp in tps for c in (spec.concurrency or [cl.max_concurrency]) for s in self.bounds]
+        self.rows: dict[tuple, dict] = {}  # (tp, concurrency, bound, workers) -> table row
+        self.seconds = 0.0
+
+    def max_workers(self, tp: int) -> int:
+        return (self.budget - 1) // tp
+
+    def overrides(self, tp: int, conc: int, bound: int, workers: int) -> dict:
+        return {"cluster.gpus_per_worker": tp, "cluster.rollout_workers": workers,
+                "cluster.learner_gpus": self.budget - workers * tp, "cluster.max_concurrency": conc,
+                "pipeline.max_staleness": bound}
+
+    def evaluate(self, keys: list[tuple], label: str, sync: bool = False) -> None:
+        points = [self.overrides(*k) for k in keys]
+        sweep = Sweep(self.cfg, points, reps=1, steps=self.spec.steps, sync_baseline=sync,
+                      sync_steps=min(self.spec.steps, 20))
+        result = run_sweep(sweep, self.out, self.backend, self.console, label=label)
+        self.seconds += result.seconds
+        for k, (_, row) in zip(keys, result.table.iterrows()):
+            self.rows[k] = {"tp": k[0], "concurrency": k[1], "bound": k[2], "rollout_workers": k[3],
+                            "rollout_gpus": k[0] * k[3], "learner_gpus": self.budget - k[0] * k[3], **row.to_dict()}
+
+    def feasible(self, row: dict) -> bool:
+        s = self.spec
+        return (row["status"] == "ok" and (s.max_mean_staleness is None or row[MEAN] <= s.max_mean_staleness)
+                and (s.max_p99_staleness is None or row[P99] <= s.max_p99_staleness))
+
+    def line_best(self, line: tuple) -> tuple[int | None, float]:
+        """The best feasible worker count evaluated on a line, and its throughput."""
+        scored = [(self.score(row), k[3]) for k, row in self.rows.items() if k[:3] == line and self.feasible(row)]
+        if not scored:
+            return None, -np.inf
+        score, workers = max(scored)
+        return workers, score[0]
+
+    @staticmethod
+    def score(row: dict) -> tuple:
+        """Higher is better: throughput, then lower staleness, then smaller bound and fewer workers."""
+        return (row[THROUGHPUT], -row[MEAN], -row["bound"], -row["rollout_workers"])
+
+    def refinements(self, line: tuple) -> set[int]:
+        """Worker counts to evaluate next on a line: a few inside the bracket (nearest evaluated counts either
+        side) of every feasible count within `tolerance` of the line's best, so that short-run noise or a
+        dip in throughput does not stop the search at a neighbour of the optimum."""
+        _, best = self.line_best(line)
+        done = sorted(k[3] for k in self.rows if k[:3] == line)
+        picks = set()
+        for i, workers in enumerate(done):
+            row = self.rows[(*line, workers)]
+            if not self.feasible(row) or row[THROUGHPUT] < (1 - self.spec.tolerance) * best:
+                continue
+            lo = done[i - 1] if i > 0 else workers
+            hi = done[i + 1] if i + 1 < len(done) else workers
+            inside = [r for r in range(lo + 1, hi) if r not in done]
+            if inside:
+                at = np.unique(np.round(np.linspace(0, len(inside) - 1, min(self.spec.refine, len(inside)))))
+                picks |= {inside[int(j)] for j in at}
+        return picks
+
+    def run(self) -> None:
+        coarse = []
+        for line in self.lines:
+            top = self.max_workers(line[0])
+            counts = np.unique(np.round(np.linspace(1, top, min(self.spec.coarse, top))).astype(int))
+            coarse += [(*line, int(r)) for r in counts]
+        self.evaluate(coarse, "plan: coarse pass")
+        bests = {line: self.line_best(line) for line in self.lines}
+        top_throughput = max(t for _, t in bests.values())
+        active = [line for line, (w, t) in bests.items() if w is not None and t >= self.spec.keep * top_throughput]
+        while True:
+            batch = set()
+            for line in active:
+                batch |= {(*line, r) for r in self.refinements(line)}
+            if not batch:
+                return
+            self.evaluate(sorted(batch), "plan: refining")
+
+
+def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None) -> Plan:
+    search = _Search(spec, cfg, out, backend, console)
+    search.run()
+    ranked = sorted((k for k, row in search.rows.items() if search.feasible(row)),
+                    key=lambda k: search.score(search.rows[k]), reverse=True)
+    if ranked:  # speedup over sync for the listed configurations only: their async runs are stored
+        search.evaluate(ranked[: spec.top], "plan: sync baselines", sync=True)
+    table = pd.DataFrame(search.rows.values())
+    table["feasible"] = [search.feasible(row) for row in search.rows.values()]
+    order = {k: i + 1 for i, k in enumerate(ranked)}
+    table["rank"] = [order.get(k) for k in search.rows]
+    table["pareto"] = pareto_mask(table)
+    table = table.sort_values("rank", na_position="last").reset_index(drop=True)
+    best = table.iloc[0] if ranked else None
+    runs = len(search.rows)
+    return Plan(table, best, explain(table, best, spec, search), runs, search.seconds)
+
+
+def pareto_mask(table: pd.DataFrame) -> np.ndarray:
+    """Successful points no other point beats on both throughput (higher) and mean staleness (lower)."""
+    ok = (table["status"] == "ok").to_numpy()
+    thr, stale = table[THROUGHPUT].to_numpy(float), table[MEAN].to_numpy(float)
+    mask = np.zeros(len(table), bool)
+    for i in np.flatnonzero(ok):
+        beaten = ok & (thr >= thr[i]) & (stale <= stale[i]) & ((thr > thr[i]) | (stale < stale[i]))
+        mask[i] = not beaten.any()
+    return mask
+
+
+# --------------------------------------------------------------------------- explaining the choice
+def explain(table: pd.DataFrame, best: pd.Series | None, spec: PlanSpec, search: _Search) -> list[str]:
+    notes = []
+    if best is None:
+        notes.append("No configuration meets the staleness limits: loosen them or add GPUs.")
+    else:
+        t, r = best["idle/trainer"], best["idle/rollout"]
+        where = (f"{best['rollout_workers']:.0f} worker(s) x {best['tp']:.0f} GPU(s) generate, "
+                 f"{best['learner_gpus']:.0f} GPU(s) train, bound S={best['bound']:.0f}, "
+                 f"concurrency {best['concurrency']:.0f}")
+        if t > max(r, 0.1):
+            side = f"generation is the bottleneck: the learner waits for data {t:.0%} of the time"
+        elif r > max(t, 0.1):
+            side = f"training is the bottleneck: workers have nothing in flight {r:.0%} of their time"
+        else:
+            side = f"the two sides are balanced (learner idle {t:.0%}, rollout idle {r:.0%})"
+        notes.append(f"Recommended: {where}, for {best[THROUGHPUT]:.1f} samples/s at mean staleness "
+                     f"{best[MEAN]:.2f} (p99 {best[P99]:.0f}); {side}.")
+        same_line = table[(table["tp"] == best["tp"]) & (table["concurrency"] == best["concurrency"])
+                          & (table["bound"] == best["bound"])].set_index("rollout_workers")
+        for step, word in ((-1, "fewer"), (1, "more")):
+            w = best["rollout_workers"] + step
+            if w in same_line.index and same_line.loc[w, "status"] == "ok":
+                n = same_line.loc[w]
+                notes.append(f"One worker {word}: {n[THROUGHPUT]:.1f} samples/s (learner idle {n['idle/trainer']:.0%}, "
+                             f"rollout idle {n['idle/rollout']:.0%}).")
+        others = table[(table["status"] == "ok") & (table["bound"] != best["bound"])]
+        for bound, group in others.groupby("bound"):
+            feasible = group[group["feasible"]]
+            if feasible.empty:
+                top = group.loc[group[THROUGHPUT].idxmax()]
+                notes.append(f"S={bound:.0f}: every configuration tried breaks the staleness limits (fastest "
+                             f"{top[THROUGHPUT]:.1f} samples/s at mean staleness {top[MEAN]:.2f}).")
+            else:
+                top = feasible.loc[feasible[THROUGHPUT].idxmax()]
+                notes.append(f"Best at S={bound:.0f}: {top[THROUGHPUT]:.1f} samples/s "
+                             f"({100 * (top[THROUGHPUT] / best[THROUGHPUT] - 1):+.0f} %) at mean staleness "
+                             f"{top[MEAN]:.2f}, {top['rollout_workers']:.0f} workers.")
+        if pd.notna(best.get("speedup/vs_sync")):
+            notes.append(f"Speedup over the sync pipeline on the same split: {best['speedup/vs_sync']:.2f}x.")
+    if search.cfg.pipeline.mode != "async":
+        notes.append(f"pipeline.mode is {search.cfg.pipeline.mode}: staleness bounds do not apply, so only splits "
+                     f"and concurrency were searched.")
+    if spec.lr is not None:
+        notes.append(f"Learning rate {spec.lr:g} recorded; excluding bounds at which it is unstable needs the "
+                     f"stability rule, which is not yet available: no configuration was excluded for it.")
+    return notes
+
+
+# --------------------------------------------------------------------------- output
+def print_plan(result: Plan, spec: PlanSpec, budget: int, console: Console) -> None:
+    limits = [f"mean staleness <= {spec.max_mean_staleness:g}" if spec.max_mean_staleness is not None else None,
+              f"p99 staleness <= {spec.max_p99_staleness:g}" if spec.max_p99_staleness is not None else None]
+    limits = [x for x in limits if x] or ["no staleness limit"]
+    table = Table(title=f"top configurations for {budget} GPUs ({', '.join(limits)}; {spec.steps} steps per run)",
+                  caption="rollout: workers x GPUs each; idle L/R: learner / rollout idle", show_edge=False)
+    for col in ("#", "rollout", "learner", "S", "conc.", "samples/s", "stale mean", "p99", "idle L", "idle R",
+                "vs sync"):
+        table.add_column(col, justify="right")
+    for _, row in result.table[result.table["rank"].notna()].head(spec.top).iterrows():
+        speedup = row.get("speedup/vs_sync")
+        table.add_row(f"{row['rank']:.0f}", f"{row['rollout_workers']:.0f}x{row['tp']:.0f}",
+                      f"{row['learner_gpus']:.0f}", f"{row['bound']:.0f}", f"{row['concurrency']:.0f}",
+                      f"{row[THROUGHPUT]:.1f}", f"{row[MEAN]:.2f}", f"{row[P99]:.0f}", f"{row['idle/trainer']:.0%}",
+                      f"{row['idle/rollout']:.0%}", "n/a" if pd.isna(speedup) else f"{speedup:.2f}x")
+    console.print(table)
+    for note in result.notes:
+        console.print(note, highlight=False)
+
+
+def write_plan(result: Plan, cfg: RunConfig, spec: PlanSpec, out: Path) -> list[Path]:
+    paths = []
+    for ext, write in (("parquet", result.table.to_parquet), ("csv", result.table.to_csv)):
+        paths.append(out / f"plan.{ext}")
+        write(paths[-1], index=False)
+    ok = result.table[result.table["status"] == "ok"].sort_values("bound")
+    ok = ok.assign(bound=[f"S={b:.0f}" for b in ok["bound"]])
+    if not ok.empty:
+        paths += plots.pareto(ok, ok[ok["pareto"]], result.best, "bound", spec.max_mean_staleness,
+                              f"{cfg.name}: {spec.gpus or cfg.cluster.total_gpus} GPUs, every evaluated split",
+                              out, "pareto")
+    inputs = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(spec).items() if v is not None)
+    (out / "plan.md").write_text("\n\n".join([f"# plan: {cfg.name}", f"Inputs: {inputs}.", *result.notes]) + "\n")
+    return [*paths, out / "plan.md"]
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    from sim.cli import parse_overrides
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSpec) if getattr(args, f.name) is not None}
+    spec = PlanSpec(**values)
+    cfg = load_config(args.config, parse_overrides(args.set))
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-plan"
+    with Backend(jobs=args.jobs, ray=args.ray) as backend:
+        result = plan(spec, cfg, out, backend, console)
+    print_plan(result, spec, spec.gpus or cfg.cluster.total_gpus, console)
+    paths = write_plan(result, cfg, spec, out)
+    console.print(f"searched {result.runs} configurations in {result.seconds:.1f} s on {backend.name}; "
+                  f"wrote {out}/: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="recommend a rollout/learner split, staleness bound and concurrency",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="run config YAML: the workload, model and hardware (see examples/)")
+    p.add_argument("--out", help="output folder (default runs/NAME-plan); runs stored there are reused")
+    add_spec_options(p, PlanSpec)
+    add_backend_options(p)
+    p.set_defaults(func=cmd_plan)
