@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -140,12 +141,23 @@ class Backend:
             yield from map(fn, tasks)
         else:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"))
+                self._pool = ProcessPoolExecutor(self.jobs, mp_context=get_context("spawn"),
+                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
             pending = {self._pool.submit(fn, task) for task in tasks}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool worker start-up: a worker whose parent was killed outright (no clean-up ran) ends itself instead
+    of waiting forever for tasks."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 # --------------------------------------------------------------------------- planning the runs

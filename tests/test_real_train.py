@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from real.learner import Buffer, InstabilityDetector, WorkerError
+from real.learner import InstabilityDetector, WorkerError
+from sim.engine.buffer import Buffer
 from real.weights import SharedMemoryChannel, StaleVersionError
 from real.worker import BLOCKED, DRAIN, Control, oldest_unconsumed
 from sim.config import Instability, load_config

@@ -35,13 +35,17 @@ class Row:
     ok: bool | None           # None when a side has no value (not judged)
 
 
+def _cdfs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical CDFs of two integer-valued samples on 0..max."""
+    top = int(max(a.max(), b.max())) + 1
+    return (np.cumsum(np.bincount(a, minlength=top)) / len(a), np.cumsum(np.bincount(b, minlength=top)) / len(b))
+
+
 def wasserstein1(a: np.ndarray, b: np.ndarray) -> float:
     """W1 between two empirical distributions on the integers: Σ_k |F_a(k) - F_b(k)|."""
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    top = int(max(a.max(), b.max())) + 1
-    fa = np.cumsum(np.bincount(a, minlength=top)) / len(a)
-    fb = np.cumsum(np.bincount(b, minlength=top)) / len(b)
+    fa, fb = _cdfs(a, b)
     return float(np.abs(fa - fb).sum())
 
 
@@ -49,9 +53,7 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Kolmogorov-Smirnov distance sup_k |F_a(k) - F_b(k)| for integer-valued samples."""
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    top = int(max(a.max(), b.max())) + 1
-    fa = np.cumsum(np.bincount(a, minlength=top)) / len(a)
-    fb = np.cumsum(np.bincount(b, minlength=top)) / len(b)
+    fa, fb = _cdfs(a, b)
     return float(np.abs(fa - fb).max())
 
 

@@ -6,55 +6,17 @@ the actors consult: versions published, the admission rules of each mode, the gr
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
 
 import numpy as np
 import pandas as pd
 import simpy
 
 from sim.config import RunConfig
+from sim.engine.buffer import Buffer
 from sim.engine.worker import BLOCKED, DRAIN, Worker
 from sim.hardware.cost import CostModel, cost_model_for
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
-
-
-class Buffer:
-    """Completed groups waiting for the learner: FIFO, freshest (highest version_start) first, or, in sync
-    and one_step_off modes, by batch (step j takes exactly the groups dispatched as batch j)."""
-
-    def __init__(self, order: str, version_start: np.ndarray, batch_prompts: int | None = None):
-        self.order = "batch" if batch_prompts else order
-        self.batch_prompts = batch_prompts
-        self._fifo: deque[int] = deque()
-        self._heap: list[tuple[int, int]] = []
-        self._batches: dict[int, list[int]] = {}
-        self._len = 0
-        self.v_start = version_start
-
-    def __len__(self) -> int:
-        return self._len
-
-    def put(self, gid: int) -> None:
-        self._len += 1
-        if self.order == "freshest":
-            heapq.heappush(self._heap, (-int(self.v_start[gid]), gid))
-        elif self.order == "batch":
-            self._batches.setdefault(gid // self.batch_prompts, []).append(gid)
-        else:
-            self._fifo.append(gid)
-
-    def pop(self, step: int) -> int | None:
-        if self.order == "freshest":
-            gid = heapq.heappop(self._heap)[1] if self._heap else None
-        elif self.order == "batch":
-            waiting = self._batches.get(step)
-            gid = waiting.pop() if waiting else None
-        else:
-            gid = self._fifo.popleft() if self._fifo else None
-        self._len -= gid is not None
-        return gid
 
 
 class Simulation:
@@ -81,7 +43,7 @@ class Simulation:
         self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
         self._oldest = 0               # lowest version with unconsumed groups (or the latest version)
         self._grow(4096)
-        self.buffer = Buffer(pl.queue_order, self.g_v_start, self.B if self.lag is not None else None)
+        self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
         self.data_event: simpy.Event | None = None
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
@@ -108,8 +70,6 @@ class Simulation:
             if old is not None:
                 arr[: len(old) * g] = getattr(self, name)
             setattr(self, name, arr)
-        if old is not None:
-            self.buffer.v_start = self.g_v_start
 
     def next_group(self) -> tuple[int, int, np.ndarray]:
         gid = self.n_groups
@@ -140,7 +100,7 @@ class Simulation:
         self.g_v_start[gid] = version
 
     def group_done(self, gid: int, t: float) -> None:
-        self.buffer.put(gid)
+        self.buffer.put(gid, int(self.g_v_start[gid]))
         if self.data_event is not None and not self.data_event.triggered:
             self.data_event.succeed()
 
