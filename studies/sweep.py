@@ -17,6 +17,7 @@ label and override columns, `replication`, `seed`, every metric of `sim.metrics.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -122,6 +123,11 @@ class Backend:
             self._pool.shutdown(wait=exc_type is None, cancel_futures=True)
         if self._started_ray:
             self._ray.shutdown()
+
+    @property
+    def remote(self) -> bool:
+        """Whether runs may execute on other machines (without this machine's files)."""
+        return self._ray is not None
 
     @property
     def name(self) -> str:
@@ -265,10 +271,13 @@ def run_sweep(sweep: Sweep, out: Path, backend: Backend, console: Console | None
 
     simulated = reused = 0
     todo = len(configs) - cached
+    # Workers on this machine store each run as it finishes; Ray workers may be elsewhere, so the driver does.
+    run_chain = runner.run_chain if backend.remote else functools.partial(runner.run_chain, save=store.put)
     with _Progress(console, label, todo) as advance:
-        for finished in backend.map_unordered(runner.run_chain, tasks):
+        for finished in backend.map_unordered(run_chain, tasks):
             for key, record in finished:
-                store.put(key, record)
+                if backend.remote:
+                    store.put(key, record)
                 records[key] = record
                 if record.get("reused_from"):
                     reused += 1

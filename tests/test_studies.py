@@ -156,6 +156,7 @@ def test_ray_backend_gives_the_same_table(tmp_path):
         assert backend.name.startswith("ray")
         remote = run_sweep(sweep, tmp_path / "ray", backend)
     assert remote.simulated + remote.reused == local.simulated + local.reused
+    assert len(list((tmp_path / "ray" / "runs").glob("*.json"))) == remote.simulated + remote.reused
     drop = ["compute_s"]
     pd.testing.assert_frame_equal(local.table.drop(columns=drop), remote.table.drop(columns=drop))
 
