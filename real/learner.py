@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, token_logprobs
-from real.worker import Admitted, Control, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
+from real.worker import Admitted, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
 from sim.engine.buffer import Buffer
+from sim.engine.control import Control
 
 CLIP_NORM = 1.0
 

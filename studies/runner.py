@@ -24,7 +24,7 @@ import pandas as pd
 
 from sim.config import RunConfig
 from sim.engine.pipeline import Simulation
-from sim.engine.worker import BLOCKED
+from sim.engine.control import BLOCKED
 from sim.metrics import LEARNING_COLUMNS, STALENESS_QUANTILES, busy_fraction, learner_wait_s, run_wall_s
 
 # Column order of Simulation.steps tuples (as sim.engine.pipeline.Simulation.trace names them).

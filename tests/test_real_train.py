@@ -16,7 +16,8 @@ import torch
 from real.learner import InstabilityDetector, WorkerError
 from sim.engine.buffer import Buffer
 from real.weights import SharedMemoryChannel, StaleVersionError
-from real.worker import BLOCKED, DRAIN, Control, oldest_unconsumed
+from real.worker import oldest_unconsumed
+from sim.engine.control import BLOCKED, DRAIN, Control
 from sim.config import Instability, load_config
 from sim.metrics import compute_metrics, sample_staleness
 from sim.trace import read_trace

@@ -13,7 +13,8 @@ import simpy
 
 from sim.config import RunConfig
 from sim.engine.buffer import Buffer
-from sim.engine.worker import BLOCKED, DRAIN, Worker
+from sim.engine.control import Control
+from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, cost_model_for
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
@@ -27,13 +28,10 @@ class Simulation:
         self.cost = cost if cost is not None else cost_model_for(cfg)
         self.decode_x, self.decode_y = (np.ascontiguousarray(a, dtype=np.float64) for a in self.cost.decode_table())
         self.sync_s = float(self.cost.sync_s())
-        self.B, self.group_size, self.S = wl.batch_prompts, wl.group_size, pl.max_staleness
+        self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.mode = pl.mode
-        self.lag = {"sync": 0, "one_step_off": 1}.get(pl.mode)
-        self.gating = pl.mode == "async" and pl.staleness_control in ("gating", "both")
-        self.dropping = pl.mode == "async" and pl.staleness_control in ("drop", "both")
-        self.interruptible = pl.interruptible
-        self.capacity = pl.queue_capacity
+        self.control = Control.from_config(cfg)
+        self.lag, self.interruptible, self.capacity = self.control.lag, pl.interruptible, pl.queue_capacity
         self.stream = GroupStream(cfg, np.random.SeedSequence(cfg.seed))
 
         self.latest_version = 0      # newest weights published by the learner
@@ -120,32 +118,15 @@ class Simulation:
         return v
 
     def admission_block(self, worker: Worker) -> str | None:
-        """None if `worker` may start the next group now, else why not (worker.BLOCKED or worker.DRAIN)."""
-        if self.capacity is not None and len(self.buffer) >= self.capacity:
-            return BLOCKED
-        version = worker.version
-        if self.lag is not None:  # sync / one_step_off: batch j is generated with version j - lag exactly
-            required = max(self.n_groups // self.B - self.lag, 0)
-            if version == required:
-                return None
-            return DRAIN if self.latest_version >= required else BLOCKED
-        if not self.interruptible and self.latest_version > version:
-            return DRAIN
-        if self.gating:
-            # The version of the oldest unconsumed group (not the learner's) makes the bound hold even when
-            # groups finish out of order: while a group of version v is outstanding, at most (S+v+1)*B
-            # groups exist, so the learner cannot pass version v+S without it.
-            v_ref = min(version, self.oldest_unconsumed())
-            if self.live >= (self.S + v_ref + 1) * self.B:
-                return BLOCKED
-        return None
+        """None if `worker` may start the next group now, else why not (control.BLOCKED or control.DRAIN)."""
+        control = self.control
+        return control.admission_block(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups,
+                                       live=self.live, buffered=len(self.buffer),
+                                       oldest=self.oldest_unconsumed() if control.gating else 0)
 
     def load_target(self, worker: Worker) -> int | None:
         """The version an idle worker should load now, or None."""
-        if self.lag is not None:
-            required = max(self.n_groups // self.B - self.lag, 0)
-            return required if worker.version < required <= self.latest_version else None
-        return self.latest_version if self.latest_version > worker.version else None
+        return self.control.load_target(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups)
 
     # ------------------------------------------------------------------ the learner
     def _poke_workers(self) -> None:
@@ -164,7 +145,7 @@ class Simulation:
                     yield self.data_event
                     self.data_event = None
                     continue
-                if self.dropping and self.learner_version - self.g_v_start[gid] > self.S:
+                if self.control.drop(self.learner_version, int(self.g_v_start[gid])):
                     self._retire(gid, step, dropped=True)
                     self._poke_workers()  # buffer space and gate budget just opened
                     continue

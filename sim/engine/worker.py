@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING
 import simpy
 
 from sim.engine import kernel as K
+from sim.engine.control import BLOCKED, DRAIN
 
 if TYPE_CHECKING:
     from sim.engine.pipeline import Simulation
 
-# Why a worker cannot admit a group right now.
+# Why a worker cannot admit a group right now: SLOTS, or the control's BLOCKED / DRAIN.
 SLOTS = "slots"        # fewer than group_size free slots: wait for completions
-BLOCKED = "blocked"    # gate, buffer or dispatcher: wait for the learner to change something
-DRAIN = "drain"        # non-interruptible and newer weights exist: finish in-flight sequences, then load
 
 
 class Worker:
