@@ -29,7 +29,6 @@ class Simulation:
         self.decode_x, self.decode_y = (np.ascontiguousarray(a, dtype=np.float64) for a in self.cost.decode_table())
         self.sync_s = float(self.cost.sync_s())
         self.B, self.group_size = wl.batch_prompts, wl.group_size
-        self.mode = pl.mode
         self.control = Control.from_config(cfg)
         self.lag, self.interruptible, self.capacity = self.control.lag, pl.interruptible, pl.queue_capacity
         self.stream = GroupStream(cfg, np.random.SeedSequence(cfg.seed))
