@@ -40,11 +40,18 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         overrides["run.steps"] = args.steps
     cfg = load_config(args.config, overrides)
 
+    # Without a terminal (a log file, a batch job) a bar shows nothing: print the start-up and every step instead.
+    log = on_step = None
+    if not console.is_terminal:
+        log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
+        on_step = lambda trainer, step, m: log(  # noqa: E731
+            f"step {step + 1}/{cfg.run.steps}  reward {m['reward/mean']:.3f}  staleness {m['staleness/mean']:.2f}  "
+            f"train {m['time/train_s']:.2f} s  wait {m['time/queue_wait_s']:.2f} s  sync {m['time/weight_sync_s']:.3f} s")
     with Progress(TextColumn(f"training [bold]{cfg.pipeline.mode}[/]"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("reward {task.fields[reward]:.3f}  staleness {task.fields[stale]:.2f}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=console, transient=True, disable=log is not None) as bar:
         try:
-            result = Trainer(cfg, args.out, timeout_s=args.timeout, progress=bar).run()
+            result = Trainer(cfg, args.out, timeout_s=args.timeout, progress=bar, log=log, on_step=on_step).run()
         except (WorkerError, TimeoutError) as exc:
             console.print(f"training failed: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
             return 1

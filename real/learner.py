@@ -5,8 +5,7 @@ It runs in the trainer's (main) process. Per step it
 1. receives messages into its own buffer until `batch_prompts` groups can be taken in the configured
    order (fifo / freshest; by batch in sync modes), dropping groups staler than the bound when the
    control says so; while it waits it checks that every worker is alive and that the run is on time;
-2. computes rewards, group advantages, and the proximal log-probs (the policy at the step's start, for
-   the decoupled loss) in micro-batches;
+2. computes rewards and group advantages;
 3. accumulates the gradient in micro-batches grouped by sample staleness, so the gradient of each
    staleness range is the difference of two snapshots: per-range grad norms cost no extra backward;
 4. steps AdamW at the scheduled lr (ESS of the previous step, mean staleness of this batch) with the
@@ -31,51 +30,13 @@ from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, tok
 from real.worker import Admitted, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
 from sim.engine.buffer import Buffer
 from sim.engine.control import Control
+from sim.stability import InstabilityDetector
 
 CLIP_NORM = 1.0
 
 
 class WorkerError(RuntimeError):
     """A rollout worker died or raised: names the worker and its exit code or traceback."""
-
-
-# --------------------------------------------------------------------------- instability
-class InstabilityDetector:
-    """DESIGN.md's rule: after warm-up, a reward fall below (1 - reward_drop) x running best that does not
-    recover within recover_window steps (collapse step = where the fall began), grad norm above k x its
-    running median, KL above kl_max, or a non-finite loss. Only the first collapse is kept."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.best = -math.inf
-        self.fall_since: int | None = None
-        self.grad_norms: list[float] = []
-        self.step: int | None = None
-        self.reason: str | None = None
-
-    def update(self, step: int, reward: float, grad_norm: float, kl: float, loss: float) -> None:
-        c, armed = self.cfg, step >= self.cfg.warmup_steps
-        reason = None
-        if not math.isfinite(loss):
-            reason = f"loss is {loss}"
-        elif armed and self.grad_norms and grad_norm > c.grad_norm_k * float(np.median(self.grad_norms)):
-            reason = f"grad norm {grad_norm:.3g} > {c.grad_norm_k} x running median {np.median(self.grad_norms):.3g}"
-        elif armed and kl > c.kl_max:
-            reason = f"KL {kl:.3g} > {c.kl_max}"
-        if math.isfinite(grad_norm):
-            self.grad_norms.append(grad_norm)
-        fallen = reward < (1 - c.reward_drop) * self.best
-        if armed and fallen:
-            self.fall_since = step if self.fall_since is None else self.fall_since
-            if step - self.fall_since + 1 > c.recover_window and reason is None:
-                reason = (f"reward {reward:.3g} below {1 - c.reward_drop:.2f} x best {self.best:.3g} "
-                          f"since step {self.fall_since}")
-                step = self.fall_since
-        elif not fallen:
-            self.fall_since = None
-        self.best = max(self.best, reward)
-        if reason is not None and self.step is None and (armed or not math.isfinite(loss)):
-            self.step, self.reason = step, reason
 
 
 # --------------------------------------------------------------------------- the group ledger
@@ -130,7 +91,12 @@ class Learner:
     def health(self) -> None:
         self.check_workers()
         if time.monotonic() > self.deadline:
-            raise TimeoutError(f"the run passed its time limit at learner step {self.version}")
+            raise TimeoutError(f"the run passed its time limit at learner step {self.version} "
+                               f"({len(self.buffer)} of {self.B} groups ready); " + self.describe_workers())
+
+    def describe_workers(self) -> str:
+        return "; ".join(self.ledger.describe(i, self.cfg.workload.max_new_tokens)
+                         for i in range(self.cfg.cluster.rollout_workers))
 
     # ------------------------------------------------------------------ start
     def warm_start(self, steps: int, seed: int, lr: float) -> list[float]:
@@ -263,19 +229,13 @@ class Learner:
             behav[i, len(p_ids):len(p_ids) + len(lps)] = torch.as_tensor(lps)
         stale = torch.tensor([self.version - rec.version_start for rec in batch]).repeat_interleave(G)  # [N]
 
-        # Proximal policy = the weights at the step's start (decoupled loss), without gradient.
-        self.model.eval()
-        prox = torch.zeros_like(behav)                                                        # [N, T]
-        with torch.no_grad():
-            for lo in range(0, len(ids), mb):
-                rows = slice(lo, lo + mb)
-                prox[rows] = token_logprobs(self.model, ids[rows], attn[rows], mask[rows], temp)
-
-        # Gradient accumulation grouped by staleness: each range's gradient is a snapshot difference.
+        # Gradient accumulation grouped by staleness: each range's gradient is a snapshot difference. The
+        # proximal policy (decoupled loss) is the weights at the step's start, which the weights still are
+        # during accumulation (one optimizer step per batch, no dropout): its log-probs are the forward's own.
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
         n_tok = mask.sum()
-        logp_all = torch.zeros_like(behav)
+        logp_all = torch.zeros_like(behav)                                                    # [N, T]
         ranges = sorted(set(stale.tolist()))
         range_grad: dict[int, float] = {}
         for s in ranges:
@@ -284,15 +244,14 @@ class Learner:
             for lo in range(0, len(rows_s), mb):
                 rows = rows_s[lo:lo + mb].to(self.device)
                 logp = token_logprobs(self.model, ids[rows], attn[rows], mask[rows], temp)
-                loss_mb, _ = grpo_loss(logp, behav[rows], prox[rows], adv[rows], mask[rows], self.loss_cfg)
+                loss_mb, _ = grpo_loss(logp, behav[rows], logp.detach(), adv[rows], mask[rows], self.loss_cfg)
                 (loss_mb * mask[rows].sum() / n_tok).backward()  # micro-batch token share of the batch mean
                 logp_all[rows] = logp.detach()
             if before is not None:  # the range's own token-mean loss gradient
                 diff = self._flat_grad() - before
                 range_grad[s] = float(diff.norm() * n_tok / mask[stale.to(self.device) == s].sum())
-
         with torch.no_grad():
-            loss, stats = grpo_loss(logp_all, behav, prox, adv, mask, self.loss_cfg)
+            loss, stats = grpo_loss(logp_all, behav, logp_all, adv, mask, self.loss_cfg)
         mean_stale = float(stale.float().mean())
         lr = scheduled_lr(self.cfg.optim, self.prev_ess, mean_stale)
         for group in self.opt.param_groups:
@@ -300,7 +259,11 @@ class Learner:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM))
         if len(ranges) == 1:
             range_grad[ranges[0]] = grad_norm
+        before = [p.detach().clone() for p in self.params]
         self.opt.step()
+        with torch.no_grad():  # ||Δθ||: what the stability rule's G_upd bounds per unit lr
+            update_norm = float(torch.sqrt(sum(((p - b).float() ** 2).sum() for p, b in zip(self.params, before))))
+        del before
         t_end = self.now()
         self.prev_ess = stats["ess_token"]
 
@@ -309,9 +272,10 @@ class Learner:
 
         self.instability.update(step, float(rewards.mean()), grad_norm, stats["kl_k3"], stats["loss"])
         resp_len = mask.sum(-1).cpu()                                                          # [N]
-        metrics = self._metrics(step, batch, stale, stats, range_grad, mask, behav, prox, logp_all, adv)
+        metrics = self._metrics(step, batch, stale, stats, range_grad, mask, behav, logp_all, adv)
         metrics.update({
-            "lr": lr, "grad_norm": grad_norm, "reward/mean": float(rewards.mean()), "len/mean": float(resp_len.mean()),
+            "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm, "reward/mean": float(rewards.mean()),
+            "len/mean": float(resp_len.mean()),
             "time/weight_sync_s": sync_s, "time/queue_wait_s": t_start - t_wait, "time/train_s": t_end - t_start,
             "queue_len": queue_len, "dropped/groups_step": n_dropped,
             "dropped/groups": int(self.ledger.n_dropped.value), "instability/collapsed": self.instability.step is not None,
@@ -324,7 +288,7 @@ class Learner:
                "reward_mean": float(rewards.mean()), "clip_frac": stats["clip_frac"], "weight_sync_s": sync_s}
         return StepResult(row, metrics, batch)
 
-    def _metrics(self, step, batch, stale, stats, range_grad, mask, behav, prox, logp, adv) -> dict:
+    def _metrics(self, step, batch, stale, stats, range_grad, mask, behav, logp, adv) -> dict:
         """Staleness (per sample and per token, in-flight / in-queue split, histogram) and per-range stats."""
         v_cons = self.version - 1  # the version this batch was consumed (and trained) at
         versions = [v for rec in batch for v in rec.done.versions]                             # N lists
@@ -343,7 +307,7 @@ class Learner:
         for s in sorted(range_grad):  # the batch's samples of staleness s, measured on their own
             rows = torch.nonzero(stale == s)[:, 0].to(self.device)
             with torch.no_grad():
-                _, st = grpo_loss(logp[rows], behav[rows], prox[rows], adv[rows], mask[rows], self.loss_cfg)
+                _, st = grpo_loss(logp[rows], behav[rows], logp[rows], adv[rows], mask[rows], self.loss_cfg)
             key = f"by_staleness/{s}"
             out.update({f"{key}/n_samples": len(rows), f"{key}/grad_norm": range_grad[s], f"{key}/kl/k3": st["kl_k3"],
                         f"{key}/ess/token": st["ess_token"], f"{key}/ess/seq": st["ess_seq"]})

@@ -65,12 +65,14 @@ class Trainer:
     """One real run of `cfg`. `on_step(trainer, step, metrics)` is called after every learner step."""
 
     def __init__(self, cfg, out_dir: str | Path | None = None, timeout_s: float = 3600.0,
-                 on_step: Callable | None = None, progress=None):
+                 on_step: Callable | None = None, progress=None, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.out_dir = Path(out_dir) if out_dir is not None else default_out_dir(cfg)
         self.timeout_s = timeout_s
         self.on_step = on_step
         self.progress = progress  # a rich Progress (or None)
+        self.log = log or (lambda message: None)  # start-up milestones, for logs of runs without a terminal
+        self.startup_s: dict[str, float] = {}
         self.workers: list = []
         self._stopping = False
 
@@ -92,12 +94,14 @@ class Trainer:
         return None
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        limit = min(STARTUP_TIMEOUT_S, self.learner.deadline - time.monotonic())
+        deadline = time.monotonic() + limit
         while self.ledger.ready.value < len(self.workers):
             self.learner.receive(0.1)
             self.check_workers()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"rollout workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
+                raise TimeoutError(f"rollout workers not ready after {max(limit, 0):.0f} s; "
+                                   + self.learner.describe_workers())
 
     def _shutdown(self) -> None:
         self._stopping = True
@@ -119,13 +123,15 @@ class Trainer:
         from real.model import build_policy, resolve_device, save_policy
 
         cfg = self.cfg
+        t_begin = time.monotonic()
         ctx = torch.multiprocessing.get_context("spawn")
         device = resolve_device(cfg)
         if device.type == "cpu":
             torch.set_num_threads(1)
         model, tok = build_policy(cfg, device)
+        self._milestone("policy built", t_begin)
         self.channel = SharedMemoryChannel(model, ctx)
-        self.ledger = Ledger(ctx, cfg.run.steps + 2)
+        self.ledger = Ledger(ctx, cfg.run.steps + 2, cfg.cluster.rollout_workers)
         self.queue, self.stop, self.start = ctx.Queue(), ctx.Event(), ctx.Event()
         self.learner = Learner(cfg, model, tok, self.channel, self.ledger, self.queue, self.check_workers,
                                deadline=time.monotonic() + self.timeout_s)
@@ -146,9 +152,11 @@ class Trainer:
             # Supervised steps may take a larger lr than GRPO's.
             warm_lr = cfg.real.warm_start_lr or cfg.optim.lr
             warm = self.learner.warm_start(cfg.real.warm_start_steps, cfg.seed, warm_lr)  # overlaps worker start-up
+            self._milestone("warm start done", t_begin)
             self.learner.start_optimizer()
             self.learner.publish()  # version 0
             self._wait_ready()
+            self._milestone("rollout workers ready", t_begin)
             self.ledger.t0.value = time.monotonic()
             self.start.set()
 
@@ -204,6 +212,10 @@ class Trainer:
             raise
         return TrainResult(self.out_dir, trace, metrics, summary, step_metrics)
 
+    def _milestone(self, what: str, t_begin: float) -> None:
+        self.startup_s[what] = time.monotonic() - t_begin
+        self.log(f"{what} after {self.startup_s[what]:.1f} s")
+
     def _summary(self, trace: Trace, metrics: dict, warm_losses: list[float]) -> dict:
         steps = trace.steps
         fifth = max(1, len(steps) // 5)
@@ -219,6 +231,7 @@ class Trainer:
             "weight_load_s": {"mean": float(np.mean(loads)) if loads else None, "count": len(loads)},
             "warm_start": {"steps": len(warm_losses), "first_loss": warm_losses[0] if warm_losses else None,
                            "last_loss": warm_losses[-1] if warm_losses else None},
+            "startup_s": self.startup_s,
             "mode": self.cfg.pipeline.mode,
             **provenance("real"),
         }

@@ -44,10 +44,15 @@ def oldest_unconsumed(unconsumed, latest: int) -> int:
 
 
 # --------------------------------------------------------------------------- shared state
+# What a worker is doing, for the error a stalled run ends with (Ledger.phase).
+PHASES = ("starting", "ready", "loading weights", "waiting for admission", "generating")
+STARTING, READY, LOADING, WAITING, GENERATING = range(len(PHASES))
+
+
 class Ledger:
     """Counters shared by all processes, guarded by one lock (picklable: travels to spawned workers)."""
 
-    def __init__(self, ctx, max_versions: int):
+    def __init__(self, ctx, max_versions: int, n_workers: int):
         self.lock = ctx.Lock()
         self.n_admitted = ctx.Value("q", 0, lock=False)
         self.n_dropped = ctx.Value("q", 0, lock=False)
@@ -55,6 +60,19 @@ class Ledger:
         self.unconsumed = ctx.Array("q", max_versions, lock=False)  # per version_start: admitted, not retired
         self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
         self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
+        # Per worker, written by that worker only (no lock): phase, batch size and decode step, batches done.
+        self.phase = ctx.Array("q", n_workers, lock=False)
+        self.batch_seqs = ctx.Array("q", n_workers, lock=False)
+        self.decode_step = ctx.Array("q", n_workers, lock=False)
+        self.batches = ctx.Array("q", n_workers, lock=False)
+
+    def describe(self, worker_id: int, max_new_tokens: int) -> str:
+        phase = self.phase[worker_id]
+        text = f"rollout worker {worker_id}: {PHASES[phase]}"
+        if phase == GENERATING:
+            text += (f" {self.batch_seqs[worker_id]} sequences, decode step {self.decode_step[worker_id]} "
+                     f"of at most {max_new_tokens}")
+        return text + f" ({self.batches[worker_id]} batches done)"
 
     @contextmanager
     def locked(self, check=None, timeout: float = LOCK_TIMEOUT_S):
@@ -144,6 +162,9 @@ class RolloutWorker:
         if self.stop.is_set() or (self.parent is not None and not self.parent.is_alive()):
             raise Stopped
 
+    def set_phase(self, phase: int) -> None:
+        self.ledger.phase[self.id] = phase
+
     def load(self, version: int | None = None) -> None:
         self.version, seconds = self.channel.load_into(self.model, version)
         self.queue.put(Loaded(self.id, self.version, self.now(), seconds))
@@ -174,13 +195,19 @@ class RolloutWorker:
             target = self.control.load_target(version=self.version, latest=self.channel.latest_version(),
                                               n_admitted=n_admitted)
             if target is not None:
+                self.set_phase(LOADING)
                 self.load(target)
                 continue
             gids = self.admit()
             if not gids:
+                self.set_phase(WAITING)
                 time.sleep(POLL_S)
                 continue
+            self.ledger.batch_seqs[self.id] = len(gids) * self.group_size
+            self.ledger.decode_step[self.id] = 0
+            self.set_phase(GENERATING)
             self.generate(gids)
+            self.ledger.batches[self.id] += 1
 
     def generate(self, gids: list[int]) -> None:
         from real.generate import generate
@@ -194,6 +221,7 @@ class RolloutWorker:
 
         def between_steps() -> int | None:
             token_times.append(self.now())
+            self.ledger.decode_step[self.id] = len(token_times)
             self.check()
             if self.control.interruptible and self.channel.latest_version() > self.version:
                 self.load()  # in place, KV cache kept: later tokens carry the new version
@@ -225,6 +253,7 @@ def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, 
         if cfg.real.device != "cuda" and not (cfg.real.device == "auto" and torch.cuda.is_available()):
             torch.set_num_threads(1)  # several processes share few cores
         worker = RolloutWorker(worker_id, cfg, channel, ledger, queue, stop)
+        worker.set_phase(READY)
         with ledger.locked(worker.check):
             ledger.ready.value += 1
         while not start.wait(0.1):

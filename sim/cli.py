@@ -62,6 +62,7 @@ def run_simulation(cfg: RunConfig, console: Console | None = None, label: str = 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from sim.metrics import compute_metrics, staleness_histogram
     from sim.report import print_summary
+    from sim.stability import predict_config
 
     overrides = parse_overrides(args.set)
     if args.steps is not None:
@@ -84,16 +85,20 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     if cfg.pipeline.mode == "sync":
         metrics["speedup/vs_sync"] = 1.0
     histogram = staleness_histogram(trace.samples)
-    print_summary(cfg, metrics, histogram, console, seconds, sync_metrics)
+    try:
+        stability = predict_config(cfg, histogram, metrics.get("staleness/mean") or 0.0)
+    except ValueError as exc:  # an unreadable fit file: say which and why
+        raise ConfigError(str(exc)) from None
+    print_summary(cfg, metrics, histogram, console, seconds, sync_metrics, stability)
 
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-sim"
-    _write_outputs(out, trace, metrics, histogram, cfg, args.format, sync_metrics)
+    _write_outputs(out, trace, metrics, histogram, cfg, args.format, sync_metrics, stability)
     console.print(f"wrote {out}/ (trace/, metrics.json, staleness.png)")
     return 0
 
 
 def _write_outputs(out: Path, trace, metrics: dict, histogram: dict, cfg: RunConfig, fmt: str,
-                   sync_metrics: dict | None) -> None:
+                   sync_metrics: dict | None, stability=None) -> None:
     """Everything goes to a scratch folder first and appears under `out` in one rename: nothing half-written."""
     from sim.report import staleness_figure
 
@@ -102,7 +107,8 @@ def _write_outputs(out: Path, trace, metrics: dict, histogram: dict, cfg: RunCon
     try:
         trace.write(tmp / "trace", fmt)
         payload = {"metrics": metrics, "staleness_histogram": {str(k): v for k, v in histogram.items()},
-                   "sync_baseline": sync_metrics, "config": cfg.model_dump(mode="json")}
+                   "sync_baseline": sync_metrics, "config": cfg.model_dump(mode="json"),
+                   "stability": stability.as_dict() if stability is not None else None}
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2))
         staleness_figure(trace, tmp / "staleness.png", f"{cfg.name}: {cfg.pipeline.mode}")
         replace_dir(tmp, out)
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console(stderr=False)
+    console.soft_wrap = not console.is_terminal  # logs get whole lines, not an 80-column wrap
     if getattr(args, "help_config", False):
         console.print(config_help(), markup=False, highlight=False, soft_wrap=True)
         return 0

@@ -211,6 +211,38 @@ class Run(_Section):
     steps: int = Field(ge=1, description="Learner steps to run.")
 
 
+class Stability(_Section):
+    """Constants of the seed paper's stability rule (DESIGN.md): stable while
+    lr < scale x min(r_batch / (S x g_upd), r_crit / (T x g_upd)). Null = not known; `stalecast study stability`
+    fits them and writes a fit file."""
+    r_batch: float | None = Field(None, gt=0, description="Batch-level clipping radius R_batch: the parameter drift "
+                                                          "at which the importance ratios' spread reaches the PPO "
+                                                          "clip (parameter L2 norm, like g_upd x lr).")
+    g_upd: float | None = Field(None, gt=0, description="G_upd: bound on the update norm per unit learning rate, "
+                                                        "||delta theta|| / lr.")
+    r_crit: float | None = Field(None, gt=0, description="R_crit: critical cumulative parameter drift over the "
+                                                         "horizon (parameter L2 norm).")
+    scale: float | None = Field(None, gt=0, description="The rule's 'much less than' as a factor: stable while "
+                                                       "lr < scale x min(...); null = the fit file's fitted scale, or "
+                                                       "1 (the bound itself) without one.")
+    fit: str | None = Field(None, description="fit.json written by `stalecast study stability`: supplies the "
+                                              "constants left null here. A relative path is taken from the config "
+                                              "file's folder.")
+    staleness_statistic: Literal["max", "p99"] = Field(
+        "max", description="Which statistic of the consumed staleness distribution is S: max (the paper's maximum "
+                           "rollout lag; with gating it is the bound once the bound binds) or p99 (one straggler "
+                           "group does not set it). A fit file's own statistic takes precedence.")
+    horizon: int | None = Field(None, ge=1, description="Horizon T of the rule, learner steps; null = run.steps.")
+
+    @model_validator(mode="after")
+    def _all_or_none(self):
+        given = [name for name in ("r_batch", "g_upd", "r_crit") if getattr(self, name) is not None]
+        if self.fit is None and 0 < len(given) < 3:
+            raise ValueError(f"give all of r_batch, g_upd and r_crit (only {', '.join(given)} given), "
+                             f"or name a fit file that supplies the rest")
+        return self
+
+
 class RunConfig(_Section):
     name: str = Field("run", description="Short name used in output folders and reports.")
     seed: int = Field(0, ge=0, description="Seed of every random stream (one SeedSequence per run).")
@@ -220,6 +252,7 @@ class RunConfig(_Section):
     hardware: Hardware = Field(default_factory=Hardware)
     optim: Optim = Field(default_factory=Optim)
     real: Real = Field(default_factory=Real, description="Settings of the real trainer (`stalecast train`).")
+    stability: Stability = Field(default_factory=Stability, description="The stability rule's constants, where known.")
     run: Run
 
     @model_validator(mode="after")
@@ -340,7 +373,8 @@ def _resolve_paths(cfg: RunConfig, path: Path) -> RunConfig:
     updates: dict = {}
     for dotted, value in (("hardware.profile", cfg.hardware.profile),
                           ("workload.prompt_len.trace", getattr(cfg.workload.prompt_len, "trace", None)),
-                          ("workload.response_len.trace", getattr(cfg.workload.response_len, "trace", None))):
+                          ("workload.response_len.trace", getattr(cfg.workload.response_len, "trace", None)),
+                          ("stability.fit", cfg.stability.fit)):
         if value is None:
             continue
         resolved = (base / value).resolve()

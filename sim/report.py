@@ -10,6 +10,7 @@ from rich.table import Table
 
 from sim.config import RunConfig
 from sim.metrics import consumed_mask
+from sim.stability import ConfigPrediction
 from sim.trace import Trace
 
 
@@ -22,7 +23,8 @@ def _fmt(value, unit: str = "", digits: int = 2) -> str:
 
 
 def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], console: Console,
-                  sim_seconds: float | None = None, sync_metrics: dict | None = None) -> None:
+                  sim_seconds: float | None = None, sync_metrics: dict | None = None,
+                  stability: ConfigPrediction | None = None) -> None:
     pl, cl = cfg.pipeline, cfg.cluster
     control = f", {pl.staleness_control} S={pl.max_staleness}" if pl.mode == "async" else ""
     console.print(f"[bold]{cfg.name}[/]: {pl.mode}{control}, {cl.rollout_workers} workers x {cl.gpus_per_worker} GPU, "
@@ -65,9 +67,33 @@ def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], cons
     for name, value in rows:
         perf.add_row(name, value)
     console.print(perf)
+    if stability is not None:
+        print_stability(stability, console)
     if sim_seconds is not None:
         n = metrics["samples/generated"] + metrics["samples/in_flight"]
         console.print(f"simulated {cfg.run.steps:,} learner steps ({n:,} rollouts) in {sim_seconds:.2f} s")
+
+
+def print_stability(stability: ConfigPrediction, console: Console) -> None:
+    """The stability rule at this configuration's staleness: both bounds, the margin, the verdict."""
+    p = stability.prediction
+    table = Table(title="stability rule", caption="stable while lr < scale x min(R_batch/(S G_upd), R_crit/(T G_upd))",
+                  show_edge=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in (
+            (f"S ({stability.statistic} consumed staleness)", f"{p.staleness:g} versions"),
+            ("T (horizon)", f"{p.horizon:,} steps"),
+            (f"lr ({stability.schedule_note})", f"{p.lr:.3g}"),
+            ("largest stable lr, staleness term", f"{p.staleness_lr:.3g}"),
+            ("largest stable lr, horizon term", f"{p.horizon_lr:.3g}"),
+            ("largest stable lr",
+             f"{p.max_stable_lr:.3g}" + ("" if p.binding == "none" else f" ({p.binding} term binds)")),
+            ("margin (largest stable lr / lr)", f"{p.margin:.2f}")):
+        table.add_row(name, value)
+    console.print(table)
+    verdict = "[green]stable[/]" if p.stable else "[red]predicted unstable[/]"
+    console.print(f"stability: {verdict} at lr {p.lr:.3g} (margin {p.margin:.2f})")
 
 
 def staleness_figure(trace: Trace, path: Path, title: str) -> None:

@@ -373,7 +373,8 @@ def add_backend_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("study", help="run a named what-if study (ratio, bound, tail, sync-vs-async)",
+    p = subparsers.add_parser("study", help="run a named what-if study (ratio, bound, tail, sync-vs-async; "
+                                            "stability on the real trainer)",
                               description=__doc__.split("\n\n")[0])
     names = p.add_subparsers(dest="study", required=True, metavar="NAME")
     for name, cls in STUDIES.items():
@@ -383,6 +384,9 @@ def add_parser(subparsers) -> None:
         add_spec_options(sp, cls)
         add_backend_options(sp)
         sp.set_defaults(func=cmd_study)
+    from studies.stability import add_parser as add_stability  # real training runs, not a simulator sweep
+
+    add_stability(names)
 
 
 def add_spec_options(p: argparse.ArgumentParser, spec: type) -> None:

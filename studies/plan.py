@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import ConfigError, RunConfig, load_config
+from sim.stability import constants_from_config, horizon_of, predict, read_fit
 from studies import plots
 from studies.named import add_backend_options, add_spec_options
 from studies.sweep import Backend, Sweep, run_sweep
@@ -42,8 +43,10 @@ class PlanSpec:
     max_p99_staleness: float | None = field(default=None, metadata={"help": "largest acceptable p99 staleness "
                                                                             "(versions)"})
     lr: float | None = field(default=None, metadata={
-        "help": "learning rate the run will use; recorded only: excluding bounds at which it is unstable "
-                "needs the stability rule, which is not yet available"})
+        "help": "learning rate the run will use: configurations the stability rule predicts unstable at it are "
+                "excluded (needs the rule's constants: --stability-fit or the config's stability section)"})
+    stability_fit: str | None = field(default=None, metadata={
+        "help": "fit.json from `stalecast study stability`, for --lr (default: the config's stability section)"})
     tp: list[int] | None = field(default=None, metadata={
         "help": "GPUs per rollout worker to try, e.g. 1,2 (default: the config's gpus_per_worker)"})
     bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "staleness bounds to try"})
@@ -83,6 +86,15 @@ class _Search:
         self.lines = [(tp, c, s) for tp in tps for c in (spec.concurrency or [cl.max_concurrency]) for s in self.bounds]
         self.rows: dict[tuple, dict] = {}  # (tp, concurrency, bound, workers) -> table row
         self.seconds = 0.0
+        self.rule = stability_rule(spec, cfg) if spec.lr is not None else None
+        self.horizon = horizon_of(cfg)
+
+    def prediction(self, row: dict):
+        """The stability rule at the plan's lr and this configuration's simulated staleness (None without --lr)."""
+        if self.rule is None or row["status"] != "ok":
+            return None
+        constants, statistic = self.rule
+        return predict(constants, self.spec.lr, row[f"staleness/{statistic}"], self.horizon)
 
     def max_workers(self, tp: int) -> int:
         return (self.budget - 1) // tp
@@ -105,7 +117,8 @@ class _Search:
     def feasible(self, row: dict) -> bool:
         s = self.spec
         return (row["status"] == "ok" and (s.max_mean_staleness is None or row[MEAN] <= s.max_mean_staleness)
-                and (s.max_p99_staleness is None or row[P99] <= s.max_p99_staleness))
+                and (s.max_p99_staleness is None or row[P99] <= s.max_p99_staleness)
+                and (self.rule is None or self.prediction(row).stable))
 
     def line_best(self, line: tuple) -> tuple[int | None, float]:
         """The best feasible worker count evaluated on a line, and its throughput."""
@@ -158,6 +171,19 @@ class _Search:
             self.evaluate(sorted(batch), "plan: refining")
 
 
+def stability_rule(spec: PlanSpec, cfg: RunConfig):
+    """(constants, staleness statistic) for --lr: from --stability-fit, else the config's stability section."""
+    try:
+        known = read_fit(spec.stability_fit) if spec.stability_fit else constants_from_config(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if known is None:
+        raise ConfigError(f"--lr {spec.lr:g}: excluding configurations unstable at it needs the stability rule's "
+                          f"constants: pass --stability-fit FILE (fit.json of `stalecast study stability`) or set "
+                          f"the config's stability section (r_batch, g_upd, r_crit, or fit)")
+    return known
+
+
 def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None) -> Plan:
     search = _Search(spec, cfg, out, backend, console)
     search.run()
@@ -166,6 +192,10 @@ def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: C
     if ranked:  # speedup over sync for the listed configurations only: their async runs are stored
         search.evaluate(ranked[: spec.top], "plan: sync baselines", sync=True)
     table = pd.DataFrame(search.rows.values())
+    if search.rule is not None:
+        predictions = [search.prediction(row) for row in search.rows.values()]
+        table["max_stable_lr"] = [p.max_stable_lr if p else None for p in predictions]
+        table["stable_at_lr"] = [p.stable if p else None for p in predictions]
     table["feasible"] = [search.feasible(row) for row in search.rows.values()]
     order = {k: i + 1 for i, k in enumerate(ranked)}
     table["rank"] = [order.get(k) for k in search.rows]
@@ -191,7 +221,8 @@ def pareto_mask(table: pd.DataFrame) -> np.ndarray:
 def explain(table: pd.DataFrame, best: pd.Series | None, spec: PlanSpec, search: _Search) -> list[str]:
     notes = []
     if best is None:
-        notes.append("No configuration meets the staleness limits: loosen them or add GPUs.")
+        limits = "the staleness limits and the stability rule" if search.rule is not None else "the staleness limits"
+        notes.append(f"No configuration meets {limits}: loosen them, lower the learning rate or add GPUs.")
     else:
         t, r = best["idle/trainer"], best["idle/rollout"]
         where = (f"{best['rollout_workers']:.0f} worker(s) x {best['tp']:.0f} GPU(s) generate, "
@@ -230,10 +261,24 @@ def explain(table: pd.DataFrame, best: pd.Series | None, spec: PlanSpec, search:
     if search.cfg.pipeline.mode != "async":
         notes.append(f"pipeline.mode is {search.cfg.pipeline.mode}: staleness bounds do not apply, so only splits "
                      f"and concurrency were searched.")
-    if spec.lr is not None:
-        notes.append(f"Learning rate {spec.lr:g} recorded; excluding bounds at which it is unstable needs the "
-                     f"stability rule, which is not yet available: no configuration was excluded for it.")
+    if search.rule is not None:
+        notes.append(stability_note(table, spec, search))
     return notes
+
+
+def stability_note(table: pd.DataFrame, spec: PlanSpec, search: _Search) -> str:
+    """How many configurations the rule excluded at the plan's lr, and the largest stable lr per bound."""
+    constants, statistic = search.rule
+    ok = table[table["status"] == "ok"]
+    unstable = ok[~ok["stable_at_lr"].astype(bool)]
+    per_bound = ", ".join(f"S={bound:.0f}: {group['max_stable_lr'].min():.3g}"
+                          for bound, group in ok.groupby("bound"))
+    excluded = (f"{len(unstable)} of {len(ok)} configurations are predicted unstable at it and excluded "
+                f"(bounds {', '.join(f'{b:.0f}' for b in sorted(unstable['bound'].unique()))})"
+                if len(unstable) else f"none of the {len(ok)} configurations is predicted unstable at it")
+    return (f"Stability at learning rate {spec.lr:g} (rule: lr < {constants.scale:.3g} x min(R_batch/(S G_upd), "
+            f"R_crit/(T G_upd)); S = {statistic} simulated staleness, T = {search.horizon} steps): {excluded}. "
+            f"Largest stable learning rate by bound: {per_bound}.")
 
 
 # --------------------------------------------------------------------------- output

@@ -24,9 +24,9 @@ from sim.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny_cpu.yaml"
-SYNC_STEPS, ASYNC_STEPS = 15, 60
-# GRPO from scratch learns short digit strings within 60 CPU steps (reward about x3); longer ones need far more.
-LEARN = {"real.min_digits": 1, "real.max_digits": 4, "real.warm_start_steps": 0, "optim.lr": 1e-3}
+SYNC_STEPS = 15
+EXAMPLE = load_config(TINY)
+BATCH = EXAMPLE.workload.batch_prompts * EXAMPLE.workload.group_size  # samples per learner step
 
 
 def control(mode="async", gating=True, dropping=False, interruptible=False, capacity=None, B=8, S=2):
@@ -166,8 +166,8 @@ def sync_run(tmp_path_factory):
 def async_run(tmp_path_factory):
     from real.trainer import Trainer
 
-    cfg = load_config(TINY, {"pipeline.mode": "async", "pipeline.staleness_control": "gating",
-                             "run.steps": ASYNC_STEPS, **LEARN})
+    """The example as shipped (warm start, then GRPO), in async mode with gating."""
+    cfg = load_config(TINY, {"pipeline.mode": "async", "pipeline.staleness_control": "gating"})
     return Trainer(cfg, tmp_path_factory.mktemp("async") / "run", timeout_s=600).run()
 
 
@@ -186,12 +186,12 @@ def test_sync_run_is_on_policy_and_complete(sync_run):
     summary = json.loads((sync_run / "summary.json").read_text())
     assert trace.header["source"] == "real" and len(trace.steps) == SYNC_STEPS
     stale = sample_staleness(trace.samples)
-    assert len(stale) == SYNC_STEPS * 8 * 4 and (stale == 0).all()
+    assert len(stale) == SYNC_STEPS * BATCH and (stale == 0).all()
     _accounted(trace, summary)
     metrics = compute_metrics(trace)
     assert metrics["staleness/max"] == 0 and metrics["ess/token"] == pytest.approx(1.0)
     lines = [json.loads(x) for x in (sync_run / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == SYNC_STEPS and lines[-1]["staleness/hist"] == {"0": 32}
+    assert len(lines) == SYNC_STEPS and lines[-1]["staleness/hist"] == {"0": BATCH}
     assert {"by_staleness/0/grad_norm", "time/weight_sync_s", "time/queue_wait_s", "kl/k3"} <= set(lines[-1])
     used = trace.samples[trace.samples["learner_step"] >= 0]
     assert used["reward"].between(0, 1).all() and (used["t_end"] <= used["t_consumed"]).all()
@@ -206,19 +206,22 @@ def test_async_run_is_stale_within_the_bound(async_run):
     assert metrics["staleness/mean"] > 0 and metrics["dropped/groups"] == 0
     ranges = set()
     for m in async_run.step_metrics:  # per staleness range: the samples of each range, counted and measured
-        assert m["staleness/max"] <= 2 and sum(m["staleness/hist"].values()) == 32
+        assert m["staleness/max"] <= 2 and sum(m["staleness/hist"].values()) == BATCH
         for s, n in m["staleness/hist"].items():
             assert m[f"by_staleness/{s}/n_samples"] == n and math.isfinite(m[f"by_staleness/{s}/grad_norm"])
             ranges.add(s)
     assert len(ranges) >= 2
 
 
-@pytest.mark.learning
 def test_async_run_learns(async_run):
-    """Mean reward over the last fifth of steps clearly above the first fifth. Not yet reliable on the tiny
-    CPU example (the rise is often smaller than this margin), so it runs only with `pytest -m learning`."""
-    reward = async_run.summary["reward"]
-    assert reward["last_fifth"] > max(reward["first_fifth"] + 0.02, 1.5 * reward["first_fifth"]), reward
+    """Mean reward over the last fifth of steps clearly above the first fifth: by 0.05 (on a 0-1 scale) and by
+    three standard errors of the difference (step rewards are noisy: 16 prompts a step, of 1-4 digits)."""
+    reward = np.array([m["reward/mean"] for m in async_run.step_metrics])
+    fifth = len(reward) // 5
+    first, last = reward[:fifth], reward[-fifth:]
+    rise = last.mean() - first.mean()
+    stderr = math.sqrt(first.var(ddof=1) / fifth + last.var(ddof=1) / fifth)
+    assert rise > max(0.05, 3 * stderr), (first.mean(), last.mean(), stderr)
 
 
 def test_killed_worker_ends_the_run_with_a_clear_error(tmp_path):
