@@ -76,3 +76,54 @@ def print_summary(result, console: Console) -> None:
     if s["collapse_step"] is not None:
         console.print(f"[red]unstable[/] at step {s['collapse_step']}: {s['collapse_reason']}")
     console.print(f"wrote {result.out_dir}/ (config.yaml, trace/, metrics.jsonl, summary.json, checkpoint/)")
+
+
+def add_profile_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile", help="measure this machine for the configured model and device; write a profile YAML",
+        description="Time decode steps (against active sequences and context), prefill, learner steps (against "
+                    "tokens), weight sync and the co-location slowdown with the real trainer's own code, and write "
+                    "a measured profile that `simulate` uses with --set hardware.profile=PATH.")
+    p.add_argument("config", nargs="?", help="run config YAML (see examples/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable)")
+    p.add_argument("--out", help="profile YAML to write (default profiles/NAME-DEVICE.yaml)")
+    p.add_argument("--quick", action="store_true", help="the ends of each table only (seconds, for smoke tests)")
+    p.set_defaults(func=cmd_profile)
+
+
+def cmd_profile(args: argparse.Namespace, console: Console) -> int:
+    from pathlib import Path
+
+    from real.model import resolve_device
+    from real.profile import measure_profile, plan_for
+    from sim.hardware.measured import save_profile
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    plan = plan_for(cfg, quick=args.quick)
+    out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
+    n_points = len(plan.active) * len(plan.context) + len(plan.train_lengths) + 1 + 2 * cfg.cluster.colocated
+    with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("", total=n_points)
+
+        def progress(label: str) -> None:
+            if not console.is_terminal:
+                console.print(label, markup=False, highlight=False)
+            bar.update(task, description=label, advance=0 if bar.tasks[0].description == "" else 1)
+
+        profile = measure_profile(cfg, plan, progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_profile(profile, tmp)
+    tmp.replace(out)  # nothing half-written
+    d = profile.decode
+    console.print(f"decode step: {d.seconds[0][0] * 1e3:.2f} ms ({d.active[0]} seq, context {d.context[0]:.0f}) .. "
+                  f"{d.seconds[-1][-1] * 1e3:.2f} ms ({d.active[-1]} seq, context {d.context[-1]:.0f});  "
+                  f"learner step {profile.train.seconds[0]:.3f} s ({profile.train.tokens[0]:.0f} tokens) .. "
+                  f"{profile.train.seconds[-1]:.3f} s ({profile.train.tokens[-1]:.0f} tokens);  "
+                  f"sync {profile.sync_s * 1e3:.1f} ms", markup=False, highlight=False)
+    if profile.colocation is not None:
+        console.print(f"co-location slowdown: generation x{profile.colocation.gen_slowdown:.2f}, "
+                      f"training x{profile.colocation.train_slowdown:.2f}", markup=False, highlight=False)
+    console.print(f"wrote {out} (use it: --set hardware.profile={out})", markup=False, highlight=False)
+    return 0

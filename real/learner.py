@@ -212,6 +212,12 @@ class Learner:
     def step(self, step: int) -> StepResult:
         t_wait = self.now()
         batch, queue_len, n_dropped = self.collect(step)
+        return self.train_on(step, batch, t_wait, queue_len, n_dropped)
+
+    def train_on(self, step: int, batch: list[GroupRecord], t_wait: float, queue_len: int = 0,
+                 n_dropped: int = 0) -> StepResult:
+        """One GRPO step on `batch` (generated groups), then publish: all of a step but the wait for data.
+        `stalecast profile` times exactly this on synthetic groups."""
         t_start = self.now()
         B, G, mb = self.B, self.G, self.cfg.real.micro_batch
         temp = self.cfg.real.temperature

@@ -23,6 +23,7 @@ from sim.trace import replace_dir
 EXTERNAL_COMMANDS: dict[str, str] = {
     "validate": "validate.cli:add_parser",
     "train": "real.cli:add_parser",
+    "profile": "real.cli:add_profile_parser",
     "study": "studies.named:add_parser",
     "plan": "studies.plan:add_parser",
 }

@@ -17,16 +17,27 @@ from validate.report import write_report
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("validate", help="compare the simulator's prediction with a measured trace",
-                       description="Predict CONFIG with the simulator and compare it with a measured trace "
-                                   "(--trace: a stalecast trace folder, or one samples file from another "
-                                   "system). Exits 1 when any error exceeds its tolerance.")
-    p.add_argument("config", help="run config YAML describing the measured run")
-    p.add_argument("--trace", required=True, help="measured trace: folder, or samples .parquet/.csv with columns "
+    p = sub.add_parser("validate", help="profile, predict, train for real, compare (or compare with a given trace)",
+                       description="Without --trace: the whole loop. Profile this machine (or reuse --profile), "
+                                   "predict CONFIG with the simulator, train it for real in its mode and in sync "
+                                   "mode, and compare; a post-hoc recalibration (the measured lengths replayed) is "
+                                   "reported apart. With --trace: predict CONFIG and compare with a measured trace "
+                                   "(a stalecast trace folder, or one samples file from another system). Exits 1 "
+                                   "when any error exceeds its tolerance.")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--trace", help="measured trace: folder, or samples .parquet/.csv with columns "
                    "group_id, worker_id, prompt_len, response_len, t_start, t_end, t_consumed, version_start, "
                    "version_consumed, learner_step (optional: version_end, version_mean, dropped)")
+    p.add_argument("--sync-trace", help="with --trace: measured sync-mode trace of the same config, to check "
+                                        "speedup/vs_sync")
+    p.add_argument("--profile", help="loop: a measured profile YAML to predict with (default: measure one first)")
+    p.add_argument("--lengths", choices=("config", "pilot"), default="pilot",
+                   help="loop: where the prediction's prompt/response lengths come from: the config's "
+                        "distributions, or a short sync pilot run with another seed (default)")
+    p.add_argument("--pilot-steps", type=int, default=10, help="loop: learner steps of the pilot run")
+    p.add_argument("--quick-profile", action="store_true", help="loop: profile the ends of each table only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     p.add_argument("--out", help="report folder (default runs/NAME-validate)")
-    p.add_argument("--sync-trace", help="measured sync-mode trace of the same config, to check speedup/vs_sync")
     defaults = Tolerances()
     p.add_argument("--tol-rel", type=float, default=defaults.rel, help="relative tolerance on rates and means")
     p.add_argument("--tol-mean-abs", type=float, default=defaults.small_mean_abs,
@@ -48,10 +59,56 @@ def print_rows(rows, console: Console) -> None:
     console.print(table)
 
 
+def _step_s(trace) -> float:
+    from sim.metrics import compute_metrics
+    return compute_metrics(trace)["time/step_s"]
+
+
 def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from sim.cli import parse_overrides
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
+                     idle_abs=args.tol_idle)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if args.trace is None:
+            rows, passed = _loop(args, cfg, tol, tmp, console)
+        else:
+            rows, passed = _against_trace(args, cfg, tol, tmp, console)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/]: report in {out}/ (report.md, report.json, figures)")
+    return 0 if passed else 1
+
+
+def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
+    from validate.loop import run_loop
+
+    say = lambda text: console.print(f"[dim]{text}[/]", highlight=False)  # noqa: E731
+    res = run_loop(cfg, tmp, profile=args.profile, lengths=args.lengths, pilot_steps=args.pilot_steps, say=say,
+                   quick_profile=args.quick_profile)
+    measured_sync_s = _step_s(res.measured_sync)
+    rows = compare(res.predicted, res.measured, tol, _step_s(res.predicted_sync), measured_sync_s)
+    recalibrated = compare(res.recalibrated, res.measured, tol, _step_s(res.recalibrated_sync), measured_sync_s)
+    print_rows(rows, console)
+    console.print("recalibrated post hoc (measured lengths replayed; not judged):", highlight=False)
+    print_rows(recalibrated, console)
+    notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), "
+             f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes,
+             "measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/)"]
+    write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
+                 recalibrated=recalibrated)
+    return rows, all_ok(rows)
+
+
+def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     from sim.cli import run_simulation
 
-    cfg = load_config(args.config)
     try:
         measured = read_any_trace(args.trace)
         measured_sync = read_any_trace(args.sync_trace) if args.sync_trace else None
@@ -62,28 +119,14 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     predicted, _ = run_simulation(cfg, console, "predicting")
     pred_sync_step = meas_sync_step = None
     if measured_sync is not None:
-        from sim.metrics import compute_metrics
         sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
                                        "run.steps": len(measured_sync.steps)})
-        pred_sync_step = compute_metrics(run_simulation(sync_cfg, console, "predicting")[0])["time/step_s"]
-        meas_sync_step = compute_metrics(measured_sync)["time/step_s"]
-    tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
-                     idle_abs=args.tol_idle)
+        pred_sync_step = _step_s(run_simulation(sync_cfg, console, "predicting")[0])
+        meas_sync_step = _step_s(measured_sync)
     rows = compare(predicted, measured, tol, pred_sync_step, meas_sync_step)
     print_rows(rows, console)
-
     notes = [f"config: {args.config}; measured trace: {args.trace}",
              "prediction made from the config alone (response lengths from the config's distribution), "
              "not fitted to the measured trace"]
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write_report(tmp, f"{cfg.name}: prediction vs {args.trace}", rows, notes, predicted, measured)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    passed = all_ok(rows)
-    console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/]: report in {out}/ (report.md, report.json, figures)")
-    return 0 if passed else 1
+    write_report(tmp, f"{cfg.name}: prediction vs {args.trace}", rows, notes, predicted, measured)
+    return rows, all_ok(rows)

@@ -19,26 +19,37 @@ def _num(x) -> str:
     return f"{x:.4g}"
 
 
-def markdown(title: str, rows: list[Row], notes: list[str]) -> str:
-    lines = [f"# {title}", "", f"**Result: {'PASS' if all_ok(rows) else 'FAIL'}**", ""]
-    lines += [f"- {n}" for n in notes]
-    lines += ["", "| metric | predicted | measured | error | rel. error | tolerance | ok |",
-              "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+def _table(rows: list[Row]) -> list[str]:
+    lines = ["| metric | predicted | measured | error | rel. error | tolerance | ok |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         rel = "n/a" if r.rel_error is None else f"{100 * r.rel_error:+.1f}%"
         ok = {True: "yes", False: "**NO**", None: "-"}[r.ok]
         lines.append(f"| {r.metric} | {_num(r.predicted)} | {_num(r.measured)} | {_num(r.error)} | {rel} | "
                      f"{r.tolerance} | {ok} |")
+    return lines
+
+
+def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[Row] | None = None) -> str:
+    lines = [f"# {title}", "", f"**Result: {'PASS' if all_ok(rows) else 'FAIL'}**", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", *_table(rows)]
+    if recalibrated is not None:
+        lines += ["", "## Recalibrated post hoc (not the prediction, not judged)", "",
+                  "The same simulation with the measured run's prompt and response lengths replayed: how much of "
+                  "the error above the length distribution explains.", "", *_table(recalibrated)]
     lines += ["", "Figures: `staleness.png` (histograms and ECDFs), `throughput.png` (rates and idle ratios), "
               "`timeline.png` (learner steps and buffer length over time).", ""]
     return "\n".join(lines)
 
 
 def write_report(out: Path, title: str, rows: list[Row], notes: list[str], predicted: Trace, measured: Trace,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, recalibrated: list[Row] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(title, rows, notes))
-    payload = {"title": title, "pass": all_ok(rows), "notes": notes, "rows": rows_as_dicts(rows), **(extra or {})}
+    (out / "report.md").write_text(markdown(title, rows, notes, recalibrated))
+    payload = {"title": title, "pass": all_ok(rows), "notes": notes, "rows": rows_as_dicts(rows),
+               "recalibrated_rows": rows_as_dicts(recalibrated) if recalibrated is not None else None,
+               **(extra or {})}
     (out / "report.json").write_text(json.dumps(payload, indent=2, default=float))
     figures(out, predicted, measured)
 

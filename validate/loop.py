@@ -1,0 +1,90 @@
+"""The whole loop `stalecast validate CONFIG` runs: profile, predict, train for real (configured mode and sync),
+compare; then, apart, a post-hoc recalibration.
+
+Honesty rules: the prediction is made from the profile and the config before the measured runs start,
+with response (and prompt) lengths from the config or from a pilot run that is not one of the measured runs
+(its own seed). The recalibrated prediction replays the measured run's lengths: it is reported in a second
+table and never judged as the prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sim.config import RunConfig
+from sim.trace import Trace
+
+LENGTH_SOURCES = ("config", "pilot")
+
+
+@dataclass
+class LoopResult:
+    profile_path: Path
+    length_source: str                 # what the notes say about where lengths came from
+    predicted: Trace                   # the honest prediction, configured mode
+    predicted_sync: Trace
+    measured: Trace
+    measured_sync: Trace
+    recalibrated: Trace                # the prediction with the measured run's lengths (post hoc)
+    recalibrated_sync: Trace
+    notes: list[str] = field(default_factory=list)
+
+
+def lengths_from(trace: Trace) -> dict:
+    """Overrides that make a config resample `trace`'s consumed samples' prompt and response lengths."""
+    used = trace.samples[trace.samples["learner_step"] >= 0]
+    return {f"workload.{col}": {"kind": "empirical", "values": [int(v) for v in used[col] if v >= 1]}
+            for col in ("prompt_len", "response_len")}
+
+
+def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int,
+             say: Callable[[str], None], train_timeout_s: float = 3600.0, quick_profile: bool = False) -> LoopResult:
+    """Everything is written under `out` (a scratch folder the caller renames when the report is complete)."""
+    from real.profile import measure_profile, plan_for
+    from real.trainer import Trainer
+    from sim.engine.pipeline import simulate
+    from sim.hardware.measured import save_profile
+
+    if lengths not in LENGTH_SOURCES:
+        raise ValueError(f"lengths: '{lengths}' is not one of {', '.join(LENGTH_SOURCES)}")
+    notes = []
+    if profile is None:
+        say("profiling this machine")
+        profile_path = out / "profile.yaml"
+        save_profile(measure_profile(cfg, plan_for(cfg, quick=quick_profile), say), profile_path)
+        notes.append("hardware: measured by `stalecast profile` at the start of this validation (profile.yaml)")
+    else:
+        profile_path = Path(profile).resolve()
+        notes.append(f"hardware: the given profile {profile}")
+    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve())})
+
+    if lengths == "pilot":
+        say(f"pilot run ({pilot_steps} sync steps, seed {cfg.seed + 1}) for the length distribution")
+        pilot_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
+                                        "run.steps": pilot_steps, "seed": cfg.seed + 1})
+        pilot = Trainer(pilot_cfg, out / "pilot", timeout_s=train_timeout_s).run()
+        pred_cfg = pred_cfg.with_overrides(lengths_from(pilot.trace))
+        notes.append(f"lengths: prompt and response lengths resampled from a {pilot_steps}-step pilot run "
+                     f"(sync mode, seed {cfg.seed + 1}; not one of the measured runs)")
+    else:
+        notes.append("lengths: the config's prompt_len / response_len distributions")
+
+    sync = {"pipeline.mode": "sync", "pipeline.interruptible": False}
+    say("predicting (before the measured runs)")
+    predicted = simulate(pred_cfg)
+    predicted_sync = simulate(pred_cfg.with_overrides(sync))
+
+    say(f"training for real: {cfg.pipeline.mode} mode, {cfg.run.steps} steps")
+    measured = Trainer(cfg, out / "measured", timeout_s=train_timeout_s).run().trace
+    say(f"training for real: sync mode, {cfg.run.steps} steps")
+    measured_sync = Trainer(cfg.with_overrides(sync), out / "measured_sync", timeout_s=train_timeout_s).run().trace
+
+    say("recalibrating (post hoc: the measured run's lengths)")
+    replay = pred_cfg.with_overrides(lengths_from(measured))
+    recalibrated = simulate(replay)
+    recalibrated_sync = simulate(replay.with_overrides(sync))
+    notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured run's lengths")
+    return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
+                      recalibrated_sync, notes)
