@@ -57,3 +57,16 @@ def test_cluster_1000_steps_peak_memory(benchmark, interruptible):
     assert result["rollouts"] >= 1000 * 512 * 16
     assert result["seconds"] < 20.0
     assert result["peak_mb"] < 2048
+
+
+def test_ratio_study_run_300_steps(benchmark):
+    """One run of the ratio study as its workers do it (studies.runner.run_config: simulation and metrics), at
+    the example's own split: the SimPy engine took 2.8 s; the whole study (875 such runs on 2 cores) has to
+    finish in 2 minutes."""
+    from studies import runner
+
+    cfg = load_config(CLUSTER, {"run.steps": 300})
+    runner.run_config(load_config(CLUSTER, {"run.steps": 2}))  # compile / load the cache, draw the workload
+    record = benchmark.pedantic(runner.run_config, args=(cfg,), rounds=3, iterations=1)
+    assert record["status"] == "ok" and record["metrics"]["samples/generated"] >= 300 * 512 * 16
+    assert benchmark.stats.stats.max < 1.0

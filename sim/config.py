@@ -85,6 +85,11 @@ class Cluster(_Section):
     rollout_workers: int = Field(ge=1, description="Inference engines generating rollouts (R).")
     gpus_per_worker: int = Field(1, ge=1, description="GPUs per rollout worker (its tensor-parallel degree).")
     max_concurrency: int = Field(ge=1, description="Sequences a worker decodes at once (continuous batching slots).")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous", description="continuous: a freed slot takes a new group at the next decode step (vLLM, "
+                                  "SGLang). static: a worker admits a batch only when its last one has ended, and "
+                                  "the batch's groups reach the learner together at its end, with one prefill "
+                                  "call for the batch (stalecast train's workers; runs on the SimPy engine).")
     learner_gpus: int = Field(1, ge=1, description="GPUs the learner trains on (L).")
     colocated: bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
                                                "the hardware colocation slowdowns apply while both run.")

@@ -66,18 +66,20 @@ class GroupStream:
         prompt_seed, response_seed = seed_seq.spawn(2)
         self._prompt_rng = np.random.default_rng(prompt_seed)
         self._response_rng = np.random.default_rng(response_seed)
-        self._prompt_blocks: list[list[int]] = []
-        self._response_blocks: list[np.ndarray] = []
-        self._token_blocks: list[list[int]] = []
+        self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def group(self, n: int) -> tuple[int, np.ndarray, int]:
-        """Group n's prompt length, response lengths and total tokens (prompt counted once per sample)."""
-        block, i = divmod(n, self.BLOCK)
-        while block >= len(self._prompt_blocks):
+    def block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Groups b*BLOCK .. (b+1)*BLOCK-1: their prompt lengths, response lengths (BLOCK x group_size) and
+        total tokens (prompt counted once per sample)."""
+        while b >= len(self._blocks):
             prompts = self._prompt.draw(self._prompt_rng, self.BLOCK)
             responses = self._response.draw(self._response_rng, self.BLOCK * self.group_size)
             responses = responses.reshape(self.BLOCK, self.group_size)
-            self._prompt_blocks.append(prompts.tolist())
-            self._response_blocks.append(responses)
-            self._token_blocks.append((self.group_size * prompts + responses.sum(axis=1)).tolist())
-        return self._prompt_blocks[block][i], self._response_blocks[block][i], self._token_blocks[block][i]
+            self._blocks.append((prompts, responses, self.group_size * prompts + responses.sum(axis=1)))
+        return self._blocks[b]
+
+    def group(self, n: int) -> tuple[int, np.ndarray, int]:
+        """Group n's prompt length, response lengths and total tokens (prompt counted once per sample)."""
+        prompts, responses, tokens = self.block(n // self.BLOCK)
+        i = n % self.BLOCK
+        return int(prompts[i]), responses[i], int(tokens[i])

@@ -1,17 +1,26 @@
-"""The SimPy pipeline model against closed forms, a step-by-step reference, and its invariants."""
+"""The pipeline model against closed forms, a step-by-step reference and its invariants, on both engines
+(SimPy, the reference, and the compiled loop of fast.py), and the two engines against each other."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sim.config import parse_config
+from sim.config import load_config, parse_config
 from sim.engine.kernel import span_time
-from sim.engine.pipeline import Simulation, simulate
+from sim.engine.pipeline import ENGINES, Simulation, simulate
 from sim.hardware.cost import build_cost_model
 from sim.metrics import compute_metrics, sample_staleness
+
+
+CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster_7b_64xh100.yaml"
 
 
 def make_cfg(mode="async", steps=5, batch=4, group=2, workers=2, concurrency=4, prompt=10, response=None,
@@ -48,14 +57,16 @@ def test_span_time_matches_step_by_step_sum():
             return ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
 
         brute = sum(h(n * k + ksum) for k in range(k1, k2))
-        assert span_time(xs, ys, n, ksum, k1, k2) == pytest.approx(brute, rel=1e-9, abs=1e-12)
+        assert span_time(xs[None], ys[None], 0, n, ksum, k1, k2) == pytest.approx(brute, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("prefill", [0.0, 0.001])
-def test_sync_step_is_generate_plus_train_plus_sync(prefill):
+def test_sync_step_is_generate_plus_train_plus_sync(prefill, engine):
     # 4 groups x 2 samples over 2 workers of 4 slots: each worker runs 2 groups at once.
     L, d, P, train, per_tok, sync = 100, 0.01, 10, 1.0, 1e-4, 0.5
-    trace = simulate(make_cfg("sync", decode=d, prefill=prefill, train=train, train_tok=per_tok, sync=sync, prompt=P))
+    trace = simulate(make_cfg("sync", decode=d, prefill=prefill, train=train, train_tok=per_tok, sync=sync, prompt=P),
+                     engine=engine)
     generate = 2 * P * prefill + L * d            # two prefills on a worker, then L decode steps
     train_s = train + per_tok * 4 * 2 * (P + L)   # every prompt and response token of the batch
     assert trace.steps["t_start"].iloc[0] == pytest.approx(generate)
@@ -63,25 +74,28 @@ def test_sync_step_is_generate_plus_train_plus_sync(prefill):
     assert (sample_staleness(trace.samples) == 0).all()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("train", [0.5, 3.0])  # generation-bound, then training-bound
-def test_one_step_off_period_is_max_of_sides_plus_sync(train):
+def test_one_step_off_period_is_max_of_sides_plus_sync(train, engine):
     L, d, sync = 100, 0.01, 0.25
-    trace = simulate(make_cfg("one_step_off", steps=8, decode=d, train=train, sync=sync))
+    trace = simulate(make_cfg("one_step_off", steps=8, decode=d, train=train, sync=sync), engine=engine)
     np.testing.assert_allclose(step_periods(trace)[3:], max(L * d, train) + sync, rtol=1e-12)
     s = trace.samples[trace.samples.learner_step >= 0]
     stale = (s.version_consumed - s.version_start).groupby(s.learner_step).unique()
     assert list(stale.iloc[0]) == [0] and all(list(v) == [1] for v in stale.iloc[1:])
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("train", [0.5, 3.0])
-def test_async_steady_state_period_is_max_of_sides(train):
+def test_async_steady_state_period_is_max_of_sides(train, engine):
     # One batch fills every slot; without staleness control the workers never wait for the learner.
     L, d = 100, 0.01
-    trace = simulate(make_cfg("async", steps=10, decode=d, train=train, staleness_control="none"))
+    trace = simulate(make_cfg("async", steps=10, decode=d, train=train, staleness_control="none"), engine=engine)
     np.testing.assert_allclose(step_periods(trace)[4:], max(L * d, train), rtol=1e-12)
 
 
-def test_exponential_generation_gives_geometric_staleness():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exponential_generation_gives_geometric_staleness(engine):
     """R workers, one sequence each, batch of one, near-instant training. A worker starts its next sample
     as soon as it hands in the last one, before the learner has trained on that one: the update from its own
     previous sample always lands during the new generation. Every other completion during the generation is
@@ -91,7 +105,7 @@ def test_exponential_generation_gives_geometric_staleness():
     R, n = 4, 20_000
     cfg = make_cfg("async", steps=n, batch=1, group=1, workers=R, concurrency=1, prompt=1, decode=1e-4,
                    train=1e-9, response={"kind": "exponential", "mean": 10_000}, staleness_control="none")
-    stale = sample_staleness(simulate(cfg).samples)[200:]  # after warm-up
+    stale = sample_staleness(simulate(cfg, engine=engine).samples)[200:]  # after warm-up
     p = 1 / R
     assert stale.min() == 1
     assert stale.mean() == pytest.approx(1 / p, abs=0.1)  # sd sqrt(1-p)/p = 3.5: 0.1 is > 4 standard errors
@@ -124,8 +138,9 @@ def reference_worker(cfg, n_groups):
     return ends
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("gpu,model", [("H100-SXM", "qwen2.5-7b"), ("A100-80GB", "llama3.1-8b")])
-def test_closed_form_batch_equals_step_by_step_decoding(gpu, model):
+def test_closed_form_batch_equals_step_by_step_decoding(gpu, model, engine):
     batch, group = 12, 3
     cfg = parse_config({
         "workload": {"batch_prompts": batch, "group_size": group,
@@ -134,7 +149,7 @@ def test_closed_form_batch_equals_step_by_step_decoding(gpu, model):
         "cluster": {"rollout_workers": 1, "max_concurrency": 7},
         "pipeline": {"mode": "sync"}, "hardware": {"gpu": gpu, "model": model}, "run": {"steps": 1}})
     expected = reference_worker(cfg, batch)
-    samples = simulate(cfg).samples
+    samples = simulate(cfg, engine=engine).samples
     first_batch = samples[samples.group_id < batch]
     got = {(int(r.group_id), int(r.sample_id) % group): r.t_end for r in first_batch.itertuples()}
     assert got.keys() == expected.keys()
@@ -182,8 +197,7 @@ def configs(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=configs())
 def test_invariants(cfg):
-    sim = Simulation(cfg)
-    trace = sim.run()
+    sim, trace = run_both(cfg)
     s = trace.samples
     pl, B, G = cfg.pipeline, cfg.workload.batch_prompts, cfg.workload.group_size
     used = (s.version_consumed >= 0) & ~s.dropped
@@ -193,12 +207,14 @@ def test_invariants(cfg):
     assert used.sum() == cfg.run.steps * B * G
     assert (s.t_end[used] <= s.t_consumed[used]).all()
     # Every generated sample is consumed, dropped, waiting in the buffer (its group complete) or in flight
-    # (its group still generating).
+    # (its group still generating). A group that completes at the very end of the run reaches the buffer by an
+    # event at that time, which may come after the learner's last.
     in_flight = s.t_end.isna()
     group_in_flight = in_flight.groupby(s.group_id).transform("any")
     waiting = ~group_in_flight & (s.version_consumed < 0)
     assert (used.astype(int) + s.dropped + group_in_flight + waiting == 1).all()
-    assert waiting.sum() == len(sim.buffer) * G
+    handing_over = waiting & (s.t_end.groupby(s.group_id).transform("max") == sim.now)
+    assert len(sim.buffer) * G <= waiting.sum() <= len(sim.buffer) * G + handing_over.sum()
     assert not (group_in_flight & (s.version_consumed >= 0)).any()
     # Time and versions move forward for every sample.
     done = ~in_flight
@@ -223,23 +239,121 @@ def test_invariants(cfg):
     assert (st_.t_start.to_numpy()[1:] >= (st_.t_end + st_.weight_sync_s).to_numpy()[:-1] - 1e-12).all()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("interruptible", [False, True])
-def test_same_config_and_seed_give_identical_traces(tmp_path, interruptible):
+def test_same_config_and_seed_give_identical_traces(tmp_path, interruptible, engine):
     cfg = make_cfg("async", steps=6, response={"kind": "lognormal", "median": 40, "sigma": 0.8},
                    interruptible=interruptible, sync=0.1)
-    paths = [simulate(cfg).write(tmp_path / f"run{i}") for i in range(2)]
+    paths = [simulate(cfg, engine=engine).write(tmp_path / f"run{i}") for i in range(2)]
     for name in ("samples.parquet", "steps.parquet"):
         assert (paths[0] / name).read_bytes() == (paths[1] / name).read_bytes()
-    other = simulate(cfg.with_overrides({"seed": 1})).samples
+    other = simulate(cfg.with_overrides({"seed": 1}), engine=engine).samples
     assert not np.array_equal(other.t_end.to_numpy(), simulate(cfg).samples.t_end.to_numpy(), equal_nan=True)
 
 
-def test_interruptible_workers_carry_several_versions_per_sample():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_interruptible_workers_carry_several_versions_per_sample(engine):
     cfg = make_cfg("async", steps=10, train=0.2, sync=0.05, interruptible=True, staleness_control="none",
                    response={"kind": "constant", "value": 100})
-    s = simulate(cfg).samples
+    trace = simulate(cfg, engine=engine)
+    s = trace.samples
     done = s.t_end.notna()
     assert (s.version_end[done] > s.version_start[done]).any()
-    m = compute_metrics(simulate(cfg))
+    m = compute_metrics(trace)
     assert m["off_policy/in_flight/mean"] > 0
     assert m["staleness/token_mean"] < m["staleness/mean"]  # later tokens are fresher
+
+
+# --------------------------------------------------------------------------- the compiled engine = the SimPy one
+def run_both(cfg):
+    """Run cfg on both engines and check they agree exactly: trace (or stall message), clock, counters, what
+    is left in the buffer. Returns the compiled engine's Simulation and trace (None if it stalled)."""
+    sims, outcomes = {}, {}
+    for engine in ENGINES:
+        sims[engine] = sim = Simulation(cfg, engine=engine)
+        try:
+            sim.run_to_end()
+            outcomes[engine] = sim.trace()
+        except RuntimeError as exc:
+            outcomes[engine] = str(exc)
+    fast, ref = sims["fast"], sims["simpy"]
+    if isinstance(outcomes["simpy"], str):
+        assert outcomes["fast"] == outcomes["simpy"]
+    else:
+        for table in ("samples", "steps"):
+            pd.testing.assert_frame_equal(getattr(outcomes["fast"], table), getattr(outcomes["simpy"], table),
+                                          check_exact=True)
+    assert (fast.now, fast.n_groups, fast.live, fast.latest_version, fast.learner_version, fast.gate_refusals) == (
+        ref.now, ref.n_groups, ref.live, ref.latest_version, ref.learner_version, ref.gate_refusals)
+    n_versions = fast.latest_version + 1
+    assert fast.unconsumed[:n_versions] == ref.unconsumed[:n_versions]
+    step = len(ref.steps)
+    fast_next, ref_next = (copy.deepcopy(sim.buffer) for sim in (fast, ref))  # what the learner would take next
+    assert [fast_next.pop(step) for _ in range(len(fast_next))] == [ref_next.pop(step) for _ in range(len(ref_next))]
+    return fast, None if isinstance(outcomes["fast"], str) else outcomes["fast"]
+
+
+@st.composite
+def larger_configs(draw):
+    """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
+    times), every staleness control, buffer order and capacity, responses short and long against
+    max_new_tokens (one or many decode steps per calendar bucket)."""
+    mode = draw(st.sampled_from(["sync", "one_step_off", "async", "async"]))
+    group = draw(st.integers(1, 4))
+    batch = draw(st.integers(1, 8))
+    pipeline = {"mode": mode}
+    if mode == "async":
+        pipeline |= {"max_staleness": draw(st.integers(0, 4)),
+                     "staleness_control": draw(st.sampled_from(["gating", "drop", "both", "none"])),
+                     "interruptible": draw(st.booleans()),
+                     "queue_order": draw(st.sampled_from(["fifo", "freshest"])),
+                     "queue_capacity": draw(st.one_of(st.none(), st.integers(batch, batch + 6)))}
+    hardware = draw(st.one_of(
+        st.just({"gpu": "H100-SXM", "model": "qwen2.5-0.5b"}),
+        st.builds(lambda d, p, t, s: {"constant": {"decode_step_s": d, "prefill_s_per_token": p, "train_step_s": t,
+                                                   "sync_s": s}},
+                  st.sampled_from([0.001, 0.0123]), st.sampled_from([0.0, 1e-4]), st.sampled_from([0.0, 0.05, 1.0]),
+                  st.sampled_from([0.0, 0.05, 0.3]))))
+    return parse_config({
+        "seed": draw(st.integers(0, 2**16)),
+        "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": draw(lengths),
+                     "response_len": draw(lengths), "max_new_tokens": draw(st.sampled_from([20, 50, 4000]))},
+        "cluster": {"rollout_workers": draw(st.integers(1, 8)), "learner_gpus": draw(st.integers(1, 8)),
+                    "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
+        "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},
+    })
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=larger_configs())
+def test_engines_agree_on_random_configs(cfg):
+    run_both(cfg)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"pipeline.interruptible": True}, {"pipeline.max_staleness": 0, "pipeline.staleness_control": "both"},
+    {"pipeline.mode": "sync"}, {"pipeline.mode": "one_step_off"},
+    {"pipeline.queue_order": "freshest", "pipeline.staleness_control": "none", "cluster.rollout_workers": 48,
+     "cluster.learner_gpus": 16}],
+    ids=["gating", "interruptible", "both", "sync", "one_step_off", "freshest"])
+def test_engines_agree_on_the_cluster_example(overrides):
+    run_both(load_config(CLUSTER, {"run.steps": 6, **overrides}))
+
+
+def test_a_stalled_pipeline_fails_alike_on_both_engines():
+    # A buffer that holds nothing: no worker ever admits a group, and the learner waits for ever.
+    cfg = make_cfg("async", staleness_control="none")
+    sims = [Simulation(cfg, engine=engine) for engine in ENGINES]
+    for sim in sims:
+        sim.control = dataclasses.replace(sim.control, capacity=0)
+        with pytest.raises(RuntimeError, match="stalled at t=0.000 s after 0 learner steps"):
+            sim.run_to_end()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_progress_callback_sees_every_step(engine):
+    sim = Simulation(make_cfg("async", steps=7), engine=engine)
+    seen = []
+    sim.on_step = seen.append
+    sim.run_to_end()
+    assert seen == list(range(7))

@@ -56,6 +56,17 @@ def test_run_metrics_equal_compute_metrics(overrides):
     assert all(same(got[k], expected[k]) for k in expected), {k: (got[k], expected[k]) for k in expected}
 
 
+def test_runs_sharing_a_cached_workload_equal_fresh_runs():
+    # A process keeps the streams it drew, by seed and workload: a run that extends one another run started
+    # (past one stream block of groups) gives what it gives on a fresh stream.
+    runner._STREAMS.clear()
+    runner.run_config(small(**{"cluster.rollout_workers": 4, "run.steps": 12}))
+    shared = runner.run_config(small(**{"run.steps": 1100}))
+    runner._STREAMS.clear()
+    fresh = runner.run_config(small(**{"run.steps": 1100}))
+    assert shared["metrics"] == fresh["metrics"]
+
+
 def test_a_run_whose_bound_never_acted_stands_for_larger_bounds():
     # One worker decoding one group at a time feeds a fast learner: a bound of 4 never acts.
     slow_generation = {"cluster.rollout_workers": 1, "cluster.max_concurrency": 2, "cluster.learner_gpus": 8}
@@ -129,12 +140,14 @@ def test_finished_sweep_does_no_work_and_killed_sweep_finishes_the_rest(tmp_path
 
 
 def test_infeasible_runs_are_failed_rows_with_a_reason(tmp_path, monkeypatch):
+    run_to_end = Simulation.run_to_end
+
     def stall_three_workers(self):
         if self.cfg.cluster.rollout_workers == 3:
             raise RuntimeError("the pipeline stalled at t=1.000 s after 2 learner steps")
-        return Simulation.run(self)
+        return run_to_end(self)
 
-    monkeypatch.setattr(runner.BoundWatchSimulation, "run", stall_three_workers)
+    monkeypatch.setattr(Simulation, "run_to_end", stall_three_workers)
     points = [{"cluster.rollout_workers": 2}, {"cluster.rollout_workers": 3}, {"cluster.max_concurrency": 1}]
     with Backend(jobs=1) as backend:
         result = run_sweep(Sweep(small(), points, reps=1), tmp_path, backend)

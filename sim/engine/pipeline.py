@@ -1,7 +1,9 @@
 """The SimPy model of an async GRPO pipeline: rollout workers, the buffer, the learner and weight sync.
 
 `simulate(cfg)` runs one replication and returns its trace. The `Simulation` object is the shared world
-the actors consult: versions published, the admission rules of each mode, the group ledger.
+the actors consult: versions published, the admission rules of each mode, the group ledger. It runs the
+SimPy processes below (worker.py, `learn`) with engine="simpy"; by default, where numba is installed, it
+runs the same model compiled (fast.py: the same events in the same order, the same trace, about 10x faster).
 """
 
 from __future__ import annotations
@@ -12,16 +14,40 @@ import pandas as pd
 import simpy
 
 from sim.config import RunConfig
+from sim.engine import fast
+from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
-from sim.engine.control import Control
+from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control, oldest_unconsumed
 from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, cost_model_for
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
 
 
+ENGINES = ("fast", "simpy")
+# The ledger: (name, dtype, one entry per sample rather than per group, value it holds until the run sets it;
+# None for the workload, which comes from the stream)
+LEDGER = [("g_worker", np.int32, False, -1), ("g_t_admit", np.float64, False, np.nan),
+          ("g_t_start", np.float64, False, np.nan), ("g_t_consumed", np.float64, False, np.nan),
+          ("g_v_start", np.int32, False, -1), ("g_v_consumed", np.int32, False, -1), ("g_step", np.int32, False, -1),
+          ("g_dropped", np.bool_, False, False), ("t_end", np.float64, True, np.nan), ("v_end", np.int32, True, -1),
+          ("v_mean", np.float64, True, np.nan),
+          # the workload, from the stream
+          ("g_prompt", np.int32, False, None), ("g_tokens", np.int64, False, None),
+          ("g_prefill", np.float64, False, None), ("response_len", np.int32, True, None)]
+
+
 class Simulation:
-    def __init__(self, cfg: RunConfig, cost: CostModel | None = None):
+    def __init__(self, cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None,
+                 stream: GroupStream | None = None):
+        """engine: "fast" or "simpy" (default: fast where numba is installed). stream: the seeded workload of
+        cfg (a study passes one it already drew: group n's lengths depend only on seed and workload)."""
+        if engine not in (None, *ENGINES):
+            raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        static = cfg.cluster.batching == "static"
+        if engine == "fast" and static:
+            raise ValueError("the fast engine batches continuously; static batching runs on engine='simpy'")
+        self.engine = engine or ("fast" if K.COMPILED and not static else "simpy")
         self.cfg = cfg
         wl, pl = cfg.workload, cfg.pipeline
         self.env = simpy.Environment()
@@ -31,7 +57,7 @@ class Simulation:
         self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.control = Control.from_config(cfg)
         self.lag, self.interruptible, self.capacity = self.control.lag, pl.interruptible, pl.queue_capacity
-        self.stream = GroupStream(cfg, np.random.SeedSequence(cfg.seed))
+        self.stream = stream if stream is not None else GroupStream(cfg, np.random.SeedSequence(cfg.seed))
 
         self.latest_version = 0      # newest weights published by the learner
         self.learner_version = 0
@@ -39,46 +65,64 @@ class Simulation:
         self.live = 0                # admitted, not dropped: "accepted + running" of the gate
         self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
         self._oldest = 0               # lowest version with unconsumed groups (or the latest version)
-        self._grow(4096)
+        self.gate_refusals = 0         # admissions the staleness gate refused (a study's "did the bound act")
+        self.now = 0.0                 # simulated time; at the end of a run, when its last step ended
+        cl = cfg.cluster
+        # Room for the groups a run usually admits (consumed, in flight, a few batches waiting), in whole stream
+        # blocks plus one (prepare_ledger goes a block at a time); more grows it.
+        usual = ((cfg.run.steps + pl.max_staleness + 2) * self.B
+                 + cl.rollout_workers * (cl.max_concurrency // self.group_size))
+        self._grow((usual // self.stream.BLOCK + 2) * self.stream.BLOCK)
+        self.ready = 0                 # groups whose ledger entries are prepared (prepare_ledger)
+        self._prefill = np.zeros(0)    # prefill seconds by prompt length (NaN: not asked yet)
         self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
         self.data_event: simpy.Event | None = None
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
+        self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens)
         self.workers = [Worker(self, w) for w in range(cfg.cluster.rollout_workers)]
         self.learner = self.env.process(self.learn())
 
     # ------------------------------------------------------------------ ledger
     def _grow(self, n_groups: int) -> None:
-        g = self.group_size
+        """Room for n_groups in the ledger, unfilled: prepare_ledger fills entries as a run reaches them, so
+        pages a run never reaches cost nothing."""
         old = getattr(self, "g_worker", None)
-        fields = {"g_worker": (np.int32, -1), "g_prompt": (np.int32, 0), "g_t_admit": (np.float64, np.nan),
-                  "g_t_start": (np.float64, np.nan), "g_t_consumed": (np.float64, np.nan),
-                  "g_v_start": (np.int32, -1), "g_v_consumed": (np.int32, -1), "g_step": (np.int32, -1),
-                  "g_dropped": (np.bool_, False), "g_tokens": (np.int64, 0)}
-        sample_fields = {"response_len": (np.int32, 0), "t_end": (np.float64, np.nan),
-                         "v_end": (np.int32, -1), "v_mean": (np.float64, np.nan)}
-        for name, (dtype, fill) in fields.items():
-            arr = np.full(n_groups, fill, dtype)
+        for name, dtype, per_sample, _ in LEDGER:
+            k = self.group_size if per_sample else 1
+            arr = np.empty(n_groups * k, dtype)
             if old is not None:
-                arr[: len(old)] = getattr(self, name)
-            setattr(self, name, arr)
-        for name, (dtype, fill) in sample_fields.items():
-            arr = np.full(n_groups * g, fill, dtype)
-            if old is not None:
-                arr[: len(old) * g] = getattr(self, name)
+                arr[: len(old) * k] = getattr(self, name)
             setattr(self, name, arr)
 
-    def next_group(self) -> tuple[int, int, np.ndarray]:
+    def prepare_ledger(self) -> None:
+        """Prepare the ledger entries of the next stream block of groups: their workload (prompt and response
+        lengths, tokens, prefill seconds) and the values they hold until admitted, generated and consumed."""
+        g, lo = self.group_size, self.ready
+        prompts, responses, tokens = self.stream.block(lo // self.stream.BLOCK)  # `ready` moves block by block
+        hi = lo + len(prompts)
+        if hi > len(self.g_worker):
+            self._grow(max(hi, len(self.g_worker) * 5 // 4))
+        self.g_prompt[lo:hi], self.g_tokens[lo:hi] = prompts, tokens
+        self.response_len[lo * g:hi * g] = responses.ravel()
+        if prompts.max() >= len(self._prefill):
+            self._prefill = np.concatenate([self._prefill, np.full(prompts.max() + 1 - len(self._prefill), np.nan)])
+        for p in np.unique(prompts[np.isnan(self._prefill[prompts])]).tolist():  # the cost model is Python
+            self._prefill[p] = self.cost.prefill_s(p)
+        self.g_prefill[lo:hi] = self._prefill[prompts]
+        for name, _, per_sample, until_set in LEDGER:
+            if until_set is not None:
+                k = g if per_sample else 1
+                getattr(self, name)[lo * k:hi * k] = until_set
+        self.ready = hi
+
+    def next_group(self) -> int:
+        """A new group's id; its ledger entries are prepared."""
         gid = self.n_groups
-        if gid >= len(self.g_worker):
-            self._grow(2 * len(self.g_worker))
+        if gid >= self.ready:
+            self.prepare_ledger()
         self.n_groups += 1
-        prompt_len, lens, tokens = self.stream.group(gid)
-        g = self.group_size
-        self.response_len[gid * g:(gid + 1) * g] = lens
-        self.g_prompt[gid] = prompt_len
-        self.g_tokens[gid] = tokens
-        return gid, prompt_len, lens
+        return gid
 
     def group_admitted(self, gid: int, worker: Worker, t_start: float) -> None:
         v = worker.version
@@ -110,18 +154,20 @@ class Simulation:
 
     # ------------------------------------------------------------------ admission rules
     def oldest_unconsumed(self) -> int:
-        counts, v = self.unconsumed, self._oldest
-        while v < self.latest_version and counts[v] == 0:
-            v += 1
-        self._oldest = v
-        return v
+        self._oldest = oldest_unconsumed(self.unconsumed, self._oldest, self.latest_version)
+        return self._oldest
 
     def admission_block(self, worker: Worker) -> str | None:
         """None if `worker` may start the next group now, else why not (control.BLOCKED or control.DRAIN)."""
         control = self.control
-        return control.admission_block(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups,
-                                       live=self.live, buffered=len(self.buffer),
-                                       oldest=self.oldest_unconsumed() if control.gating else 0)
+        code = control.admission_code(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups,
+                                      live=self.live, buffered=len(self.buffer),
+                                      oldest=self.oldest_unconsumed() if control.gating else 0)
+        if code == ADMIT:
+            return None
+        if code == GATED:
+            self.gate_refusals += 1
+        return DRAIN if code == MUST_DRAIN else BLOCKED
 
     def load_target(self, worker: Worker) -> int | None:
         """The version an idle worker should load now, or None."""
@@ -167,21 +213,33 @@ class Simulation:
 
     # ------------------------------------------------------------------ running and the trace
     def run(self) -> Trace:
+        self.run_to_end()
+        return self.trace()
+
+    def run_to_end(self) -> None:
+        """Simulate every learner step (once per Simulation); the trace is then `trace()`, or the arrays."""
+        if self.engine == "fast":
+            fast.run(self)
+            return
         try:
             self.env.run(until=self.learner)
         except RuntimeError as exc:
+            self.now = self.env.now
             if self.learner.is_alive and not self.env._queue:  # nothing left to happen: a stuck pipeline
-                raise RuntimeError(f"the pipeline stalled at t={self.env.now:.3f} s after {len(self.steps)} learner "
-                                   f"steps: the learner waits for data no worker may generate") from exc
+                raise self.stalled() from exc
             raise
-        return self.trace()
+        self.now = self.env.now
+
+    def stalled(self) -> RuntimeError:
+        return RuntimeError(f"the pipeline stalled at t={self.now:.3f} s after {len(self.steps)} learner steps: "
+                            f"the learner waits for data no worker may generate")
 
     def trace(self) -> Trace:
         n, g = self.n_groups, self.group_size
         ns = n * g
         rep = lambda a: np.repeat(a[:n], g)  # noqa: E731 - group column -> sample column
         # A worker may have committed its batch up to its next event, past the end of the run.
-        late = self.t_end[:ns] > self.env.now
+        late = self.t_end[:ns] > self.now
         self.t_end[:ns][late], self.v_end[:ns][late], self.v_mean[:ns][late] = np.nan, -1, np.nan
         columns = {
             "sample_id": np.arange(ns, dtype=np.int64), "group_id": np.repeat(np.arange(n, dtype=np.int64), g),
@@ -204,6 +262,6 @@ class Simulation:
         return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header)
 
 
-def simulate(cfg: RunConfig, cost: CostModel | None = None) -> Trace:
+def simulate(cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None) -> Trace:
     """Run one replication of `cfg` and return its trace."""
-    return Simulation(cfg, cost).run()
+    return Simulation(cfg, cost, engine).run()

@@ -27,11 +27,15 @@ class Worker:
         self.sim = sim
         self.env = sim.env
         self.worker_id = worker_id
-        self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done = K.new_state(
-            sim.cfg.cluster.max_concurrency)
+        self.state = sim.worker_state  # every worker's kernel state; this one's is index worker_id
+        self.si, self.sf, self.done = (sim.worker_state[i][worker_id] for i in (0, 1, 6))  # this one's rows
         self.listening = False
         self.fresh: list[int] = []  # groups admitted at the current step boundary, no token generated yet
         self.fresh_step = -1
+        # Static batching (`cluster.batching`): a batch is admitted only when the last one has ended, and its
+        # groups reach the buffer together at its end, as the real trainer's generate() calls do.
+        self.static = sim.cfg.cluster.batching == "static"
+        self.held: list[int] = []  # static: completed groups of the running batch
         self.proc = self.env.process(self.run())
 
     # ------------------------------------------------------------------ helpers
@@ -58,32 +62,48 @@ class Worker:
 
     def _advance(self, until: float, want_free: int, dry: bool) -> int:
         sim = self.sim
-        return K.advance(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, self.done,
-                         sim.decode_x, sim.decode_y, sim.t_end, sim.v_end, sim.v_mean, until, want_free, dry)
+        return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.t_end, sim.v_end, sim.v_mean,
+                         until, want_free, dry)
 
     def _commit(self, until: float, want_free: int) -> None:
         """Advance for real up to `until`, handing every completed group to the buffer."""
         while True:
             flags = self._advance(until, want_free, False)
             if flags & K.GROUPS_DONE:
-                t = float(self.sf[K.EVT_T])
-                for gid in self.done[: self.si[K.N_DONE]]:
-                    self.sim.group_done(int(gid), t)
+                self._completed(float(self.sf[K.EVT_T]))
             if flags == 0 or flags & K.SLOTS_FREE:
                 return
 
+    def _completed(self, t: float) -> None:
+        """Hand the groups the kernel just completed to the buffer (static: once their whole batch has ended)."""
+        gids = [int(gid) for gid in self.done[: self.si[K.N_DONE]]]
+        if self.static:
+            self.held += gids
+            if self.n_active > 0:
+                return
+            gids, self.held = self.held, []
+        for gid in gids:
+            self.sim.group_done(gid, t)
+
     def _admit(self) -> str:
         sim, g = self.sim, self.sim.group_size
+        if self.static and self.n_active > 0:
+            return SLOTS  # the running batch goes on to its end
+        batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
         while self.si[K.N_FREE] >= g:
             blocked = sim.admission_block(self)
             if blocked:
                 return blocked
-            gid, prompt_len, lens = sim.next_group()
+            gid = sim.next_group()
             if self.fresh_step != self.si[K.K_STEP]:
                 self.fresh, self.fresh_step = [], int(self.si[K.K_STEP])
             self.fresh.append(gid)
-            t_start = K.admit(self.si, self.sf, self.heap, self.slot, self.slot_vstart, self.gs, gid, gid * g,
-                              lens, prompt_len, self.env.now, sim.cost.prefill_s(prompt_len))
+            prefill = float(sim.g_prefill[gid])
+            if self.static:  # one prefill call for the batch: each group adds its share of the call's time
+                before, batch_tokens = batch_tokens, batch_tokens + g * int(sim.g_prompt[gid])
+                prefill = sim.cost.prefill_s(batch_tokens) - (sim.cost.prefill_s(before) if before else 0.0)
+            t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, int(sim.g_prompt[gid]),
+                              self.env.now, prefill)
             sim.group_admitted(gid, self, t_start)
         return SLOTS
 
@@ -93,7 +113,7 @@ class Worker:
         if latest <= self.version:
             return
         if self.n_active == 0 or self.sf[K.T] >= self.env.now:
-            K.load_now(self.si, self.sf, latest, self.sim.sync_s, self.env.now)
+            K.load_now(*self.state[:2], self.worker_id, latest, self.sim.sync_s, self.env.now)
             self.si[K.PAUSE_STEP] = -1
             if self.fresh_step == self.si[K.K_STEP]:
                 for gid in self.fresh:
@@ -111,19 +131,18 @@ class Worker:
             # Drained and due for new weights: load them (the worker is busy meanwhile).
             target = sim.load_target(self) if self.n_active == 0 else None
             if target is not None:
-                K.load_now(self.si, self.sf, target, sim.sync_s, env.now)
+                K.load_now(*self.state[:2], self.worker_id, target, sim.sync_s, env.now)
                 yield self._until(float(self.sf[K.T]))
                 continue
             reason = self._admit()
-            want_free = sim.group_size if reason == SLOTS else 0
+            want_free = 0 if reason != SLOTS else sim.cfg.cluster.max_concurrency if self.static else sim.group_size
             listen = reason == BLOCKED or interruptible
             # Listening, the world may change before the next event: peek, then commit on waking.
             flags = self._advance(math.inf, want_free, listen)
             t_event = float(self.sf[K.EVT_T])
             if not listen and flags & K.GROUPS_DONE:
                 yield self._until(t_event)
-                for gid in self.done[: self.si[K.N_DONE]]:
-                    sim.group_done(int(gid), t_event)
+                self._completed(t_event)
                 continue
             if not listen:
                 if flags:  # slots freed: admit at that time

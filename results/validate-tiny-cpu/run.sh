@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The accuracy table of the README: the whole validate loop on the tiny CPU example, async mode, with 1 and 2
+# rollout workers and staleness bounds 1 and 4 (each: profile, 10-step pilot, predict, train async + sync, compare).
+#   bash results/validate-tiny-cpu/run.sh   (from the repo root; ~10 minutes on 2 cores)
+set -u
+cd "$(dirname "$0")/../.."
+for w in 1 2; do
+  for s in 1 4; do
+    stalecast validate examples/tiny_cpu.yaml --set cluster.rollout_workers=$w --set pipeline.max_staleness=$s \
+      --out "results/validate-tiny-cpu/w$w-s$s" > "results/validate-tiny-cpu/w$w-s$s.log" 2>&1
+    echo "workers $w bound $s: exit $?"
+  done
+done
+python3 results/validate-tiny-cpu/table.py > results/validate-tiny-cpu/table.md
+cat results/validate-tiny-cpu/table.md

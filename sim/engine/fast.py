@@ -1,0 +1,543 @@
+"""The compiled engine: the SimPy model's actors and event queue in one numba loop, event for event.
+
+SimPy processes events in order of (time, priority, id): a process start or an interrupt is urgent, every
+other event normal, and ids count up as events are scheduled. This loop keeps such a queue with the same
+keys, and between two events each actor does what Worker.run (worker.py) and Simulation.learn (pipeline.py)
+do between two yields, with the same kernel calls (kernel.py) and the same rules (control.py's functions,
+compiled here), writing the Simulation's own ledger. A run therefore gives the SimPy engine's trace exactly
+(tests compare the two on random configurations) without a Python call per group or per event.
+
+The loop returns to Python for what only Python has: the learner step time (the cost model is Python), ledger
+room (prepared a stream block at a time) and the end of the run. Only the loop is cached, and numba keys a
+cached function by its own file alone, so the loop closes over a digest of the other sources it compiles in
+(kernel.py, control.py): editing them recompiles it (cached helpers would keep stale copies of the kernel).
+Like the kernel, everything here is compiled without reference counting (`_nrt=False`; nothing allocates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sim.engine import control as C
+from sim.engine import kernel as K
+
+if TYPE_CHECKING:
+    from sim.engine.pipeline import Simulation
+
+njit = K.njit(_nrt=False)
+admission_rule, load_rule, drop_rule, oldest_unconsumed = (
+    njit(f) for f in (C.admission_rule, C.load_rule, C.drop_rule, C.oldest_unconsumed))
+
+# The ledger arrays the loop writes, in this order (Simulation attributes).
+LEDGER = ("g_worker", "g_prompt", "g_t_admit", "g_t_start", "g_t_consumed", "g_v_start", "g_v_consumed", "g_step",
+          "g_dropped", "g_tokens", "response_len", "t_end", "v_end", "v_mean", "g_prefill")
+(WORKER, PROMPT, T_ADMIT, T_START, T_CONSUMED, V_START, V_CONSUMED, STEP, DROPPED, TOKENS, RESPONSE_LEN, T_END,
+ V_END, V_MEAN, PREFILL) = range(len(LEDGER))
+# Events: what = kind << 32 | actor (worker id; the learner is actor W at its start)
+URGENT, NORMAL = 0, 1
+EV_START, EV_WAKE, EV_INTERRUPT, EV_LEARNER, EV_END = range(5)
+# Why a worker stopped admitting (Worker._admit's answer)
+R_SLOTS, R_BLOCKED, R_DRAIN = range(3)
+# The yield a worker waits at
+P_START, P_LOAD, P_DONE, P_FREE, P_LISTEN = range(5)
+# Per-worker integers (wi): the yield it waits at, the id of the timeout it waits for (-1: none), listening,
+# want_free of its pending commit, the step its fresh groups (no token yet) were admitted at, how many.
+W_PC, W_TARGET, W_LISTENING, W_WANT, W_FRESH_STEP, W_N_FRESH = range(6)
+WI_LEN = 6
+# The yield the learner waits at
+L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
+# World integers (st) and floats (ft)
+(S_EID, S_NEV, S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_OLDEST, S_BUFLEN, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST,
+ S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS, S_GATED, S_ROOM) = range(19)
+ST_LEN = 19
+# F_QUIET: while the learner trains, the end of training: it pokes every listening worker then, and not before.
+F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET = range(4)
+# Parameters (pi)
+(P_B, P_G, P_S, P_LAG, P_GATING, P_DROPPING, P_INTERRUPTIBLE, P_CAPACITY, P_ORDER, P_STEPS, P_W, P_C) = range(12)
+ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
+# The learner's data event: none, waited for, triggered (scheduled)
+D_NONE, D_WAIT, D_TRIGGERED = range(3)
+# What the loop returns
+DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED = range(4)
+_VBITS = 32  # freshest-first keys: (steps + 1 - version_start) << 32 | gid, smallest first
+_EID_BITS = 52  # event keys: priority << 52 | id
+
+
+# --------------------------------------------------------------------------- the event queue (a binary heap)
+@njit
+def _before(ev_t, ev_key, a, b):
+    return ev_t[a] < ev_t[b] or (ev_t[a] == ev_t[b] and ev_key[a] < ev_key[b])
+
+
+@njit
+def _schedule(st, ev, t, priority, what):
+    """Schedule an event at time t; returns its id (SimPy's eid)."""
+    ev_t, ev_key, ev_what = ev[0], ev[1], ev[2]
+    eid = st[S_EID]
+    st[S_EID] += 1
+    pos = st[S_NEV]
+    st[S_NEV] += 1
+    key = (priority << _EID_BITS) | eid
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if ev_t[parent] < t or (ev_t[parent] == t and ev_key[parent] < key):
+            break
+        ev_t[pos], ev_key[pos], ev_what[pos] = ev_t[parent], ev_key[parent], ev_what[parent]
+        pos = parent
+    ev_t[pos], ev_key[pos], ev_what[pos] = t, key, what
+    return eid
+
+
+@njit
+def _pop(st, ev):
+    """Take the first event off the queue: (time, id, what)."""
+    ev_t, ev_key, ev_what = ev[0], ev[1], ev[2]
+    t, eid, what = ev_t[0], ev_key[0] & ((1 << _EID_BITS) - 1), ev_what[0]
+    size = st[S_NEV] - 1
+    st[S_NEV] = size
+    pos = 0  # sift the last entry down from the root
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and _before(ev_t, ev_key, child + 1, child):
+            child += 1
+        if not _before(ev_t, ev_key, child, size):
+            break
+        ev_t[pos], ev_key[pos], ev_what[pos] = ev_t[child], ev_key[child], ev_what[child]
+        pos = child
+    ev_t[pos], ev_key[pos], ev_what[pos] = ev_t[size], ev_key[size], ev_what[size]
+    return t, eid, what
+
+
+# --------------------------------------------------------------------------- the buffer (buffer.Buffer's orders)
+@njit
+def _sift_down(heap, size, pos):
+    item = heap[pos]
+    while True:
+        child = 2 * pos + 1
+        if child >= size:
+            break
+        if child + 1 < size and heap[child + 1] < heap[child]:
+            child += 1
+        if heap[child] >= item:
+            break
+        heap[pos] = heap[child]
+        pos = child
+    heap[pos] = item
+
+
+@njit
+def _push(heap, size, item):
+    pos = size
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if heap[parent] <= item:
+            break
+        heap[pos] = heap[parent]
+        pos = parent
+    heap[pos] = item
+
+
+@njit
+def _buf_put(pi, st, q, gid, version_start):
+    fifo, freshest, batch_head, batch_next = q
+    st[S_BUFLEN] += 1
+    if pi[P_ORDER] == ORDER_FRESHEST:  # Buffer's heap of (-version_start, gid)
+        _push(freshest, st[S_NFRESHEST], ((pi[P_STEPS] + 1 - version_start) << _VBITS) | gid)
+        st[S_NFRESHEST] += 1
+    elif pi[P_ORDER] == ORDER_BATCH:  # a stack per batch: the last in is the first out, as Buffer's list.pop()
+        b = gid // pi[P_B]
+        batch_next[gid] = batch_head[b]
+        batch_head[b] = gid
+    else:
+        fifo[st[S_FIFO_TAIL]] = gid  # each group enters once: no wrap-around
+        st[S_FIFO_TAIL] += 1
+
+
+@njit
+def _buf_pop(pi, st, q, step):
+    """The next group for learner step `step`, or -1 (Buffer.pop)."""
+    fifo, freshest, batch_head, batch_next = q
+    gid = -1
+    if pi[P_ORDER] == ORDER_FRESHEST:
+        n = st[S_NFRESHEST]
+        if n > 0:
+            gid = freshest[0] & ((1 << _VBITS) - 1)
+            freshest[0] = freshest[n - 1]
+            st[S_NFRESHEST] = n - 1
+            _sift_down(freshest, n - 1, 0)
+    elif pi[P_ORDER] == ORDER_BATCH:
+        if step < batch_head.shape[0] and batch_head[step] >= 0:
+            gid = batch_head[step]
+            batch_head[step] = batch_next[gid]
+    elif st[S_FIFO_HEAD] < st[S_FIFO_TAIL]:
+        gid = fifo[st[S_FIFO_HEAD]]
+        st[S_FIFO_HEAD] += 1
+    if gid >= 0:
+        st[S_BUFLEN] -= 1
+    return gid
+
+
+# --------------------------------------------------------------------------- the workers (worker.py)
+@njit
+def _until(st, ev, w, t):
+    """Worker._until: worker w waits until time t, never earlier despite rounding; returns the timeout's id."""
+    now = ev[3][F_NOW]
+    delay = max(0.0, t - now)
+    if now + delay < t:
+        delay = np.nextafter(delay, np.inf)
+    return _schedule(st, ev, now + delay, NORMAL, (EV_WAKE << 32) | w)
+
+
+@njit
+def _group_done(pi, st, ev, q, ledger, gid):
+    """Simulation.group_done: into the buffer; the learner's data event succeeds (once)."""
+    _buf_put(pi, st, q, gid, ledger[V_START][gid])
+    if st[S_DATA] == D_WAIT:
+        st[S_DATA] = D_TRIGGERED
+        _schedule(st, ev, ev[3][F_NOW], NORMAL, EV_LEARNER << 32)
+
+
+@njit
+def _commit(pi, st, ev, q, ledger, ws, xs, ys, w, until, want_free):
+    """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
+    while True:
+        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], until, want_free, False)
+        if flags & K.GROUPS_DONE:
+            for i in range(ws[0][w, K.N_DONE]):
+                _group_done(pi, st, ev, q, ledger, ws[6][w, i])
+        if flags == 0 or flags & K.SLOTS_FREE:
+            return
+
+
+@njit
+def _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w):
+    """Worker._admit: admit whole groups while slots and the rules allow; returns why it stopped."""
+    si = ws[0]
+    g = pi[P_G]
+    now = ev[3][F_NOW]
+    while si[w, K.N_FREE] >= g:
+        oldest = 0
+        if pi[P_GATING]:  # Simulation.oldest_unconsumed
+            oldest = oldest_unconsumed(unconsumed, st[S_OLDEST], st[S_LATEST])
+            st[S_OLDEST] = oldest
+        code = admission_rule(pi[P_B], pi[P_S], pi[P_LAG], pi[P_GATING] != 0, pi[P_INTERRUPTIBLE] != 0,
+                              pi[P_CAPACITY], si[w, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_BUFLEN],
+                              oldest)
+        if code == C.GATED:
+            st[S_GATED] += 1
+        if code == C.MUST_DRAIN:
+            return R_DRAIN
+        if code != C.ADMIT:
+            return R_BLOCKED
+        gid = st[S_NGROUPS]
+        st[S_NGROUPS] += 1
+        if wi[w, W_FRESH_STEP] != si[w, K.K_STEP]:
+            wi[w, W_FRESH_STEP], wi[w, W_N_FRESH] = si[w, K.K_STEP], 0
+        fresh[w, wi[w, W_N_FRESH]] = gid
+        wi[w, W_N_FRESH] += 1
+        t_start = K.admit(ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], w, gid, g, ledger[RESPONSE_LEN],
+                          ledger[PROMPT][gid], now, ledger[PREFILL][gid])
+        v = si[w, K.VER]  # Simulation.group_admitted
+        ledger[WORKER][gid], ledger[T_ADMIT][gid], ledger[T_START][gid], ledger[V_START][gid] = w, now, t_start, v
+        unconsumed[v] += 1
+        st[S_OLDEST] = min(st[S_OLDEST], v)
+        st[S_LIVE] += 1
+    return R_SLOTS
+
+
+@njit
+def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
+    """Worker._on_new_weights (interruptible): load now at a step boundary, or pause at the next one."""
+    si, sf = ws[0], ws[1]
+    latest = st[S_LATEST]
+    if latest <= si[w, K.VER]:
+        return
+    now = ev[3][F_NOW]
+    if si[w, K.N_ACTIVE] == 0 or sf[w, K.T] >= now:
+        K.load_now(si, sf, w, latest, sync_s, now)
+        si[w, K.PAUSE_STEP] = -1
+        if wi[w, W_FRESH_STEP] == si[w, K.K_STEP]:
+            for i in range(wi[w, W_N_FRESH]):  # Simulation.restamp
+                gid = fresh[w, i]
+                unconsumed[ledger[V_START][gid]] -= 1
+                unconsumed[latest] += 1
+                ledger[V_START][gid] = latest
+    else:
+        si[w, K.PAUSE_STEP] = si[w, K.K_STEP] + 1
+        si[w, K.PAUSE_VER] = latest
+        sf[w, K.PAUSE_S] = sync_s
+
+
+@njit
+def _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
+    """Worker.run of worker w, from the yield it waits at to its next yield."""
+    si, sf = ws[0], ws[1]
+    now = ev[3][F_NOW]
+    pc = wi[w, W_PC]
+    if pc == P_DONE:
+        for i in range(si[w, K.N_DONE]):
+            _group_done(pi, st, ev, q, ledger, ws[6][w, i])
+    elif pc == P_LISTEN:
+        if interrupted:
+            _commit(pi, st, ev, q, ledger, ws, xs, ys, w, now, 0)
+            if pi[P_INTERRUPTIBLE]:
+                _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w)
+        else:
+            wi[w, W_LISTENING] = 0
+            _commit(pi, st, ev, q, ledger, ws, xs, ys, w, wt[w], wi[w, W_WANT])
+    while True:
+        if si[w, K.N_ACTIVE] == 0:
+            target = load_rule(pi[P_B], pi[P_LAG], si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
+            if target >= 0:
+                K.load_now(si, sf, w, target, sync_s, now)
+                wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
+                return
+        reason = _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w)
+        want_free = pi[P_G] if reason == R_SLOTS else 0
+        listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
+        if listen and not pi[P_INTERRUPTIBLE] and ev[3][F_QUIET] > now:
+            # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
+            # one while it trains, and pokes every listener when it is done. Decoding for real up to then
+            # changes nothing anyone sees before the event or the poke, whose commit would decode the same
+            # steps: if the event comes first, the worker waits for it as a non-listening one would (no poke can
+            # come first); else it peeks at the event from there.
+            flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN],
+                              np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
+            if flags:
+                wi[w, W_PC] = P_DONE if flags & K.GROUPS_DONE else P_FREE
+                wi[w, W_TARGET] = _until(st, ev, w, sf[w, K.EVT_T])
+                return
+        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], np.inf, want_free, listen)
+        t_event = sf[w, K.EVT_T]
+        if not listen:
+            if flags & K.GROUPS_DONE:
+                wi[w, W_PC], wi[w, W_TARGET] = P_DONE, _until(st, ev, w, t_event)
+                return
+            if flags:
+                wi[w, W_PC], wi[w, W_TARGET] = P_FREE, _until(st, ev, w, t_event)
+                return
+            # Drained: load at the top. (Worker.run's "nothing to wait for" cannot happen: a batch this empty
+            # has every slot free, and max_concurrency >= group_size.)
+            continue
+        wi[w, W_PC], wi[w, W_LISTENING], wi[w, W_WANT], wt[w] = P_LISTEN, 1, want_free, t_event
+        wi[w, W_TARGET] = _until(st, ev, w, t_event) if math.isfinite(t_event) else -1
+        return
+
+
+# --------------------------------------------------------------------------- the learner (pipeline.py)
+@njit
+def _poke(st, ev, wi):
+    """Simulation._poke_workers: interrupt every listening worker, in worker order."""
+    for w in range(wi.shape[0]):
+        if wi[w, W_LISTENING]:
+            wi[w, W_LISTENING] = 0
+            _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_INTERRUPT << 32) | w)
+
+
+@njit
+def _retire(st, ev, ledger, unconsumed, gid, step, dropped):
+    """Simulation._retire."""
+    ledger[T_CONSUMED][gid], ledger[V_CONSUMED][gid], ledger[STEP][gid] = ev[3][F_NOW], st[S_LVER], step
+    unconsumed[ledger[V_START][gid]] -= 1
+    if dropped:
+        ledger[DROPPED][gid] = True
+        st[S_LIVE] -= 1
+
+
+@njit
+def _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s):
+    """Simulation.learn, from the yield it waits at to its next; NEED_TRAIN_TIME when it needs the cost model."""
+    now = ev[3][F_NOW]
+    ev[3][F_QUIET] = now
+    pc = st[S_LPC]
+    if pc == L_TRAIN:
+        step = st[S_STEP]
+        steps_i[step, 0], steps_i[step, 1], steps_i[step, 2], steps_i[step, 3] = (
+            st[S_LVER], pi[P_B] * pi[P_G], st[S_TOKENS], st[S_QLEN])
+        steps_f[step, 0], steps_f[step, 1] = ev[3][F_STEP_START], now
+        st[S_LVER] += 1
+        st[S_LATEST] = st[S_LVER]
+        _poke(st, ev, wi)
+        st[S_LPC] = L_SYNC
+        _schedule(st, ev, now + sync_s, NORMAL, EV_LEARNER << 32)
+        return 0
+    if pc == L_SYNC:
+        st[S_STEP] += 1
+        pc = L_START
+    if pc == L_START:
+        if st[S_STEP] >= pi[P_STEPS]:  # the learner returns: SimPy schedules its process event
+            st[S_LPC] = L_DONE
+            _schedule(st, ev, now, NORMAL, EV_END << 32)
+            return 0
+        st[S_NBATCH], st[S_QLEN] = 0, st[S_BUFLEN]
+    elif pc == L_DATA:
+        st[S_DATA] = D_NONE
+    step = st[S_STEP]
+    while st[S_NBATCH] < pi[P_B]:
+        gid = _buf_pop(pi, st, q, step)
+        if gid < 0:
+            st[S_DATA], st[S_LPC] = D_WAIT, L_DATA
+            return 0
+        if drop_rule(pi[P_DROPPING] != 0, pi[P_S], st[S_LVER], ledger[V_START][gid]):
+            _retire(st, ev, ledger, unconsumed, gid, step, True)
+            _poke(st, ev, wi)
+            continue
+        batch[st[S_NBATCH]] = gid
+        st[S_NBATCH] += 1
+    ev[3][F_STEP_START] = now
+    tokens = 0
+    for i in range(pi[P_B]):
+        _retire(st, ev, ledger, unconsumed, batch[i], step, False)
+        tokens += ledger[TOKENS][batch[i]]
+    _poke(st, ev, wi)
+    st[S_TOKENS] = tokens
+    st[S_LPC] = L_TRAIN_TIME
+    return NEED_TRAIN_TIME
+
+
+# --------------------------------------------------------------------------- the loop
+def _build_loop(digest: str):
+    def loop(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
+        """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
+        digest  # noqa: B018 - part of the cache key (module docstring)
+        if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
+            for w in range(pi[P_W] + 1):
+                _schedule(st, ev, 0.0, URGENT, (EV_START << 32) | w)
+        if st[S_LPC] == L_TRAIN_TIME:  # back with the step time: the learner yields its timeout
+            st[S_LPC] = L_TRAIN
+            ev[3][F_QUIET] = ev[3][F_NOW] + ev[3][F_TRAIN_S]
+            _schedule(st, ev, ev[3][F_QUIET], NORMAL, EV_LEARNER << 32)
+        while True:
+            # One event schedules at most W interrupts and two more events, and admits at most c // g groups.
+            if st[S_NGROUPS] > st[S_ROOM] or st[S_NEV] + pi[P_W] + 2 > ev[0].shape[0]:
+                return NEED_ROOM
+            if st[S_NEV] == 0:
+                return STALLED
+            t, eid, what = _pop(st, ev)
+            ev[3][F_NOW] = t
+            kind, w = what >> 32, what & 0xFFFFFFFF
+            if kind == EV_WAKE:
+                if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
+                    _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+            elif kind == EV_INTERRUPT:
+                wi[w, W_TARGET] = -1
+                _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, True)
+            elif kind == EV_START and w < pi[P_W]:
+                _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+            elif kind == EV_END:
+                return DONE
+            elif _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
+                return NEED_TRAIN_TIME
+    return K.njit(cache=True, _nrt=False)(loop)
+
+
+_loop = _build_loop(hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (K, C))).hexdigest())
+
+
+# --------------------------------------------------------------------------- driving it from Python
+def _extend(a: np.ndarray, n: int, fill=None) -> np.ndarray:
+    """a with n entries; the new ones `fill`, or uninitialised."""
+    if n <= len(a):
+        return a
+    out = np.empty(n, a.dtype) if fill is None else np.full(n, fill, a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+class _Run:
+    """The loop's own arrays for one run (the ledger and the workers' kernel state are the Simulation's)."""
+
+    def __init__(self, sim: "Simulation"):
+        cfg, ctl = sim.cfg, sim.control
+        W, c = cfg.cluster.rollout_workers, cfg.cluster.max_concurrency
+        order = {"fifo": ORDER_FIFO, "freshest": ORDER_FRESHEST, "batch": ORDER_BATCH}[sim.buffer.order]
+        self.sim = sim
+        self.pi = np.array([sim.B, sim.group_size, ctl.max_staleness, -1 if ctl.lag is None else ctl.lag,
+                            ctl.gating, ctl.dropping, ctl.interruptible, -1 if ctl.capacity is None else ctl.capacity,
+                            order, cfg.run.steps, W, c], np.int64)
+        self.st = np.zeros(ST_LEN, np.int64)
+        self.st[S_LPC] = L_START
+        self.wi = np.zeros((W, WI_LEN), np.int64)
+        self.wi[:, W_FRESH_STEP] = -1
+        self.wt = np.zeros(W)  # the event time a listening worker's pending commit runs to
+        self.fresh = np.zeros((W, c // sim.group_size), np.int64)
+        self.unconsumed = np.zeros(cfg.run.steps + 2, np.int64)  # versions never pass the step count
+        self.batch = np.zeros(sim.B, np.int64)
+        self.steps_i = np.zeros((cfg.run.steps, 4), np.int64)  # version, samples, tokens, queue length
+        self.steps_f = np.zeros((cfg.run.steps, 2))              # t_start, t_end
+        n_events = 4 * (W + 2)
+        self.ev = (np.zeros(n_events), np.zeros(n_events, np.int64), np.zeros(n_events, np.int64), np.zeros(4))
+        self.q = (np.zeros(0, np.int64),) * 4  # fifo, freshest heap, batch stack heads, batch stack links
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Room for the loop to go on: in the event queue, and prepared ledger entries (and buffer room) for
+        more groups than one worker wake admits (c // g)."""
+        sim, st = self.sim, self.st
+        if st[S_NEV] + sim.cfg.cluster.rollout_workers + 2 > len(self.ev[0]):
+            n = 2 * len(self.ev[0])
+            self.ev = (*(_extend(a, n) for a in self.ev[:3]), self.ev[3])
+        wake = sim.cfg.cluster.max_concurrency // sim.group_size
+        while sim.ready - wake <= st[S_NGROUPS]:
+            sim.prepare_ledger()
+        n = len(sim.g_worker)
+        fifo, freshest, head, nxt = self.q
+        self.q = (_extend(fifo, n), _extend(freshest, n), _extend(head, n // sim.B + 2, -1), _extend(nxt, n))
+        st[S_ROOM] = sim.ready - wake
+
+    def run(self) -> None:
+        sim, st, ft = self.sim, self.st, self.ev[3]
+        while True:
+            code = _loop(self.pi, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
+                         self.wi, self.wt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
+                         sim.decode_x, sim.decode_y, sim.sync_s)
+            if code == NEED_TRAIN_TIME:
+                ft[F_TRAIN_S] = sim.cost.train_s(int(st[S_TOKENS]))
+                # Progress callbacks run here, after the previous step's sync: they change nothing simulated.
+                if sim.on_step is not None and st[S_STEP] > 0:
+                    sim.on_step(int(st[S_STEP]) - 1)
+            elif code == NEED_ROOM:
+                self._make_room()
+            else:
+                break
+        self._write_back()
+        if code == STALLED:
+            raise sim.stalled()
+        if sim.on_step is not None:
+            sim.on_step(sim.cfg.run.steps - 1)
+
+    def _write_back(self) -> None:
+        """Leave the Simulation as the SimPy engine would: counters, steps, clock, buffer."""
+        sim, st = self.sim, self.st
+        n_steps = sim.cfg.run.steps if st[S_LPC] == L_DONE else int(st[S_STEP])
+        sim.steps = [(k, t_start, t_end, version, n_samples, tokens, queue_len, sim.sync_s)
+                     for k, ((version, n_samples, tokens, queue_len), (t_start, t_end))
+                     in enumerate(zip(self.steps_i[:n_steps].tolist(), self.steps_f[:n_steps].tolist()))]
+        sim.now = float(self.ev[3][F_NOW])
+        sim.latest_version, sim.learner_version = int(st[S_LATEST]), int(st[S_LVER])
+        sim.n_groups, sim.live, sim._oldest = int(st[S_NGROUPS]), int(st[S_LIVE]), int(st[S_OLDEST])
+        sim.unconsumed = self.unconsumed.tolist()
+        sim.gate_refusals = int(st[S_GATED])
+        fifo, freshest, head, nxt = self.q
+        waiting = fifo[st[S_FIFO_HEAD]:st[S_FIFO_TAIL]].tolist()
+        waiting += [key & ((1 << _VBITS) - 1) for key in freshest[:st[S_NFRESHEST]].tolist()]
+        for gid in head.tolist():  # each batch's stack, bottom first
+            stack = []
+            while gid >= 0:
+                stack.append(gid)
+                gid = int(nxt[gid])
+            waiting += stack[::-1]
+        for gid in waiting:  # the SimPy engine's buffer, unused so far: as that engine would have filled it
+            sim.buffer.put(gid, int(sim.g_v_start[gid]))
+
+
+def run(sim: "Simulation") -> None:
+    """Run `sim` (not run before) to its end with the compiled engine; raises as Simulation.run does."""
+    _Run(sim).run()
