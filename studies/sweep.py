@@ -57,8 +57,12 @@ def replication_seeds(base_seed: int, reps: int) -> list[int]:
     return [int(child.generate_state(1, np.uint32)[0]) for child in np.random.SeedSequence(base_seed).spawn(reps)]
 
 
+# Config sections a simulator run does not read: changing them must not re-run (or re-key) a stored run.
+NOT_SIMULATED = {"name", "real", "stability"}
+
+
 def run_key(cfg: RunConfig) -> str:
-    data = cfg.model_dump(mode="json", exclude={"name"})
+    data = cfg.model_dump(mode="json", exclude=NOT_SIMULATED)
     text = json.dumps([RECORD_FORMAT, data], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -223,7 +227,7 @@ def _chains(configs: dict[str, RunConfig]) -> list[list[tuple[str, RunConfig]]]:
     """Group runs that differ only in the staleness bound, each group in ascending order of the bound."""
     groups: dict[str, list[tuple[str, RunConfig]]] = {}
     for key, cfg in configs.items():
-        rest = cfg.model_dump(mode="json", exclude={"name"})
+        rest = cfg.model_dump(mode="json", exclude=NOT_SIMULATED)
         rest["pipeline"].pop("max_staleness")
         groups.setdefault(json.dumps(rest, sort_keys=True), []).append((key, cfg))
     return [sorted(chain, key=lambda kc: kc[1].pipeline.max_staleness) for chain in groups.values()]
