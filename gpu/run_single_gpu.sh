@@ -4,14 +4,7 @@
 # the packages its image lacks (pydantic, simpy) carried in .whl/:
 #   bash gpu/run_single_gpu.sh   (outputs under $OUT, or ./gpu-out when OUT is unset)
 set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/env.sh"
 STEPS=${STEPS:-20}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-200}
 EXTRA=${EXTRA:-}      # extra train options, e.g. "--set workload.max_new_tokens=256"

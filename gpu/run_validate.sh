@@ -3,14 +3,7 @@
 # a few steps in async and sync mode). Run on the lent GPU machine from the repo root, wheels in .whl/:
 #   bash gpu/run_validate.sh   (outputs under $OUT, or ./gpu-out when OUT is unset)
 set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/env.sh"
 STEPS=${STEPS:-4}
 TOKENS=${TOKENS:-32}
 LIMIT=${LIMIT:-280}
