@@ -6,6 +6,8 @@ Nothing is downloaded: the tiny model is built from a config, a checkpoint folde
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +19,41 @@ from sim.config import RunConfig
 from sim.hardware.specs import MODELS
 
 ATTN = "sdpa"  # works on CPU and GPU, and with left padding (fully masked pad rows stay finite)
+
+
+LEARNER = -1  # the learner's role in `cpu_cores`; rollout workers are 0..R-1
+
+
+def cpu_cores(role: int, mode: str) -> set[int] | None:
+    """The core a CPU run's process keeps to; None with fewer than two cores. Where learner and workers run at
+    once (async, one_step_off) the learner has the first core and rollout worker i the others in turn; in sync
+    mode the learner is idle while workers generate, so worker i takes core i (cycling). A fixed placement makes
+    co-location what `stalecast profile` measured rather than the OS scheduler's choice of the moment (left to
+    it, the learner sometimes shared a core with a worker and sometimes kept one to itself). Call it before the
+    process pins itself: it reads the allowed set."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    if role == LEARNER:
+        return {cores[0]}
+    return {cores[role % len(cores)]} if mode == "sync" else {cores[1 + role % (len(cores) - 1)]}
+
+
+@contextmanager
+def pinned(role: int, device: torch.device, mode: str):
+    """Keep this process to its role's core (CPU runs) while inside; restores the previous set after."""
+    cores = cpu_cores(role, mode) if device.type == "cpu" else None
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:

@@ -8,10 +8,11 @@ Every table is timed through the code a run executes, so the simulator is fed th
   (rows x prompt length; a worker prefills each sample's copy of its group's prompt).
 - train(tokens): `Learner.train_on` on synthetic groups of the configured batch (rewards, advantages,
   forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
-  batch's prompt + response tokens.
+  tokens the step computes: rows x the longest row (prompt + response), as the learner pads a batch.
 - sync_s: the learner's weight publication plus one worker's load (`SharedMemoryChannel`).
 - colocation: decode steps timed while the learner trains and the other workers generate in processes of
-  their own, and learner steps timed while every worker generates; each over its time alone. On a GPU
+  their own, and learner steps timed while every worker generates; each over its time alone, the two
+  alternating (the other processes pause between) so that the machine's drift falls on both. On a GPU
   that is the share of one device, on a CPU the share of its cores.
 
 Each point is the median of `repeats` timings after one untimed warm-up call. Nothing here writes files:
@@ -42,7 +43,8 @@ class ProfilePlan:
     train_lengths: tuple[int, ...]  # response length of every sample in a synthetic learner batch
     decode_steps: int = 8          # K decode steps per timing
     repeats: int = 3
-    colocation_s: float = 4.0      # seconds each co-located timing loop runs
+    train_repeats: int = 5         # learner steps are longer and noisier than decode steps
+    colocation_s: float = 4.0      # seconds each alternating co-location measurement runs at least
 
 
 def plan_for(cfg, quick: bool = False) -> ProfilePlan:
@@ -62,7 +64,7 @@ def plan_for(cfg, quick: bool = False) -> ProfilePlan:
     if quick:  # for tests: the ends of each axis only
         active, context, lengths = [active[0], active[-1]], [context[0], context[-1]], [lengths[0], lengths[-1]]
     return ProfilePlan(tuple(active), tuple(context), tuple(lengths), repeats=2 if quick else 3,
-                       colocation_s=1.5 if quick else 4.0)
+                       train_repeats=2 if quick else 5, colocation_s=1.5 if quick else 4.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -127,29 +129,38 @@ def synthetic_groups(cfg, task, length: int, seed: int = 0) -> list:
 
 
 def learner_step_timer(learner, cfg) -> Callable[[int], tuple[float, int, float]]:
-    """time(length) -> (seconds of a learner step without its publication, batch tokens, publication seconds)."""
+    """time(length) -> (seconds of a learner step without its publication, the tokens it computed: rows x its
+    longest row, as the learner pads, publication seconds)."""
     def time_step(length: int) -> tuple[float, int, float]:
         batch = synthetic_groups(cfg, learner.task, length)
+        padded = len(batch) * cfg.workload.group_size * max(rec.prompt_len + length for rec in batch)
         _sync(learner.device)
         t = time.perf_counter()
         res = learner.train_on(learner.version, batch, t_wait=learner.now())
         _sync(learner.device)
         total = time.perf_counter() - t
         sync_s = res.metrics["time/weight_sync_s"]
-        return total - sync_s, res.row["n_tokens"], sync_s
+        return total - sync_s, padded, sync_s
     return time_step
 
 
 # --------------------------------------------------------------------------- co-location
-def busy_main(kind: str, cfg_data: dict, ready, stop) -> None:
-    """Spawned: generate (kind "generate") or train ("train") in a loop until `stop` is set."""
-    from real.model import build_policy, resolve_device
+def busy_main(kind: str, role: int, cfg_data: dict, go, idle, stop) -> None:
+    """Spawned: generate (kind "generate") or train ("train") in a loop while `go` is set, until `stop` is set,
+    on the core a run gives `role` (a worker id, or LEARNER). `idle` is set while no call is running, so a
+    paused measurement can wait until the device is its own."""
+    import os
+
+    from real.model import build_policy, cpu_cores, resolve_device
     from sim.config import RunConfig
 
     cfg = RunConfig.model_validate(cfg_data)
     device = resolve_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as a run's processes do
+        cores = cpu_cores(role, cfg.pipeline.mode)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
     if kind == "generate":
         model, tok = build_policy(cfg, device)
         model.eval()
@@ -158,9 +169,15 @@ def busy_main(kind: str, cfg_data: dict, ready, stop) -> None:
         learner, _ = _standalone_learner(cfg, device)
         call = lambda: learner.train_on(learner.version, synthetic_groups(cfg, learner.task, cfg.workload.max_new_tokens // 2 or 1), 0.0)  # noqa: E731
     call()
-    ready.set()
+    _sync(device)
+    idle.set()
     while not stop.is_set():
+        if not go.wait(0.05):
+            continue
+        idle.clear()
         call()
+        _sync(device)
+        idle.set()
 
 
 def _standalone_learner(cfg, device: torch.device):
@@ -180,37 +197,73 @@ def _standalone_learner(cfg, device: torch.device):
     return learner, channel
 
 
-def _with_background(kinds: list[str], cfg, measure: Callable[[], float]) -> float:
-    """Run `measure()` while spawned processes of `kinds` keep generating or training."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    stop = ctx.Event()
-    procs, readies = [], []
-    data = cfg.model_dump(mode="json")
-    for kind in kinds:
-        ready = ctx.Event()
-        p = ctx.Process(target=busy_main, args=(kind, data, ready, stop), daemon=True)
-        p.start()
-        procs.append(p)
-        readies.append(ready)
-    try:
-        for p, ready in zip(procs, readies):
-            while not ready.wait(0.5):
+class Background:
+    """Spawned processes, one per (kind, role), that generate or train while running (`resume`), and stand idle
+    while paused (`pause`, which returns once every current call has ended): alone and shared timings can then
+    alternate within seconds, so the machine's drift falls on both alike."""
+
+    def __init__(self, kinds: list[tuple[str, int]], cfg):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.go, self.stop = ctx.Event(), ctx.Event()
+        self.procs, self.idle = [], []
+        data = cfg.model_dump(mode="json")
+        for kind, role in kinds:
+            idle = ctx.Event()
+            p = ctx.Process(target=busy_main, args=(kind, role, data, self.go, idle, self.stop), daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.idle.append(idle)
+
+    def _wait(self, done: Callable[[], bool]) -> None:
+        while not done():
+            for p in self.procs:
                 if p.exitcode is not None:
                     raise RuntimeError(f"a co-location process ({p.name}) exited with code {p.exitcode}")
-        return measure()
-    finally:
-        stop.set()
-        for p in procs:
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        self.go.set()
+        self._wait(lambda: not any(e.is_set() for e in self.idle))
+
+    def pause(self) -> None:
+        self.go.clear()
+        self._wait(lambda: all(e.is_set() for e in self.idle))
+
+    def __enter__(self) -> "Background":
+        self.pause()  # every process built and warmed up
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.go.clear()
+        self.stop.set()
+        for p in self.procs:
             p.join(30)
             if p.is_alive():
                 p.terminate()
 
 
+def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[], float], seconds: float) -> float:
+    """Median of `measure()` (this process in `role`) beside busy processes of (kind, role) over its median
+    alone, the two alternating for at least `seconds` (at least 3 pairs)."""
+    from real.model import pinned, resolve_device
+
+    alone, shared = [], []
+    with Background(kinds, cfg) as background, pinned(role, resolve_device(cfg), cfg.pipeline.mode):
+        end = time.monotonic() + seconds
+        while len(alone) < 3 or time.monotonic() < end:
+            alone.append(measure())
+            background.resume()
+            shared.append(measure())
+            background.pause()
+    return float(np.median(shared) / np.median(alone))
+
+
 # --------------------------------------------------------------------------- the profile
 def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[str], None] | None = None
                     ) -> MeasuredProfile:
-    """Measure every table for `cfg` on its device; `progress(label)` is called before each measurement."""
-    from real.model import resolve_device
+    """Measure every table for `cfg` on its device; `progress(label)` is called before each measurement. On a
+    CPU each part runs on the core a run gives its role (`real.model.cpu_cores`)."""
+    from real.model import LEARNER, pinned, resolve_device
 
     plan = plan or plan_for(cfg)
     say = progress or (lambda label: None)
@@ -223,25 +276,28 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
 
     seconds, prefill_points = [], {}
     model.eval()
-    for n in plan.active:
-        row = []
-        for c in plan.context:
-            say(f"decode: {n} sequences, context {c}")
-            step_s, prefill_s = decoder.point(n, c, plan.decode_steps, plan.repeats)
-            row.append(step_s)
-            prefill_points[n * max(1, c - plan.decode_steps // 2)] = prefill_s
-        seconds.append(tuple(row))
+    with pinned(0, device, cfg.pipeline.mode):
+        for n in plan.active:
+            row = []
+            for c in plan.context:
+                say(f"decode: {n} sequences, context {c}")
+                step_s, prefill_s = decoder.point(n, c, plan.decode_steps, plan.repeats)
+                row.append(step_s)
+                prefill_points[n * max(1, c - plan.decode_steps // 2)] = prefill_s
+            seconds.append(tuple(row))
     prefill = sorted(prefill_points.items())
 
     time_step = learner_step_timer(learner, cfg)
     train_points, publish = {}, []
-    for length in plan.train_lengths:
-        say(f"learner step: {cfg.workload.batch_prompts} x {cfg.workload.group_size} samples, {length} tokens each")
-        runs = [time_step(length) for _ in range(plan.repeats + 1)][1:]  # the first warms up
-        train_points[runs[0][1]] = float(np.median([r[0] for r in runs]))
-        publish += [r[2] for r in runs]
+    with pinned(LEARNER, device, cfg.pipeline.mode):
+        for length in plan.train_lengths:
+            say(f"learner step: {cfg.workload.batch_prompts} x {cfg.workload.group_size} samples, {length} tokens each")
+            runs = [time_step(length) for _ in range(plan.train_repeats + 1)][1:]  # the first warms up
+            train_points[runs[0][1]] = float(np.median([r[0] for r in runs]))
+            publish += [r[2] for r in runs]
     say("weight load")
-    load_s = _median_time(lambda: channel.load_into(model), device, plan.repeats)
+    with pinned(0, device, cfg.pipeline.mode):
+        load_s = _median_time(lambda: channel.load_into(model), device, plan.repeats)
     sync_s = float(np.median(publish)) + load_s
 
     colocation = None
@@ -249,17 +305,13 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         n, c = cfg.cluster.max_concurrency, plan.context[len(plan.context) // 2]
         workers = cfg.cluster.rollout_workers
         say(f"co-location: decoding beside the learner and {workers - 1} other worker(s)")
-        alone_gen = decoder.point(n, c, plan.decode_steps, plan.repeats)[0]
-        shared_gen = _with_background(["train"] + ["generate"] * (workers - 1), cfg,
-                                      lambda: _timed_loop(lambda: decoder.point(n, c, plan.decode_steps, 1)[0],
-                                                          plan.colocation_s))
+        gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg,
+                       lambda: decoder.point(n, c, plan.decode_steps, 1)[0], plan.colocation_s)
         length = cfg.workload.max_new_tokens // 2 or 1
         say(f"co-location: learner steps beside {workers} generating worker(s)")
-        alone_train = float(np.median([time_step(length)[0] for _ in range(plan.repeats)]))
-        shared_train = _with_background(["generate"] * workers, cfg,
-                                        lambda: _timed_loop(lambda: time_step(length)[0], plan.colocation_s))
-        colocation = Colocation(gen_slowdown=max(1.0, shared_gen / alone_gen),
-                                train_slowdown=max(1.0, shared_train / alone_train))
+        train = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
+                         plan.colocation_s)
+        colocation = Colocation(gen_slowdown=max(1.0, gen), train_slowdown=max(1.0, train))
 
     return MeasuredProfile(
         machine=machine_record(device), model=cfg.real.model,
@@ -267,14 +319,6 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         prefill=Curve(tuple(float(t) for t, _ in prefill), tuple(s for _, s in prefill)),
         train=Curve(tuple(float(t) for t in sorted(train_points)), tuple(train_points[t] for t in sorted(train_points))),
         sync_s=sync_s, colocation=colocation)
-
-
-def _timed_loop(measure: Callable[[], float], seconds: float) -> float:
-    """Median of repeated measurements over at least `seconds` (and at least 3 of them)."""
-    values, end = [], time.monotonic() + seconds
-    while len(values) < 3 or time.monotonic() < end:
-        values.append(measure())
-    return float(np.median(values))
 
 
 def machine_record(device: torch.device) -> dict:

@@ -120,7 +120,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
-        from real.model import build_policy, resolve_device, save_policy
+        from real.model import LEARNER, build_policy, pinned, resolve_device, save_policy
 
         cfg = self.cfg
         t_begin = time.monotonic()
@@ -148,7 +148,7 @@ class Trainer:
                                               self.start))
                             for i in range(cfg.cluster.rollout_workers)]
             for p in self.workers:
-                p.start()
+                p.start()  # before the learner pins itself: a worker picks its core from the whole set
             # Supervised steps may take a larger lr than GRPO's.
             warm_lr = cfg.real.warm_start_lr or cfg.optim.lr
             warm = self.learner.warm_start(cfg.real.warm_start_steps, cfg.seed, warm_lr)  # overlaps worker start-up
@@ -163,7 +163,7 @@ class Trainer:
             writer = _tensorboard(tmp / "tensorboard")
             task = self.progress.add_task("train", total=cfg.run.steps, reward=math.nan, stale=math.nan) \
                 if self.progress is not None else None
-            with open(tmp / "metrics.jsonl", "w") as jsonl:
+            with open(tmp / "metrics.jsonl", "w") as jsonl, pinned(LEARNER, device, cfg.pipeline.mode):
                 for step in range(cfg.run.steps):
                     res = self.learner.step(step)
                     steps_rows.append(res.row)

@@ -76,9 +76,34 @@ LengthDist = Annotated[Union[ConstantLen, ExponentialLen, LognormalLen, Empirica
 class Workload(_Section):
     batch_prompts: int = Field(ge=1, description="Prompts (GRPO groups) the learner consumes per step.")
     group_size: int = Field(ge=1, description="Samples generated per prompt (the GRPO group).")
-    prompt_len: LengthDist = Field(description="Prompt length distribution, tokens.")
-    response_len: LengthDist = Field(description="Response length distribution, tokens (before the cap).")
+    prompt_len: LengthDist | None = Field(None, description="Prompt length distribution, tokens.")
+    response_len: LengthDist | None = Field(None, description="Response length distribution, tokens (before the "
+                                                                "cap).")
+    groups: list[list[Annotated[int, Field(ge=1)]]] | None = Field(
+        None, description="Instead of prompt_len and response_len: whole groups to resample uniformly with "
+                          "replacement, each [prompt length, its group_size response lengths], so lengths that "
+                          "occur together stay together (longer prompts, longer answers). `stalecast validate` "
+                          "takes them from its pilot run.")
+    groups_in_order: bool = Field(False, description="With groups: group n takes groups[n] (cycling), so lengths that "
+                                                     "change as training goes on change in the simulation too; "
+                                                     "false: resample uniformly.")
     max_new_tokens: int = Field(ge=1, description="Cap on response length; longer draws are truncated to it.")
+
+    @model_validator(mode="after")
+    def _one_length_source(self):
+        separate = (self.prompt_len is not None, self.response_len is not None)
+        if self.groups is None and not all(separate):
+            raise ValueError("give prompt_len and response_len, or groups")
+        if self.groups is not None:
+            if any(separate):
+                raise ValueError("give groups or prompt_len / response_len, not both")
+            if not self.groups:
+                raise ValueError("groups must not be empty")
+            bad = next((g for g in self.groups if len(g) != 1 + self.group_size), None)
+            if bad is not None:
+                raise ValueError(f"each of groups is [prompt length, {self.group_size} response lengths] "
+                                 f"(group_size {self.group_size}); found {len(bad)} numbers")
+        return self
 
 
 class Cluster(_Section):
@@ -157,6 +182,10 @@ class Hardware(_Section):
                                                   "override the analytic costs they cover.")
     efficiency: Efficiency = Field(default_factory=Efficiency, description="Analytic cost-model calibration.")
     constant: ConstantCosts | None = Field(None, description="Use fixed times instead of the GPU/model costs.")
+    train_tokens: Literal["packed", "padded"] = Field(
+        "packed", description="Tokens a learner step is charged for. packed: the batch's prompt + response tokens "
+                              "(trainers that pack sequences). padded: every sample at the batch's longest sequence "
+                              "(stalecast train's learner pads the batch to its longest row).")
 
 
 class Optim(_Section):

@@ -60,21 +60,35 @@ class GroupStream:
 
     def __init__(self, cfg: RunConfig, seed_seq: np.random.SeedSequence):
         wl = cfg.workload
-        self.group_size = wl.group_size
-        self._prompt = LengthSampler(wl.prompt_len)
-        self._response = LengthSampler(wl.response_len, cap=wl.max_new_tokens)
+        self.group_size, self.cap = wl.group_size, wl.max_new_tokens
+        self._groups = None if wl.groups is None else np.asarray(wl.groups, dtype=np.int64)  # [n, 1 + group_size]
+        self._in_order = wl.groups_in_order
+        if self._groups is None:
+            self._prompt = LengthSampler(wl.prompt_len)
+            self._response = LengthSampler(wl.response_len, cap=wl.max_new_tokens)
         prompt_seed, response_seed = seed_seq.spawn(2)
         self._prompt_rng = np.random.default_rng(prompt_seed)
         self._response_rng = np.random.default_rng(response_seed)
         self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
+    def _draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next block's prompt lengths [BLOCK] and response lengths [BLOCK, group_size]."""
+        if self._groups is not None:  # whole groups, their lengths together
+            if self._in_order:
+                n = len(self._blocks) * self.BLOCK + np.arange(self.BLOCK)
+                rows = self._groups[n % len(self._groups)]
+            else:
+                rows = self._groups[self._prompt_rng.integers(0, len(self._groups), self.BLOCK)]
+            return rows[:, 0], np.minimum(rows[:, 1:], self.cap)
+        prompts = self._prompt.draw(self._prompt_rng, self.BLOCK)
+        responses = self._response.draw(self._response_rng, self.BLOCK * self.group_size)
+        return prompts, responses.reshape(self.BLOCK, self.group_size)
+
     def block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Groups b*BLOCK .. (b+1)*BLOCK-1: their prompt lengths, response lengths (BLOCK x group_size) and
         total tokens (prompt counted once per sample)."""
         while b >= len(self._blocks):
-            prompts = self._prompt.draw(self._prompt_rng, self.BLOCK)
-            responses = self._response.draw(self._response_rng, self.BLOCK * self.group_size)
-            responses = responses.reshape(self.BLOCK, self.group_size)
+            prompts, responses = self._draw()
             self._blocks.append((prompts, responses, self.group_size * prompts + responses.sum(axis=1)))
         return self._blocks[b]
 

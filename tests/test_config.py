@@ -61,6 +61,13 @@ BAD = [
      ["cluster.max_concurrency", "must be at least", "workload.group_size"]),
     ("interruptible-sync", lambda d: d["pipeline"].update(mode="sync", interruptible=True),
      ["pipeline", "interruptible", "mode: async"]),
+    ("no-lengths", lambda d: d["workload"].pop("response_len"),
+     ["workload", "give prompt_len and response_len, or groups"]),
+    ("groups-and-lengths", lambda d: d["workload"].update(groups=[[3] * (1 + d["workload"]["group_size"])]),
+     ["workload", "not both"]),
+    ("group-of-wrong-size", lambda d: [d["workload"].pop(k) for k in ("prompt_len", "response_len")]
+     and d["workload"].update(groups=[[3, 4]]),
+     ["workload", "[prompt length,", "found 2 numbers"]),
 ]
 
 

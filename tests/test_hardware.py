@@ -200,12 +200,13 @@ def test_colocation_only_when_overlapping():
         cost = build_cost_model(make_cfg(hw, cluster=cluster, pipeline={"mode": mode}))
         assert cost.decode_step_s(4, 1000) == pytest.approx(gen * alone.decode_step_s(4, 1000))
         assert cost.prefill_s(100) == pytest.approx(gen * alone.prefill_s(100))
-        assert cost.train_s(1000) == pytest.approx(train * alone.train_s(1000))
+        # The step alone; the engine slows it while workers generate (tests/test_learner_cost.py).
+        assert cost.train_s(1000) == pytest.approx(alone.train_s(1000)) and cost.train_slowdown == train
         assert cost.sync_s() == pytest.approx(alone.sync_s())
     # A profile's factors override the efficiency ones, and apply to constant costs too.
     const = {"gpu": None, "constant": {"decode_step_s": 0.1, "train_step_s": 1.0}}
     cost = build_cost_model(make_cfg(const, cluster=cluster), MeasuredProfile(colocation=Colocation(2.0, 3.0)))
-    assert cost.decode_step_s(1, 0) == pytest.approx(0.2) and cost.train_s(0) == pytest.approx(3.0)
+    assert cost.decode_step_s(1, 0) == pytest.approx(0.2) and cost.train_slowdown == 3.0
 
 
 # --------------------------------------------------------------------------- check_hardware

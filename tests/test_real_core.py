@@ -272,3 +272,30 @@ def test_scheduled_lr():
     stale_cfg = Optim(lr=1e-3, schedule="staleness_aware", staleness_alpha=0.5)
     assert scheduled_lr(stale_cfg, 1.0, 2.0) == pytest.approx(1e-3 / 2)
     assert scheduled_lr(stale_cfg, 1.0, 0.0) == pytest.approx(1e-3)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_cpu_placement_gives_the_learner_a_core_of_its_own_while_workers_run_beside_it(monkeypatch):
+    import os
+
+    from real import model as M
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})
+    assert M.cpu_cores(M.LEARNER, "async") == {4}
+    assert [M.cpu_cores(i, "async") for i in range(4)] == [{5}, {6}, {5}, {6}]
+    assert [M.cpu_cores(i, "sync") for i in range(4)] == [{4}, {5}, {6}, {4}]  # the learner idles meanwhile
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert M.cpu_cores(0, "async") is None and M.cpu_cores(M.LEARNER, "sync") is None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_pinned_restores_the_cores_it_found():
+    import os
+
+    from real.model import LEARNER, pinned
+
+    before = os.sched_getaffinity(0)
+    with pinned(LEARNER, torch.device("cpu"), "async"):
+        inside = os.sched_getaffinity(0)
+    assert os.sched_getaffinity(0) == before
+    assert inside == (before if len(before) < 2 else {min(before)})

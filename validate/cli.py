@@ -33,8 +33,11 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", help="loop: a measured profile YAML to predict with (default: measure one first)")
     p.add_argument("--lengths", choices=("config", "pilot"), default="pilot",
                    help="loop: where the prediction's prompt/response lengths come from: the config's "
-                        "distributions, or a short sync pilot run with another seed (default)")
-    p.add_argument("--pilot-steps", type=int, default=10, help="loop: learner steps of the pilot run")
+                        "distributions, or an earlier run of the config with another seed (default), its groups "
+                        "replayed in order")
+    p.add_argument("--pilot-steps", type=int, default=None,
+                   help="loop: learner steps of the pilot run (default: the config's run.steps, so the lengths follow "
+                        "the whole run as training changes them)")
     p.add_argument("--quick-profile", action="store_true", help="loop: profile the ends of each table only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     p.add_argument("--out", help="report folder (default runs/NAME-validate)")

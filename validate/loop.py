@@ -33,13 +33,17 @@ class LoopResult:
 
 
 def lengths_from(trace: Trace) -> dict:
-    """Overrides that make a config resample `trace`'s consumed samples' prompt and response lengths."""
-    used = trace.samples[trace.samples["learner_step"] >= 0]
-    return {f"workload.{col}": {"kind": "empirical", "values": [int(v) for v in used[col] if v >= 1]}
-            for col in ("prompt_len", "response_len")}
+    """Overrides that make a config replay `trace`'s consumed groups whole and in admission order: each group's
+    prompt length with its samples' response lengths (`workload.groups`), so lengths that occur together stay
+    together and lengths that change over a run change in the simulation too."""
+    used = trace.samples[trace.samples["learner_step"] >= 0].sort_values(["group_id", "sample_id"])
+    groups = [[int(g["prompt_len"].iloc[0]), *(max(1, int(r)) for r in g["response_len"])]
+              for _, g in used.groupby("group_id")]
+    return {"workload.groups": groups, "workload.groups_in_order": True, "workload.prompt_len": None,
+            "workload.response_len": None}
 
 
-def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int,
+def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int | None,
              say: Callable[[str], None], train_timeout_s: float = 3600.0, quick_profile: bool = False) -> LoopResult:
     """Everything is written under `out` (a scratch folder the caller renames when the report is complete)."""
     from real.profile import measure_profile, plan_for
@@ -58,16 +62,22 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     else:
         profile_path = Path(profile).resolve()
         notes.append(f"hardware: the given profile {profile}")
-    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve())})
+    # stalecast train's learner pads each batch to its longest row: a step costs those tokens.
+    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded"})
+    notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
+                 "train's learner computes them")
 
     if lengths == "pilot":
-        say(f"pilot run ({pilot_steps} sync steps, seed {cfg.seed + 1}) for the length distribution")
-        pilot_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
-                                        "run.steps": pilot_steps, "seed": cfg.seed + 1})
+        # Lengths change as training goes on (early responses run long): the pilot is a run of the same config
+        # and mode with another seed, and its groups are replayed in admission order.
+        pilot_steps = pilot_steps or cfg.run.steps
+        say(f"pilot run ({pilot_steps} {cfg.pipeline.mode} steps, seed {cfg.seed + 1}) for the lengths")
+        pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": cfg.seed + 1})
         pilot = Trainer(pilot_cfg, out / "pilot", timeout_s=train_timeout_s).run()
         pred_cfg = pred_cfg.with_overrides(lengths_from(pilot.trace))
-        notes.append(f"lengths: prompt and response lengths resampled from a {pilot_steps}-step pilot run "
-                     f"(sync mode, seed {cfg.seed + 1}; not one of the measured runs)")
+        notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from a "
+                     f"{pilot_steps}-step pilot run ({cfg.pipeline.mode} mode, seed {cfg.seed + 1}; not one of the "
+                     f"measured runs)")
     else:
         notes.append("lengths: the config's prompt_len / response_len distributions")
 

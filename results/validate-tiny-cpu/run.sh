@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The accuracy table of the README: the whole validate loop on the tiny CPU example, async mode, with 1 and 2
-# rollout workers and staleness bounds 1 and 4 (each: profile, 10-step pilot, predict, train async + sync, compare).
-#   bash results/validate-tiny-cpu/run.sh   (from the repo root; ~10 minutes on 2 cores)
+# rollout workers and staleness bounds 1 and 4 (each: profile, pilot run with another seed, predict, train async +
+# sync, compare).
+#   bash results/validate-tiny-cpu/run.sh   (from the repo root; ~12 minutes on 2 cores)
 set -u
 cd "$(dirname "$0")/../.."
 for w in 1 2; do

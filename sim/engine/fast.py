@@ -499,7 +499,7 @@ class _Run:
                          self.wi, self.wt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
                          sim.decode_x, sim.decode_y, sim.sync_s)
             if code == NEED_TRAIN_TIME:
-                ft[F_TRAIN_S] = sim.cost.train_s(int(st[S_TOKENS]))
+                ft[F_TRAIN_S] = sim.cost.train_s(sim.train_tokens(self.batch))
                 # Progress callbacks run here, after the previous step's sync: they change nothing simulated.
                 if sim.on_step is not None and st[S_STEP] > 0:
                     sim.on_step(int(st[S_STEP]) - 1)

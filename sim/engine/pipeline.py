@@ -3,7 +3,8 @@
 `simulate(cfg)` runs one replication and returns its trace. The `Simulation` object is the shared world
 the actors consult: versions published, the admission rules of each mode, the group ledger. It runs the
 SimPy processes below (worker.py, `learn`) with engine="simpy"; by default, where numba is installed, it
-runs the same model compiled (fast.py: the same events in the same order, the same trace, about 10x faster).
+runs the same model compiled (fast.py: the same events in the same order, the same trace, about 10x faster),
+except static batching and a co-located learner whose speed follows the workers', which run on SimPy.
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ class Simulation:
         cfg (a study passes one it already drew: group n's lengths depend only on seed and workload)."""
         if engine not in (None, *ENGINES):
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        self.cost = cost if cost is not None else cost_model_for(cfg)
         static = cfg.cluster.batching == "static"
-        if engine == "fast" and static:
-            raise ValueError("the fast engine batches continuously; static batching runs on engine='simpy'")
-        self.engine = engine or ("fast" if K.COMPILED and not static else "simpy")
+        shared = self.cost.train_slowdown != 1.0  # the learner's speed follows the workers': SimPy only
+        if engine == "fast" and (static or shared):
+            raise ValueError("the fast engine batches continuously and trains at one speed; static batching and "
+                             "a co-located learner slowed while workers generate run on engine='simpy'")
+        self.engine = engine or ("fast" if K.COMPILED and not (static or shared) else "simpy")
         self.cfg = cfg
         wl, pl = cfg.workload, cfg.pipeline
         self.env = simpy.Environment()
-        self.cost = cost if cost is not None else cost_model_for(cfg)
         self.decode_x, self.decode_y = (np.ascontiguousarray(a, dtype=np.float64) for a in self.cost.decode_table())
         self.sync_s = float(self.cost.sync_s())
         self.B, self.group_size = wl.batch_prompts, wl.group_size
@@ -77,6 +80,8 @@ class Simulation:
         self._prefill = np.zeros(0)    # prefill seconds by prompt length (NaN: not asked yet)
         self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
         self.data_event: simpy.Event | None = None
+        self.activity_event: simpy.Event | None = None  # a training learner's: how many workers generate changed
+        self.n_generating = 0  # workers with sequences in their batch (Worker.generating)
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
         self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens)
@@ -140,6 +145,34 @@ class Simulation:
         self.unconsumed[version] += 1
         self.g_v_start[gid] = version
 
+    def train_tokens(self, batch) -> int:
+        """Tokens the learner step over `batch` (group ids) is charged for (hardware.train_tokens)."""
+        if self.cfg.hardware.train_tokens == "packed":
+            return int(self.g_tokens[batch].sum())
+        longest = self.g_prompt[batch] + self.response_len.reshape(-1, self.group_size)[batch].max(axis=1)
+        return len(batch) * self.group_size * int(longest.max())
+
+    def activity_changed(self) -> None:
+        """A worker's batch emptied or filled: a co-located learner's speed changes."""
+        self.n_generating = sum(w.generating for w in self.workers)
+        if self.activity_event is not None and not self.activity_event.triggered:
+            self.activity_event.succeed()
+
+    def _train(self, seconds: float):
+        """A learner step of `seconds` alone, slowed by 1 + (train_slowdown - 1) * k / W while k of the W
+        workers generate (the profile measures the factor with all W generating)."""
+        env, extra = self.env, self.cost.train_slowdown - 1.0
+        W = len(self.workers)
+        while True:
+            slow = 1.0 + extra * self.n_generating / W
+            self.activity_event = env.event()
+            t0, end = env.now, env.timeout(seconds * slow)
+            fired = yield end | self.activity_event
+            if end in fired:
+                break
+            seconds = max(0.0, seconds - (env.now - t0) / slow)
+        self.activity_event = None
+
     def group_done(self, gid: int, t: float) -> None:
         self.buffer.put(gid, int(self.g_v_start[gid]))
         if self.data_event is not None and not self.data_event.triggered:
@@ -200,7 +233,8 @@ class Simulation:
                 self._retire(gid, step, dropped=False)
             self._poke_workers()  # buffer space, gate (oldest version, drops) may have opened
             tokens = int(self.g_tokens[batch].sum())
-            yield env.timeout(self.cost.train_s(tokens))
+            train_s = self.cost.train_s(self.train_tokens(batch))
+            yield env.process(self._train(train_s)) if self.cost.train_slowdown != 1.0 else env.timeout(train_s)
             t_end = env.now
             self.steps.append((step, t_start, t_end, self.learner_version, B * self.group_size, tokens,
                                queue_len, self.sync_s))

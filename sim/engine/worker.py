@@ -36,6 +36,7 @@ class Worker:
         # groups reach the buffer together at its end, as the real trainer's generate() calls do.
         self.static = sim.cfg.cluster.batching == "static"
         self.held: list[int] = []  # static: completed groups of the running batch
+        self.generating = False
         self.proc = self.env.process(self.run())
 
     # ------------------------------------------------------------------ helpers
@@ -77,6 +78,8 @@ class Worker:
     def _completed(self, t: float) -> None:
         """Hand the groups the kernel just completed to the buffer (static: once their whole batch has ended)."""
         gids = [int(gid) for gid in self.done[: self.si[K.N_DONE]]]
+        if self.n_active == 0:
+            self._set_generating(False)
         if self.static:
             self.held += gids
             if self.n_active > 0:
@@ -84,6 +87,12 @@ class Worker:
             gids, self.held = self.held, []
         for gid in gids:
             self.sim.group_done(gid, t)
+
+    def _set_generating(self, on: bool) -> None:
+        """Whether sequences are in this worker's batch, as of now (the kernel's state may already be ahead)."""
+        if on != self.generating:
+            self.generating = on
+            self.sim.activity_changed()
 
     def _admit(self) -> str:
         sim, g = self.sim, self.sim.group_size
@@ -105,6 +114,7 @@ class Worker:
             t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, int(sim.g_prompt[gid]),
                               self.env.now, prefill)
             sim.group_admitted(gid, self, t_start)
+            self._set_generating(True)
         return SLOTS
 
     def _on_new_weights(self) -> None:

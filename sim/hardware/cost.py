@@ -13,8 +13,9 @@ Three sources, per table: a measured profile's table if it has one, else fixed t
   8-GPU node (or is colocated), else the per-GPU network.
 
 All weights and KV are bf16 (2 bytes). When workers and learner share GPUs in a mode that overlaps
-them (not sync), generation times are multiplied by the generation colocation slowdown and learner
-times by the training one, whatever the source; a profile's factors override the efficiency ones.
+them (not sync), generation times are multiplied by the generation colocation slowdown, whatever the
+source, and the engine slows each learner step by the training one while workers generate
+(`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ class CostModel:
         return self._prefill(prompt_tokens) * self.gen_slowdown
 
     def train_s(self, tokens: int) -> float:
-        """One learner step over `tokens` (prompt + response tokens of every sample in the batch)."""
-        return self._train(tokens) * self.train_slowdown
+        """One learner step over `tokens` (hardware.train_tokens: packed or padded), with no worker generating
+        beside it (the engine applies `train_slowdown` while they do)."""
+        return self._train(tokens)
 
     def sync_s(self) -> float:
         """One weight sync (publish and load)."""
