@@ -41,6 +41,17 @@ def cpu_cores(role: int, mode: str) -> set[int] | None:
     return {cores[role % len(cores)]} if mode == "sync" else {cores[1 + role % (len(cores) - 1)]}
 
 
+def keep_to_core(role: int, cfg: RunConfig) -> None:
+    """For the rest of a spawned process of a CPU run: one thread (several processes share few cores) on its
+    role's core."""
+    if resolve_device(cfg).type != "cpu":
+        return
+    torch.set_num_threads(1)
+    cores = cpu_cores(role, cfg.pipeline.mode)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+
+
 @contextmanager
 def pinned(role: int, device: torch.device, mode: str):
     """Keep this process to its role's core (CPU runs) while inside; restores the previous set after."""

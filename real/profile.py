@@ -149,18 +149,12 @@ def busy_main(kind: str, role: int, cfg_data: dict, go, idle, stop) -> None:
     """Spawned: generate (kind "generate") or train ("train") in a loop while `go` is set, until `stop` is set,
     on the core a run gives `role` (a worker id, or LEARNER). `idle` is set while no call is running, so a
     paused measurement can wait until the device is its own."""
-    import os
-
-    from real.model import build_policy, cpu_cores, resolve_device
+    from real.model import build_policy, keep_to_core, resolve_device
     from sim.config import RunConfig
 
     cfg = RunConfig.model_validate(cfg_data)
     device = resolve_device(cfg)
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # as a run's processes do
-        cores = cpu_cores(role, cfg.pipeline.mode)
-        if cores is not None:
-            os.sched_setaffinity(0, cores)
+    keep_to_core(role, cfg)  # as a run's processes do
     if kind == "generate":
         model, tok = build_policy(cfg, device)
         model.eval()

@@ -250,13 +250,9 @@ def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, 
         from sim.config import RunConfig
 
         cfg = RunConfig.model_validate(cfg_data)
-        if cfg.real.device != "cuda" and not (cfg.real.device == "auto" and torch.cuda.is_available()):
-            from real.model import cpu_cores
+        from real.model import keep_to_core
 
-            torch.set_num_threads(1)  # several processes share few cores, each keeps to its own
-            cores = cpu_cores(worker_id, cfg.pipeline.mode)
-            if cores is not None:
-                os.sched_setaffinity(0, cores)
+        keep_to_core(worker_id, cfg)
         worker = RolloutWorker(worker_id, cfg, channel, ledger, queue, stop)
         worker.set_phase(READY)
         with ledger.locked(worker.check):

@@ -19,6 +19,7 @@ from sim.stability import (StabilityConstants, applied_lr, constants_from_config
                            staleness_of, write_fit)
 from studies import stability as study
 from validate import stability as check
+from test_studies import SMALL as STUDY_SMALL  # the same small 0.5B-on-H100 config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny_cpu.yaml"
@@ -365,15 +366,7 @@ def test_real_reduced_grid(tmp_path):
 
 
 # --------------------------------------------------------------------------- plan --lr
-SMALL = {
-    "name": "small-plan",
-    "workload": {"batch_prompts": 4, "group_size": 2, "prompt_len": {"kind": "constant", "value": 16},
-                 "response_len": {"kind": "lognormal", "median": 32, "p99": 256}, "max_new_tokens": 256},
-    "cluster": {"rollout_workers": 2, "max_concurrency": 8, "learner_gpus": 2},
-    "pipeline": {"mode": "async", "max_staleness": 1},
-    "hardware": {"gpu": "H100-SXM", "model": "qwen2.5-0.5b"},
-    "run": {"steps": 100},
-}
+SMALL = {**STUDY_SMALL, "name": "small-plan", "run": {"steps": 100}}
 
 
 def test_plan_excludes_configurations_unstable_at_the_lr(tmp_path, capsys):

@@ -81,7 +81,6 @@ class Simulation:
         self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
         self.data_event: simpy.Event | None = None
         self.activity_event: simpy.Event | None = None  # a training learner's: how many workers generate changed
-        self.n_generating = 0  # workers with sequences in their batch (Worker.generating)
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
         self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens)
@@ -154,7 +153,6 @@ class Simulation:
 
     def activity_changed(self) -> None:
         """A worker's batch emptied or filled: a co-located learner's speed changes."""
-        self.n_generating = sum(w.generating for w in self.workers)
         if self.activity_event is not None and not self.activity_event.triggered:
             self.activity_event.succeed()
 
@@ -164,7 +162,7 @@ class Simulation:
         env, extra = self.env, self.cost.train_slowdown - 1.0
         W = len(self.workers)
         while True:
-            slow = 1.0 + extra * self.n_generating / W
+            slow = 1.0 + extra * sum(w.generating for w in self.workers) / W
             self.activity_event = env.event()
             t0, end = env.now, env.timeout(seconds * slow)
             fired = yield end | self.activity_event
