@@ -101,10 +101,11 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, parse_overrides(args.set))
     plan = plan_for(cfg, quick=args.quick)
     out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
-    n_points = len(plan.active) * len(plan.context) + len(plan.train_lengths) + 1 + 2 * cfg.cluster.colocated
+    colocation = cfg.cluster.colocated * (2 + (cfg.cluster.rollout_workers > 1))
+    n_stages = 1 + plan.rounds + 1 + colocation  # warm-up, rounds, weight load, co-location
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("", total=n_points)
+        task = bar.add_task("", total=n_stages)
 
         def progress(label: str) -> None:
             if not console.is_terminal:
@@ -123,7 +124,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
                   f"{profile.train.seconds[-1]:.3f} s ({profile.train.tokens[-1]:.0f} tokens);  "
                   f"sync {profile.sync_s * 1e3:.1f} ms", markup=False, highlight=False)
     if profile.colocation is not None:
-        console.print(f"co-location slowdown: generation x{profile.colocation.gen_slowdown:.2f}, "
-                      f"training x{profile.colocation.train_slowdown:.2f}", markup=False, highlight=False)
+        c = profile.colocation
+        console.print(f"co-location slowdown: generation x{c.gen_slowdown:.2f}, training x{c.train_slowdown:.2f}, "
+                      f"generation in sync mode x{c.sync_gen_slowdown:.2f}", markup=False, highlight=False)
     console.print(f"wrote {out} (use it: --set hardware.profile={out})", markup=False, highlight=False)
     return 0

@@ -127,7 +127,9 @@ class Learner:
             self.opt = torch.optim.AdamW(self.params, lr=self.cfg.optim.lr)
 
     def publish(self) -> float:
-        return self.channel.publish(self.model, self.version)
+        seconds = self.channel.publish(self.model, self.version)
+        self.ledger.wake_workers()  # workers waiting for these weights
+        return seconds
 
     # ------------------------------------------------------------------ messages
     def receive(self, timeout: float, strict: bool = True) -> None:
@@ -165,6 +167,7 @@ class Learner:
                 self.ledger.unconsumed[rec.version_start] -= 1
                 self.ledger.buffered.value -= 1
                 self.ledger.n_dropped.value += dropped
+        self.ledger.wake_workers()  # the gate and the buffer have room again
         for rec in recs:
             rec.t_consumed, rec.version_consumed, rec.step, rec.dropped = t, self.version, step, dropped
 

@@ -2,21 +2,30 @@
 
 Every table is timed through the code a run executes, so the simulator is fed the real trainer's costs:
 
-- decode[n][c]: one decode step of `real.generate.generate` with n active sequences of mean context c
-  (random prompts, EOS disabled so none leaves the batch): (t(K+1 new tokens) - t(1 new token)) / K.
-- prefill(tokens): the rest of a `generate` call with one new token, against the prompt tokens it prefilled
-  (rows x prompt length; a worker prefills each sample's copy of its group's prompt).
-- train(tokens): `Learner.train_on` on synthetic groups of the configured batch (rewards, advantages,
-  forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
+- decode[n][c]: the mean time between decode steps of `real.generate.generate` (read by its between-steps hook,
+  where a worker's hook runs) with n active sequences of mean context c. The prompts are random tokens with the
+  spread of lengths the task's prompts have, left-padded as a worker's batch is; EOS is disabled so none leaves
+  the batch.
+- prefill(tokens): the same call's time to its first token less one of its decode steps, against the prompt
+  tokens it prefilled (the rows' prompt lengths summed: a worker prefills each sample's copy of its group's
+  prompt). Less one step because the simulator charges every token a decode step, the first included, while
+  `generate` samples the first token from the prefill's logits: so a batch costs the same in both.
+- train(tokens): `Learner.train_on` on synthetic groups of the configured batch (task prompts, rewards,
+  advantages, forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
   tokens the step computes: rows x the longest row (prompt + response), as the learner pads a batch.
 - sync_s: the learner's weight publication plus one worker's load (`SharedMemoryChannel`).
 - colocation: decode steps timed while the learner trains and the other workers generate in processes of
-  their own, and learner steps timed while every worker generates; each over its time alone, the two
-  alternating (the other processes pause between) so that the machine's drift falls on both. On a GPU
-  that is the share of one device, on a CPU the share of its cores.
+  their own, learner steps timed while every worker generates, and (sync mode, several workers) decode steps
+  timed while only the other workers generate; each over its time alone, in alternating phases of repeated
+  calls (the other processes pause between) so that the machine's drift falls on both. On a GPU that is the
+  share of one device, on a CPU the share of its cores, and of whatever the cores share: on this 2-core VM two
+  busy processes slowed each other by x1.1-1.5 though each had a core of its own.
 
-Each point is the median of `repeats` timings after one untimed warm-up call. Nothing here writes files:
-the command saves the returned profile (`sim.hardware.measured.save_profile`).
+A shared machine drifts: on a 2-core VM the same decode call's 5-second median wanders by ~9 % (coefficient of
+variation), its 60-second mean by ~4 %. So every point is timed once per round, the rounds run one after
+another, each in a shuffled order, and a point is the median over rounds: drift falls on every point alike
+and averages over the whole profile instead of biasing whichever points ran in a slow spell. Nothing here
+writes files: the command saves the returned profile (`sim.hardware.measured.save_profile`).
 """
 
 from __future__ import annotations
@@ -38,13 +47,14 @@ NO_EOS = -1  # an id no sampled token equals: every sequence runs to max_new_tok
 @dataclass(frozen=True)
 class ProfilePlan:
     """What to measure; `plan_for` derives it from a config."""
-    active: tuple[int, ...]        # decode batch sizes (sequences)
-    context: tuple[int, ...]       # mean context per sequence (tokens)
+    active: tuple[int, ...]         # decode batch sizes (sequences)
+    context: tuple[int, ...]        # mean context per sequence (tokens)
     train_lengths: tuple[int, ...]  # response length of every sample in a synthetic learner batch
-    decode_steps: int = 8          # K decode steps per timing
-    repeats: int = 3
-    train_repeats: int = 5         # learner steps are longer and noisier than decode steps
-    colocation_s: float = 4.0      # seconds each alternating co-location measurement runs at least
+    prompt_lengths: tuple[int, ...]  # the task's prompt lengths, one per group: their spread is the batches' padding
+    decode_steps: int = 8           # decode steps timed per call (the call generates one more token)
+    rounds: int = 20                # every point once per round (about 2 s a round on the tiny CPU example)
+    colocation_s: float = 6.0       # seconds each alternating co-location measurement runs at least
+    colocation_phase_s: float = 1.0  # seconds of each alone / shared phase (repeated calls)
 
 
 def plan_for(cfg, quick: bool = False) -> ProfilePlan:
@@ -60,11 +70,12 @@ def plan_for(cfg, quick: bool = False) -> ProfilePlan:
     longest = max(prompt_lens) + cfg.workload.max_new_tokens
     context = sorted({int(round(c)) for c in np.geomspace(int(np.mean(prompt_lens)), longest, 3)})
     new = cfg.workload.max_new_tokens
-    lengths = sorted({max(1, new // 8), max(1, new // 2), new})
+    lengths = sorted({max(1, new * k // 8) for k in (1, 2, 4, 6, 8)})
     if quick:  # for tests: the ends of each axis only
         active, context, lengths = [active[0], active[-1]], [context[0], context[-1]], [lengths[0], lengths[-1]]
-    return ProfilePlan(tuple(active), tuple(context), tuple(lengths), repeats=2 if quick else 3,
-                       train_repeats=2 if quick else 5, colocation_s=1.5 if quick else 4.0)
+    return ProfilePlan(tuple(active), tuple(context), tuple(lengths), tuple(prompt_lens),
+                       rounds=2 if quick else 20, colocation_s=1.5 if quick else 6.0,
+                       colocation_phase_s=0.25 if quick else 1.0)
 
 
 def _sync(device: torch.device) -> None:
@@ -72,43 +83,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, caches
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
 
 
 # --------------------------------------------------------------------------- generation
 class DecodeTimer:
     """Times `generate` calls of one model; used alone and inside a co-located measurement."""
 
-    def __init__(self, model, tok, cfg, seed: int = 0):
+    def __init__(self, model, tok, cfg, prompt_lengths: tuple[int, ...], seed: int = 0):
         self.model, self.tok, self.cfg = model, tok, cfg
         self.device = next(model.parameters()).device
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.spread = np.asarray(prompt_lengths) - int(round(np.mean(prompt_lengths)))  # per group, mean ~0
 
-    def _call(self, n: int, prompt_len: int, new_tokens: int) -> Callable[[], object]:
-        prompts = self.rng.integers(4, self.tok.vocab_size, size=(n, prompt_len)).tolist()
+    def prompts(self, n: int, prompt_len: int) -> list[list[int]]:
+        """n random prompts of mean length ~prompt_len, a group's rows alike, spread as the task's prompts are."""
+        G = self.cfg.workload.group_size
+        lens = [max(1, prompt_len + int(self.spread[(i // G) % len(self.spread)])) for i in range(n)]
+        return [self.rng.integers(4, self.tok.vocab_size, size=k).tolist() for k in lens]
 
-        def call():
-            from real.generate import generate
-            return generate(self.model, prompts, new_tokens, temperature=self.cfg.real.temperature, eos_id=NO_EOS,
-                            pad_id=self.tok.pad_id, version=0, generator=self.generator)
-        return call
+    def point(self, n: int, context: int, steps: int) -> tuple[float, float, int]:
+        """One call with n sequences of mean context `context` over its `steps` decode steps: (mean seconds per
+        decode step, seconds to the first token (prefill and one sampling), prompt tokens prefilled). The mean,
+        not a median of steps: a process sharing a core is paused in time slices about as long as a step, so
+        single steps take one or several slices and only the mean says what sharing costs."""
+        from real.generate import generate
 
-    def point(self, n: int, context: int, steps: int, repeats: int) -> tuple[float, float]:
-        """(seconds per decode step, seconds of the prefill call) for n sequences of mean context `context`."""
-        prompt_len = max(1, context - steps // 2)  # the K steps' contexts are centred on `context`
-        one = _median_time(self._call(n, prompt_len, 1), self.device, repeats)
-        many = _median_time(self._call(n, prompt_len, steps + 1), self.device, repeats)
-        return max(0.0, (many - one) / steps), one
+        prompts = self.prompts(n, max(1, context - steps // 2))  # the steps' contexts are centred on `context`
+        stamps: list[float] = []
+
+        def between_steps() -> None:
+            _sync(self.device)
+            stamps.append(time.perf_counter())
+
+        _sync(self.device)
+        t0 = time.perf_counter()
+        generate(self.model, prompts, steps + 1, temperature=self.cfg.real.temperature, eos_id=NO_EOS,
+                 pad_id=self.tok.pad_id, version=0, generator=self.generator, between_steps=between_steps)
+        return (stamps[-1] - stamps[0]) / (len(stamps) - 1), stamps[0] - t0, sum(map(len, prompts))
 
 
 # --------------------------------------------------------------------------- the learner
@@ -155,10 +173,12 @@ def busy_main(kind: str, role: int, cfg_data: dict, go, idle, stop) -> None:
     cfg = RunConfig.model_validate(cfg_data)
     device = resolve_device(cfg)
     keep_to_core(role, cfg)  # as a run's processes do
-    if kind == "generate":
+    if kind == "generate":  # a worker's full batch: its slots, every sequence to max_new_tokens
         model, tok = build_policy(cfg, device)
         model.eval()
-        call = DecodeTimer(model, tok, cfg, seed=1)._call(cfg.cluster.max_concurrency, 16, 16)
+        plan, new = plan_for(cfg), cfg.workload.max_new_tokens
+        timer = DecodeTimer(model, tok, cfg, plan.prompt_lengths, seed=1)
+        call = lambda: timer.point(cfg.cluster.max_concurrency, plan.context[0] + new // 2, max(2, new - 1))  # noqa: E731
     else:
         learner, _ = _standalone_learner(cfg, device)
         call = lambda: learner.train_on(learner.version, synthetic_groups(cfg, learner.task, cfg.workload.max_new_tokens // 2 or 1), 0.0)  # noqa: E731
@@ -236,27 +256,39 @@ class Background:
                 p.terminate()
 
 
-def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[], float], seconds: float) -> float:
+def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[], float], seconds: float,
+             phase_s: float) -> float:
     """Median of `measure()` (this process in `role`) beside busy processes of (kind, role) over its median
-    alone, the two alternating for at least `seconds` (at least 3 pairs)."""
+    alone, in alternating phases of `phase_s` seconds of repeated calls for at least `seconds` (at least 3 pairs).
+    A phase's first call beside the others is not kept: it overlaps their start, while in a run both sides have
+    been busy for a while."""
     from real.model import pinned, resolve_device
 
+    def phase() -> list[float]:
+        times, end = [], time.monotonic() + phase_s
+        while not times or time.monotonic() < end:
+            times.append(measure())
+        return times
+
     alone, shared = [], []
+    pairs = 0
     with Background(kinds, cfg) as background, pinned(role, resolve_device(cfg), cfg.pipeline.mode):
         end = time.monotonic() + seconds
-        while len(alone) < 3 or time.monotonic() < end:
-            alone.append(measure())
+        while pairs < 3 or time.monotonic() < end:
+            alone += phase()
             background.resume()
-            shared.append(measure())
+            measure()
+            shared += phase()
             background.pause()
+            pairs += 1
     return float(np.median(shared) / np.median(alone))
 
 
 # --------------------------------------------------------------------------- the profile
 def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[str], None] | None = None
                     ) -> MeasuredProfile:
-    """Measure every table for `cfg` on its device; `progress(label)` is called before each measurement. On a
-    CPU each part runs on the core a run gives its role (`real.model.cpu_cores`)."""
+    """Measure every table for `cfg` on its device; `progress(label)` is called before each stage and round. On
+    a CPU each part runs on the core a run gives its role (`real.model.cpu_cores`)."""
     from real.model import LEARNER, pinned, resolve_device
 
     plan = plan or plan_for(cfg)
@@ -266,32 +298,44 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         torch.set_num_threads(1)  # each process of a run uses one thread
     learner, channel = _standalone_learner(cfg, device)
     model, tok = learner.model, learner.tok
-    decoder = DecodeTimer(model, tok, cfg)
-
-    seconds, prefill_points = [], {}
-    model.eval()
-    with pinned(0, device, cfg.pipeline.mode):
-        for n in plan.active:
-            row = []
-            for c in plan.context:
-                say(f"decode: {n} sequences, context {c}")
-                step_s, prefill_s = decoder.point(n, c, plan.decode_steps, plan.repeats)
-                row.append(step_s)
-                prefill_points[n * max(1, c - plan.decode_steps // 2)] = prefill_s
-            seconds.append(tuple(row))
-    prefill = sorted(prefill_points.items())
-
+    decoder = DecodeTimer(model, tok, cfg, plan.prompt_lengths)
     time_step = learner_step_timer(learner, cfg)
-    train_points, publish = {}, []
-    with pinned(LEARNER, device, cfg.pipeline.mode):
-        for length in plan.train_lengths:
-            say(f"learner step: {cfg.workload.batch_prompts} x {cfg.workload.group_size} samples, {length} tokens each")
-            runs = [time_step(length) for _ in range(plan.train_repeats + 1)][1:]  # the first warms up
-            train_points[runs[0][1]] = float(np.median([r[0] for r in runs]))
-            publish += [r[2] for r in runs]
+    points = [(n, c) for n in plan.active for c in plan.context]
+    step_s = {p: [] for p in points}
+    prefill_s: dict[int, list[float]] = {}  # prompt tokens -> seconds
+    train_s: dict[int, list[float]] = {}   # padded tokens -> seconds
+    publish: list[float] = []
+    order = np.random.default_rng(0)
+
+    def decode_round(timed: bool) -> None:
+        model.eval()
+        with pinned(0, device, cfg.pipeline.mode):
+            for i in order.permutation(len(points)):
+                (n, c) = points[i]
+                step, first, prompt_tokens = decoder.point(n, c, plan.decode_steps)
+                if timed:
+                    step_s[(n, c)].append(step)
+                    prefill_s.setdefault(prompt_tokens, []).append(max(0.0, first - step))
+
+    def learner_round(timed: bool) -> None:
+        with pinned(LEARNER, device, cfg.pipeline.mode):
+            for i in order.permutation(len(plan.train_lengths)):
+                seconds, padded, sync = time_step(plan.train_lengths[i])
+                if timed:
+                    train_s.setdefault(padded, []).append(seconds)
+                    publish.append(sync)
+
+    say("warm-up: every decode point and learner batch once")
+    decode_round(timed=False)
+    learner_round(timed=False)
+    for r in range(plan.rounds):
+        say(f"round {r + 1} of {plan.rounds}: {len(points)} decode points, {len(plan.train_lengths)} learner steps")
+        decode_round(timed=True)
+        learner_round(timed=True)
     say("weight load")
     with pinned(0, device, cfg.pipeline.mode):
-        load_s = _median_time(lambda: channel.load_into(model), device, plan.repeats)
+        channel.load_into(model)
+        load_s = float(np.median([_timed(lambda: channel.load_into(model), device) for _ in range(plan.rounds)]))
     sync_s = float(np.median(publish)) + load_s
 
     colocation = None
@@ -300,19 +344,32 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         workers = cfg.cluster.rollout_workers
         say(f"co-location: decoding beside the learner and {workers - 1} other worker(s)")
         gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg,
-                       lambda: decoder.point(n, c, plan.decode_steps, 1)[0], plan.colocation_s)
+                       lambda: decoder.point(n, c, plan.decode_steps)[0], plan.colocation_s, plan.colocation_phase_s)
         length = cfg.workload.max_new_tokens // 2 or 1
         say(f"co-location: learner steps beside {workers} generating worker(s)")
         train = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
-                         plan.colocation_s)
-        colocation = Colocation(gen_slowdown=max(1.0, gen), train_slowdown=max(1.0, train))
+                         plan.colocation_s, plan.colocation_phase_s)
+        sync_gen = 1.0
+        if workers > 1:  # sync mode: the workers generate beside each other while the learner idles
+            say(f"co-location: decoding beside {workers - 1} other worker(s), as in sync mode")
+            sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
+            sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg,
+                                lambda: decoder.point(n, c, plan.decode_steps)[0], plan.colocation_s,
+                                plan.colocation_phase_s)
+        colocation = Colocation(gen_slowdown=max(1.0, gen), train_slowdown=max(1.0, train),
+                                sync_gen_slowdown=max(1.0, sync_gen))
 
     return MeasuredProfile(
         machine=machine_record(device), model=cfg.real.model,
-        decode=DecodeGrid(plan.active, tuple(float(c) for c in plan.context), tuple(seconds)),
-        prefill=Curve(tuple(float(t) for t, _ in prefill), tuple(s for _, s in prefill)),
-        train=Curve(tuple(float(t) for t in sorted(train_points)), tuple(train_points[t] for t in sorted(train_points))),
-        sync_s=sync_s, colocation=colocation)
+        decode=DecodeGrid(plan.active, tuple(float(c) for c in plan.context),
+                          tuple(tuple(float(np.median(step_s[(n, c)])) for c in plan.context) for n in plan.active)),
+        prefill=_median_curve(prefill_s), train=_median_curve(train_s), sync_s=sync_s, colocation=colocation)
+
+
+def _median_curve(timings: dict[int, list[float]]) -> Curve:
+    """Tokens -> the median of their timings, in token order."""
+    tokens = sorted(timings)
+    return Curve(tuple(float(t) for t in tokens), tuple(float(np.median(timings[t])) for t in tokens))
 
 
 def machine_record(device: torch.device) -> dict:

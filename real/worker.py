@@ -30,7 +30,7 @@ import torch
 
 from sim.engine.control import Control
 
-POLL_S = 0.002       # how often a blocked worker looks again
+WAKE_CHECK_S = 0.1   # how often a blocked worker, woken by nothing, checks that it should go on
 LOCK_TIMEOUT_S = 30.0
 
 
@@ -65,6 +65,21 @@ class Ledger:
         self.batch_seqs = ctx.Array("q", n_workers, lock=False)
         self.decode_step = ctx.Array("q", n_workers, lock=False)
         self.batches = ctx.Array("q", n_workers, lock=False)
+        # Released by the learner whenever it changes what a blocked worker waits on (new weights, a batch taken),
+        # so a blocked worker sleeps until then instead of polling: wake-ups every few milliseconds on the
+        # learner's core slowed its steps. Semaphores, not Events: an Event's set() waits for every sleeper to
+        # acknowledge, forever if one was killed. One per worker: a worker draining its own cannot swallow
+        # another's.
+        self.wake = [ctx.Semaphore(0) for _ in range(n_workers)]
+
+    def wake_workers(self) -> None:
+        for wake in self.wake:
+            wake.release()
+
+    def drain_wake(self, worker_id: int) -> None:
+        """Forget earlier wake-ups of `worker_id`: it is about to look at the state they announced."""
+        while self.wake[worker_id].acquire(False):
+            pass
 
     def describe(self, worker_id: int, max_new_tokens: int) -> str:
         phase = self.phase[worker_id]
@@ -190,6 +205,7 @@ class RolloutWorker:
     def run(self) -> None:
         while True:
             self.check()
+            self.ledger.drain_wake(self.id)  # before looking: a change made after this wakes it again
             with self.ledger.locked(self.check):
                 n_admitted = self.ledger.n_admitted.value
             target = self.control.load_target(version=self.version, latest=self.channel.latest_version(),
@@ -201,7 +217,7 @@ class RolloutWorker:
             gids = self.admit()
             if not gids:
                 self.set_phase(WAITING)
-                time.sleep(POLL_S)
+                self.ledger.wake[self.id].acquire(timeout=WAKE_CHECK_S)
                 continue
             self.ledger.batch_seqs[self.id] = len(gids) * self.group_size
             self.ledger.decode_step[self.id] = 0

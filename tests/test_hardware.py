@@ -173,6 +173,9 @@ def test_measured_decode_tail_never_decreases():
     ({"train": {"tokens": [1, 2]}}, "train.seconds"),
     ({"sync_s": -1}, "sync_s"),
     ({"colocation": {"gen_slowdown": 1.2}}, "colocation.train_slowdown"),
+    ({"colocation": {"gen_slowdown": 1.2, "train_slowdown": 1.0, "sync_gen_slowdown": 0}},
+     "colocation.sync_gen_slowdown: must be > 0"),
+    ({"colocation": {"gen_slowdown": 1.2, "train_slowdown": 1.0, "sync": 1.0}}, "colocation.sync: unknown field"),
     ({"decod": {}}, "decod"),
 ])
 def test_bad_profile_names_file_and_field(tmp_path, bad, field):
@@ -184,9 +187,13 @@ def test_bad_profile_names_file_and_field(tmp_path, bad, field):
 
 
 def test_profile_roundtrip(tmp_path):
-    profile = grid_profile(colocation=Colocation(1.2, 1.1))
+    profile = grid_profile(colocation=Colocation(1.2, 1.1, 1.3))
     save_profile(profile, tmp_path / "p.yaml")
     assert load_profile(tmp_path / "p.yaml") == profile
+    # A profile written before the sync-mode factor existed reads as x1 there.
+    text = (tmp_path / "p.yaml").read_text().replace("  sync_gen_slowdown: 1.3\n", "")
+    (tmp_path / "old.yaml").write_text(text)
+    assert load_profile(tmp_path / "old.yaml").colocation == Colocation(1.2, 1.1, 1.0)
     cfg = make_cfg({"gpu": "H200", "model": "tiny", "profile": str(tmp_path / "p.yaml")})
     assert cost_model_for(cfg).decode_step_s(1, 100) == pytest.approx(0.010)
 
@@ -205,8 +212,12 @@ def test_colocation_only_when_overlapping():
         assert cost.sync_s() == pytest.approx(alone.sync_s())
     # A profile's factors override the efficiency ones, and apply to constant costs too.
     const = {"gpu": None, "constant": {"decode_step_s": 0.1, "train_step_s": 1.0}}
-    cost = build_cost_model(make_cfg(const, cluster=cluster), MeasuredProfile(colocation=Colocation(2.0, 3.0)))
+    cost = build_cost_model(make_cfg(const, cluster=cluster), MeasuredProfile(colocation=Colocation(2.0, 3.0, 1.5)))
     assert cost.decode_step_s(1, 0) == pytest.approx(0.2) and cost.train_slowdown == 3.0
+    # In sync mode only workers run at once: their factor among themselves, the learner at full speed.
+    cost = build_cost_model(make_cfg(const, cluster=cluster, pipeline={"mode": "sync"}),
+                            MeasuredProfile(colocation=Colocation(2.0, 3.0, 1.5)))
+    assert cost.decode_step_s(1, 0) == pytest.approx(0.15) and cost.train_slowdown == 1.0
 
 
 # --------------------------------------------------------------------------- check_hardware

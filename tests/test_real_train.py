@@ -151,6 +151,29 @@ def test_weight_channel_versions_and_slots():
         chan.load_into(dst, 0)
 
 
+def test_learner_wakes_every_waiting_worker_when_it_publishes_or_takes_groups():
+    """Blocked workers sleep on their wake semaphore (no polling beside the learner): every change the learner
+    makes that can unblock one must release every worker's."""
+    from real.learner import GroupRecord, Learner
+    from real.model import build_policy
+    from real.worker import Ledger
+
+    ctx = mp.get_context("spawn")
+    model, tok = build_policy(EXAMPLE)
+    ledger = Ledger(ctx, 4, 2)
+    learner = Learner(EXAMPLE, model, tok, SharedMemoryChannel(model, ctx), ledger, None, check_workers=lambda: None,
+                      deadline=math.inf)
+    assert not any(w.acquire(False) for w in ledger.wake)
+    learner.publish()  # new weights
+    assert all(w.acquire(False) for w in ledger.wake)
+    ledger.unconsumed[0], ledger.buffered.value = 1, 1
+    learner._retire([GroupRecord(0, 0, 12, 0.0, 0)], step=0, dropped=False)  # a group taken: room in gate and buffer
+    assert ledger.buffered.value == 0 and ledger.unconsumed[0] == 0
+    learner.publish()
+    ledger.drain_wake(0)  # worker 0 is about to look: both wake-ups are spent, worker 1 keeps its own
+    assert not ledger.wake[0].acquire(False) and ledger.wake[1].acquire(False) and ledger.wake[1].acquire(False)
+
+
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory):

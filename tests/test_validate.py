@@ -60,3 +60,28 @@ def test_validate_command_against_an_external_samples_file(tmp_path, config_data
     config_data["pipeline"] = {"mode": "sync"}
     cfg_path.write_text(yaml.safe_dump(config_data))
     assert main(["validate", str(cfg_path), "--trace", str(samples), "--out", str(out)]) == 1
+
+
+def test_in_run_cost_ratios_are_one_on_the_simulators_own_trace(config_data):
+    """The diagnostic charges a learner step and a static batch as the simulator does: on a simulated trace
+    (analytic costs that depend on batch size and context) every step and every batch comes out at x1."""
+    from sim.config import parse_config
+    from sim.hardware.cost import cost_model_for
+    from validate.costs import cost_ratios, generation_ratios, learner_ratios
+
+    config_data["hardware"] = {"gpu": "H100-SXM", "model": "tiny", "train_tokens": "padded"}
+    config_data["cluster"].update(batching="static", colocated=False)
+    config_data["workload"]["prompt_len"] = {"kind": "exponential", "mean": 6}
+    config_data["run"]["steps"] = 8
+    cfg = parse_config(config_data)
+    trace, cost = simulate(cfg), cost_model_for(cfg)
+    assert np.allclose(learner_ratios(trace, cost), 1.0) and len(learner_ratios(trace, cost)) == 8
+    gen = generation_ratios(trace, cost)
+    assert len(gen) >= 8 and np.allclose(gen, 1.0)
+    ratios = cost_ratios(trace, cost)
+    assert ratios["learner_step"] == pytest.approx(1.0) and ratios["generation_batch"] == pytest.approx(1.0)
+
+    # A run whose learner took 30 % longer per step shows as x1.3 on the learner only.
+    slow = simulate(cfg)
+    slow.steps["t_end"] = slow.steps["t_start"] + 1.3 * (slow.steps["t_end"] - slow.steps["t_start"])
+    assert np.allclose(learner_ratios(slow, cost), 1.3)

@@ -50,3 +50,7 @@ def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
                  "measured_sync/trace", "pilot/trace"):
         assert (out / name).exists(), name
     assert "Recalibrated post hoc" in (out / "report.md").read_text()
+    # The post-hoc cost check: both runs, every ratio a plain positive number (x1 = as profiled; a short run on a
+    # shared machine lands near it, nowhere near 0 or 10).
+    assert len(report["costs"]) == 2 and "In-run costs against the profile" in (out / "report.md").read_text()
+    assert all(0.2 < c[k] < 5 for c in report["costs"].values() for k in ("learner_step", "generation_batch"))

@@ -101,11 +101,14 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     print_rows(rows, console)
     console.print("recalibrated post hoc (measured lengths replayed; not judged):", highlight=False)
     print_rows(recalibrated, console)
+    for run, c in res.costs.items():
+        console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f}, "
+                      f"generation batch x{c['generation_batch']:.3f}", highlight=False)
     notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), "
              f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes,
              "measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/)"]
     write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
-                 recalibrated=recalibrated)
+                 recalibrated=recalibrated, costs=res.costs)
     return rows, all_ok(rows)
 
 

@@ -29,6 +29,7 @@ class LoopResult:
     measured_sync: Trace
     recalibrated: Trace                # the prediction with the measured run's lengths (post hoc)
     recalibrated_sync: Trace
+    costs: dict[str, dict[str, float]]  # run -> in-run cost ratios against the profile (validate.costs; post hoc)
     notes: list[str] = field(default_factory=list)
 
 
@@ -49,24 +50,15 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.profile import measure_profile, plan_for
     from real.trainer import Trainer
     from sim.engine.pipeline import simulate
+    from sim.hardware.cost import cost_model_for
     from sim.hardware.measured import save_profile
+    from validate.costs import cost_ratios
 
     if lengths not in LENGTH_SOURCES:
         raise ValueError(f"lengths: '{lengths}' is not one of {', '.join(LENGTH_SOURCES)}")
     notes = []
-    if profile is None:
-        say("profiling this machine")
-        profile_path = out / "profile.yaml"
-        save_profile(measure_profile(cfg, plan_for(cfg, quick=quick_profile), say), profile_path)
-        notes.append("hardware: measured by `stalecast profile` at the start of this validation (profile.yaml)")
-    else:
-        profile_path = Path(profile).resolve()
-        notes.append(f"hardware: the given profile {profile}")
-    # stalecast train's learner pads each batch to its longest row: a step costs those tokens.
-    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded"})
-    notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
-                 "train's learner computes them")
-
+    # The pilot first, the profile last: this shared machine's speed drifts over minutes, so the profile is
+    # measured right before the runs it predicts.
     if lengths == "pilot":
         # Lengths change as training goes on (early responses run long): the pilot is a run of the same config
         # and mode with another seed, and its groups are replayed in admission order.
@@ -74,12 +66,28 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
         say(f"pilot run ({pilot_steps} {cfg.pipeline.mode} steps, seed {cfg.seed + 1}) for the lengths")
         pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": cfg.seed + 1})
         pilot = Trainer(pilot_cfg, out / "pilot", timeout_s=train_timeout_s).run()
-        pred_cfg = pred_cfg.with_overrides(lengths_from(pilot.trace))
+        pilot_lengths = lengths_from(pilot.trace)
         notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from a "
                      f"{pilot_steps}-step pilot run ({cfg.pipeline.mode} mode, seed {cfg.seed + 1}; not one of the "
                      f"measured runs)")
     else:
+        pilot_lengths = {}
         notes.append("lengths: the config's prompt_len / response_len distributions")
+
+    if profile is None:
+        say("profiling this machine")
+        profile_path = out / "profile.yaml"
+        save_profile(measure_profile(cfg, plan_for(cfg, quick=quick_profile), say), profile_path)
+        notes.append("hardware: measured by `stalecast profile` in this validation, right before the measured runs "
+                     "(profile.yaml)")
+    else:
+        profile_path = Path(profile).resolve()
+        notes.append(f"hardware: the given profile {profile}")
+    # stalecast train's learner pads each batch to its longest row: a step costs those tokens.
+    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded",
+                                   **pilot_lengths})
+    notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
+                 "train's learner computes them")
 
     sync = {"pipeline.mode": "sync", "pipeline.interruptible": False}
     say("predicting (before the measured runs)")
@@ -96,5 +104,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     recalibrated = simulate(replay)
     recalibrated_sync = simulate(replay.with_overrides(sync))
     notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured run's lengths")
+    costs = {f"{cfg.pipeline.mode} (measured/)": cost_ratios(measured, cost_model_for(pred_cfg)),
+             "sync (measured_sync/)": cost_ratios(measured_sync, cost_model_for(pred_cfg.with_overrides(sync)))}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
-                      recalibrated_sync, notes)
+                      recalibrated_sync, costs, notes)

@@ -11,6 +11,7 @@ import pandas as pd
 from sim.metrics import compute_metrics, sample_staleness
 from sim.trace import Trace
 from validate.compare import Row, all_ok, rows_as_dicts
+from validate.costs import costs_table
 
 
 def _num(x) -> str:
@@ -30,7 +31,8 @@ def _table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[Row] | None = None) -> str:
+def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[Row] | None = None,
+             costs: dict | None = None) -> str:
     lines = [f"# {title}", "", f"**Result: {'PASS' if all_ok(rows) else 'FAIL'}**", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", *_table(rows)]
@@ -38,18 +40,24 @@ def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[R
         lines += ["", "## Recalibrated post hoc (not the prediction, not judged)", "",
                   "The same simulation with the measured run's prompt and response lengths replayed: how much of "
                   "the error above the length distribution explains.", "", *_table(recalibrated)]
+    if costs is not None:
+        lines += ["", "## In-run costs against the profile (post hoc, not judged)", "",
+                  "Median over the run of measured / charged: each learner step against the profile's cost at its "
+                  "padded tokens, each generation batch against what the simulator charges for its prompts and "
+                  "responses. Near x1: the costs held as profiled; both runs off alike: the machine ran faster or "
+                  "slower than when it was profiled.", "", *costs_table(costs)]
     lines += ["", "Figures: `staleness.png` (histograms and ECDFs), `throughput.png` (rates and idle ratios), "
               "`timeline.png` (learner steps and buffer length over time).", ""]
     return "\n".join(lines)
 
 
 def write_report(out: Path, title: str, rows: list[Row], notes: list[str], predicted: Trace, measured: Trace,
-                 extra: dict | None = None, recalibrated: list[Row] | None = None) -> None:
+                 recalibrated: list[Row] | None = None, costs: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(title, rows, notes, recalibrated))
+    (out / "report.md").write_text(markdown(title, rows, notes, recalibrated, costs))
     payload = {"title": title, "pass": all_ok(rows), "notes": notes, "rows": rows_as_dicts(rows),
                "recalibrated_rows": rows_as_dicts(recalibrated) if recalibrated is not None else None,
-               **(extra or {})}
+               "costs": costs}
     (out / "report.json").write_text(json.dumps(payload, indent=2, default=float))
     figures(out, predicted, measured)
 

@@ -15,7 +15,8 @@ Three sources, per table: a measured profile's table if it has one, else fixed t
 All weights and KV are bf16 (2 bytes). When workers and learner share GPUs in a mode that overlaps
 them (not sync), generation times are multiplied by the generation colocation slowdown, whatever the
 source, and the engine slows each learner step by the training one while workers generate
-(`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones.
+(`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones. In sync mode
+only a profile's `sync_gen_slowdown` applies (workers generating beside each other, the learner idle).
 """
 
 from __future__ import annotations
@@ -91,9 +92,12 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None) -> CostModel:
                          f"({', '.join(missing)}), unless hardware.constant is given")
 
     gen = train = 1.0
-    if cl.colocated and cfg.pipeline.mode != "sync":  # sync mode never runs both at once
-        if profile is not None and profile.colocation is not None:
-            gen, train = profile.colocation.gen_slowdown, profile.colocation.train_slowdown
+    measured = profile.colocation if profile is not None else None
+    if cl.colocated and cfg.pipeline.mode == "sync":  # the learner idles while workers generate, beside each other
+        gen = measured.sync_gen_slowdown if measured is not None else 1.0
+    elif cl.colocated:
+        if measured is not None:
+            gen, train = measured.gen_slowdown, measured.train_slowdown
         else:
             gen, train = hw.efficiency.colocation_gen_slowdown, hw.efficiency.colocation_train_slowdown
     x, y = parts["decode"]

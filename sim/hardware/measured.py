@@ -34,8 +34,9 @@ class DecodeGrid:
 
 @dataclass(frozen=True)
 class Colocation:
-    gen_slowdown: float
-    train_slowdown: float
+    gen_slowdown: float            # a worker's decode step while the learner trains and the other workers generate
+    train_slowdown: float          # a learner step while every worker generates
+    sync_gen_slowdown: float = 1.0  # a worker's decode step while only the other workers generate (sync mode)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class MeasuredProfile:
         if self.sync_s is not None and not self.sync_s >= 0:
             raise ValueError(f"sync_s: must be >= 0 (got {self.sync_s})")
         if self.colocation is not None:
-            for name in ("gen_slowdown", "train_slowdown"):
+            for name in ("gen_slowdown", "train_slowdown", "sync_gen_slowdown"):
                 if not getattr(self.colocation, name) > 0:
                     raise ValueError(f"colocation.{name}: must be > 0 (got {getattr(self.colocation, name)})")
 
@@ -107,9 +108,8 @@ class MeasuredProfile:
         if data.get("sync_s") is not None:
             kw["sync_s"] = _numbers("sync_s", [data["sync_s"]])[0]
         if data.get("colocation") is not None:
-            c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"))
-            kw["colocation"] = Colocation(*(_numbers(f"colocation.{k}", [c[k]])[0]
-                                            for k in ("gen_slowdown", "train_slowdown")))
+            c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"), optional=("sync_gen_slowdown",))
+            kw["colocation"] = Colocation(**{k: _numbers(f"colocation.{k}", [v])[0] for k, v in c.items()})
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -155,14 +155,14 @@ def interp_linear(xs, ys, x) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- parsing helpers
-def _section(data: dict, name: str, keys: tuple[str, ...]) -> dict:
+def _section(data: dict, name: str, keys: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
     sec = data[name]
     if not isinstance(sec, dict):
         raise ValueError(f"{name}: expected a mapping with {', '.join(keys)}")
     for key in keys:
         if key not in sec:
             raise ValueError(f"{name}.{key}: missing")
-    extra = set(sec) - set(keys)
+    extra = set(sec) - set(keys) - set(optional)
     if extra:
         raise ValueError(f"{name}.{sorted(extra)[0]}: unknown field")
     return sec
