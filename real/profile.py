@@ -342,9 +342,10 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
     if cfg.cluster.colocated:
         n, c = cfg.cluster.max_concurrency, plan.context[len(plan.context) // 2]
         workers = cfg.cluster.rollout_workers
+        decode_step = lambda: decoder.point(n, c, plan.decode_steps)[0]  # noqa: E731 - a worker's full batch
         say(f"co-location: decoding beside the learner and {workers - 1} other worker(s)")
-        gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg,
-                       lambda: decoder.point(n, c, plan.decode_steps)[0], plan.colocation_s, plan.colocation_phase_s)
+        gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg, decode_step,
+                       plan.colocation_s, plan.colocation_phase_s)
         length = cfg.workload.max_new_tokens // 2 or 1
         say(f"co-location: learner steps beside {workers} generating worker(s)")
         train = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
@@ -353,9 +354,8 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         if workers > 1:  # sync mode: the workers generate beside each other while the learner idles
             say(f"co-location: decoding beside {workers - 1} other worker(s), as in sync mode")
             sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
-            sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg,
-                                lambda: decoder.point(n, c, plan.decode_steps)[0], plan.colocation_s,
-                                plan.colocation_phase_s)
+            sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg, decode_step,
+                                plan.colocation_s, plan.colocation_phase_s)
         colocation = Colocation(gen_slowdown=max(1.0, gen), train_slowdown=max(1.0, train),
                                 sync_gen_slowdown=max(1.0, sync_gen))
 
