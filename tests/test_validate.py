@@ -85,3 +85,46 @@ def test_in_run_cost_ratios_are_one_on_the_simulators_own_trace(config_data):
     slow = simulate(cfg)
     slow.steps["t_end"] = slow.steps["t_start"] + 1.3 * (slow.steps["t_end"] - slow.steps["t_start"])
     assert np.allclose(learner_ratios(slow, cost), 1.3)
+
+
+def test_runs_laid_end_to_end_pool_samples_and_time(config_data):
+    """Two runs end to end: rates are all samples over all time, every sample keeps its staleness, and the second
+    run's steps, versions, groups and times follow the first's (in-flight samples stay in flight)."""
+    from sim.config import parse_config
+    from sim.metrics import compute_metrics, run_wall_s, sample_staleness
+    from validate.loop import end_to_end
+
+    config_data["run"]["steps"] = 6
+    a = simulate(parse_config(config_data))
+    config_data["seed"] = 7
+    config_data["run"]["steps"] = 4
+    b = simulate(parse_config(config_data))
+    both = end_to_end([a, b])
+    ma, mb, m = compute_metrics(a), compute_metrics(b), compute_metrics(both)
+
+    assert len(both.steps) == 10 and list(both.steps["step"]) == list(range(10))
+    assert both.steps["version"].is_unique
+    assert run_wall_s(both.steps) == pytest.approx(run_wall_s(a.steps) + run_wall_s(b.steps))
+    n_used = int((a.samples["learner_step"] >= 0).sum() + (b.samples["learner_step"] >= 0).sum())
+    assert m["throughput/samples_per_s"] == pytest.approx(n_used / (run_wall_s(a.steps) + run_wall_s(b.steps)))
+    assert m["time/step_s"] == pytest.approx((ma["time/step_s"] * 6 + mb["time/step_s"] * 4) / 10)
+    assert sorted(sample_staleness(both.samples)) == sorted([*sample_staleness(a.samples),
+                                                             *sample_staleness(b.samples)])
+    assert both.samples["sample_id"].is_unique and both.samples["group_id"].nunique() == (
+        a.samples["group_id"].nunique() + b.samples["group_id"].nunique())
+    second = both.samples.iloc[len(a.samples):]
+    assert (second["t_admit"] >= run_wall_s(a.steps)).all()
+    in_flight = second["learner_step"].to_numpy() < 0
+    assert in_flight.any()
+    assert (second["version_consumed"].to_numpy()[in_flight] == -1).all()   # missing stays missing
+    assert end_to_end([a]) is a
+
+
+def test_validate_rejects_a_non_positive_repeat_count(tmp_path, config_data, capsys):
+    import yaml
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config_data))
+    assert main(["validate", str(cfg_path), "--repeats", "0", "--out", str(tmp_path / "report")]) == 2
+    printed = capsys.readouterr()
+    assert "--repeats 0" in printed.out + printed.err
+    assert not (tmp_path / "report").exists()

@@ -37,8 +37,8 @@ def test_profile_measures_every_table_and_the_simulator_uses_it(profile_path):
 
 def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
     out = tmp_path / "report"
-    code = main(["validate", str(TINY), "--profile", str(profile_path), "--pilot-steps", "2", *SHORT,
-                 "--out", str(out)])
+    code = main(["validate", str(TINY), "--profile", str(profile_path), "--pilot-steps", "2", "--repeats", "2",
+                 *SHORT, "--out", str(out)])
     assert code in (0, 1)  # a short run on a shared machine may miss the tolerances; the loop must complete
     report = json.loads((out / "report.json").read_text())
     assert report["pass"] == (code == 0)
@@ -47,8 +47,13 @@ def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
     assert report["recalibrated_rows"] is not None
     assert any("pilot run" in n for n in report["notes"])        # where the lengths came from
     for name in ("report.md", "staleness.png", "throughput.png", "timeline.png", "measured/trace",
-                 "measured_sync/trace", "pilot/trace"):
+                 "measured_sync/trace", "pilot/trace", "measured-2/trace", "measured_sync-2/trace", "pilot-2/trace"):
         assert (out / name).exists(), name
+    # Two runs of each kind, each with its own seed; the judged numbers are of both runs end to end.
+    assert [(r["run"], r["seed"]) for r in report["runs"]] == [(1, 0), (2, 2)]
+    assert judged["time/step_s"]["measured"] == pytest.approx(
+        sum(r["step_s"] for r in report["runs"]) / 2, rel=0.02)  # equal step counts: the mean of the two
+    assert "one by one" in (out / "report.md").read_text()
     assert "Recalibrated post hoc" in (out / "report.md").read_text()
     # The post-hoc cost check: both runs, every ratio a plain positive number (x1 = as profiled; a short run on a
     # shared machine lands near it, nowhere near 0 or 10).

@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--pilot-steps", type=int, default=None,
                    help="loop: learner steps of the pilot run (default: the config's run.steps, so the lengths follow "
                         "the whole run as training changes them)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="loop: runs of each kind (pilot, measured in the config's mode, measured in sync mode), each "
+                        "with its own seed; the measured modes alternate, and each side's runs are compared laid end "
+                        "to end (a shared machine's speed and a seed's lengths vary from run to run)")
     p.add_argument("--quick-profile", action="store_true", help="loop: profile the ends of each table only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     p.add_argument("--out", help="report folder (default runs/NAME-validate)")
@@ -71,6 +75,8 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from sim.cli import parse_overrides
 
     cfg = load_config(args.config, parse_overrides(args.set))
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats {args.repeats}: expected a positive number of runs")
     tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
                      idle_abs=args.tol_idle)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
@@ -94,7 +100,7 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
 
     say = lambda text: console.print(f"[dim]{text}[/]", highlight=False)  # noqa: E731
     res = run_loop(cfg, tmp, profile=args.profile, lengths=args.lengths, pilot_steps=args.pilot_steps, say=say,
-                   quick_profile=args.quick_profile)
+                   repeats=args.repeats, quick_profile=args.quick_profile)
     measured_sync_s = _step_s(res.measured_sync)
     rows = compare(res.predicted, res.measured, tol, _step_s(res.predicted_sync), measured_sync_s)
     recalibrated = compare(res.recalibrated, res.measured, tol, _step_s(res.recalibrated_sync), measured_sync_s)
@@ -104,11 +110,17 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     for run, c in res.costs.items():
         console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f}, "
                       f"generation batch x{c['generation_batch']:.3f}", highlight=False)
+    if len(res.runs) > 1:
+        for run in res.runs:
+            console.print(f"run {run['run']} (seed {run['seed']}): {run['samples_per_s']:.1f} samples/s, "
+                          f"{run['step_s']:.3f} s/step, sync {run['sync_step_s']:.3f} s/step, speedup "
+                          f"{run['speedup_vs_sync']:.2f}", highlight=False)
     notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), "
              f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes,
-             "measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/)"]
+             "measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/"
+             + (", and -2, -3, ... for the repeats" if len(res.runs) > 1 else "") + ")"]
     write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
-                 recalibrated=recalibrated, costs=res.costs)
+                 recalibrated=recalibrated, costs=res.costs, runs=res.runs if len(res.runs) > 1 else None)
     return rows, all_ok(rows)
 
 

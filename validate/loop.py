@@ -5,6 +5,13 @@ Honesty rules: the prediction is made from the profile and the config before the
 with response (and prompt) lengths from the config or from a pilot run that is not one of the measured runs
 (its own seed). The recalibrated prediction replays the measured run's lengths: it is reported in a second
 table and never judged as the prediction.
+
+Repeats: a shared machine's speed wanders by ~9 % over half a minute, and a run's lengths depend on its seed,
+so one run of each kind is one draw. With `repeats` R there are R pilots (seeds seed+1, seed+3, ...), then the
+profile, then R measured runs in each mode (seeds seed, seed+2, ...; the modes alternate A S, S A, ... so a slow
+spell falls on both alike). The prediction is R simulated runs, run r with pilot r's lengths and seed r's
+config, and each side's R runs are laid end to end (`end_to_end`): rates are all samples over all time, and
+staleness pools every run's samples.
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from sim.config import RunConfig
+from sim.metrics import compute_metrics, run_wall_s
 from sim.trace import Trace
 
 LENGTH_SOURCES = ("config", "pilot")
@@ -23,14 +33,59 @@ LENGTH_SOURCES = ("config", "pilot")
 class LoopResult:
     profile_path: Path
     length_source: str                 # what the notes say about where lengths came from
-    predicted: Trace                   # the honest prediction, configured mode
+    predicted: Trace                   # the honest prediction, configured mode (its runs end to end)
     predicted_sync: Trace
-    measured: Trace
+    measured: Trace                    # the measured runs end to end
     measured_sync: Trace
-    recalibrated: Trace                # the prediction with the measured run's lengths (post hoc)
+    recalibrated: Trace                # the prediction with the measured runs' lengths (post hoc)
     recalibrated_sync: Trace
     costs: dict[str, dict[str, float]]  # run -> in-run cost ratios against the profile (validate.costs; post hoc)
+    runs: list[dict] = field(default_factory=list)  # each measured pair on its own: the machine's repeatability
     notes: list[str] = field(default_factory=list)
+
+
+def run_dir(name: str, r: int) -> str:
+    """Folder of repeat r (0-based): `measured`, `measured-2`, `measured-3`, ..."""
+    return name if r == 0 else f"{name}-{r + 1}"
+
+
+def end_to_end(traces: list[Trace]) -> Trace:
+    """Runs laid end to end as one trace: run r's times start where run r-1's wall time ends, and its steps,
+    versions, groups and samples are numbered on after the earlier runs' (missing values, -1, stay missing).
+    Rates over the result are all samples over all time; every sample keeps its staleness."""
+    import pandas as pd
+
+    if len(traces) == 1:
+        return traces[0]
+    samples, steps = [], []
+    t0 = step0 = group0 = sample0 = 0
+    for tr in traces:
+        s, st = tr.samples.copy(), tr.steps.copy()
+        for col in ("t_admit", "t_start", "t_end", "t_consumed"):
+            s[col] += t0
+        for col in ("t_start", "t_end"):
+            st[col] += t0
+        for frame, cols, offset in ((s, ("version_start", "version_end", "version_consumed", "learner_step"), step0),
+                                    (s, ("group_id",), group0), (s, ("sample_id",), sample0),
+                                    (st, ("step", "version"), step0)):
+            for col in cols:
+                frame[col] = np.where(frame[col] >= 0, frame[col] + offset, frame[col])
+        s["version_mean"] += step0
+        samples.append(s)
+        steps.append(st)
+        t0 += run_wall_s(tr.steps)
+        step0 += len(tr.steps)
+        group0 += int(tr.samples["group_id"].max()) + 1
+        sample0 += int(tr.samples["sample_id"].max()) + 1
+    return Trace(pd.concat(samples, ignore_index=True), pd.concat(steps, ignore_index=True), dict(traces[0].header))
+
+
+def run_row(r: int, seed: int, mode: str, measured: Trace, measured_sync: Trace) -> dict:
+    """One measured pair on its own: samples/s and s/step in the configured mode, s/step in sync mode, speedup."""
+    m, ms = compute_metrics(measured), compute_metrics(measured_sync)
+    return {"run": r + 1, "seed": seed, "mode": mode, "samples_per_s": m["throughput/samples_per_s"],
+            "step_s": m["time/step_s"], "sync_step_s": ms["time/step_s"],
+            "speedup_vs_sync": ms["time/step_s"] / m["time/step_s"]}
 
 
 def lengths_from(trace: Trace) -> dict:
@@ -45,7 +100,8 @@ def lengths_from(trace: Trace) -> dict:
 
 
 def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int | None,
-             say: Callable[[str], None], train_timeout_s: float = 3600.0, quick_profile: bool = False) -> LoopResult:
+             say: Callable[[str], None], repeats: int = 1, train_timeout_s: float = 3600.0,
+             quick_profile: bool = False) -> LoopResult:
     """Everything is written under `out` (a scratch folder the caller renames when the report is complete)."""
     from real.profile import measure_profile, plan_for
     from real.trainer import Trainer
@@ -56,22 +112,28 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
 
     if lengths not in LENGTH_SOURCES:
         raise ValueError(f"lengths: '{lengths}' is not one of {', '.join(LENGTH_SOURCES)}")
+    if repeats < 1:
+        raise ValueError(f"repeats: {repeats} is not a positive number of runs")
+    seeds = [cfg.seed + 2 * r for r in range(repeats)]  # measured runs; pilots take the odd seeds between
     notes = []
-    # The pilot first, the profile last: this shared machine's speed drifts over minutes, so the profile is
+    # The pilots first, the profile last: this shared machine's speed drifts over minutes, so the profile is
     # measured right before the runs it predicts.
     if lengths == "pilot":
-        # Lengths change as training goes on (early responses run long): the pilot is a run of the same config
+        # Lengths change as training goes on (early responses run long): a pilot is a run of the same config
         # and mode with another seed, and its groups are replayed in admission order.
         pilot_steps = pilot_steps or cfg.run.steps
-        say(f"pilot run ({pilot_steps} {cfg.pipeline.mode} steps, seed {cfg.seed + 1}) for the lengths")
-        pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": cfg.seed + 1})
-        pilot = Trainer(pilot_cfg, out / "pilot", timeout_s=train_timeout_s).run()
-        pilot_lengths = lengths_from(pilot.trace)
-        notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from a "
-                     f"{pilot_steps}-step pilot run ({cfg.pipeline.mode} mode, seed {cfg.seed + 1}; not one of the "
-                     f"measured runs)")
+        pilot_lengths = []
+        for r, seed in enumerate(seeds):
+            say(f"pilot run {r + 1} of {repeats} ({pilot_steps} {cfg.pipeline.mode} steps, seed {seed + 1}) "
+                "for the lengths")
+            pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": seed + 1})
+            pilot = Trainer(pilot_cfg, out / run_dir("pilot", r), timeout_s=train_timeout_s).run()
+            pilot_lengths.append(lengths_from(pilot.trace))
+        notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from "
+                     f"{repeats} {pilot_steps}-step pilot run(s) ({cfg.pipeline.mode} mode, seeds "
+                     f"{', '.join(str(s + 1) for s in seeds)}; not measured runs), one per predicted run")
     else:
-        pilot_lengths = {}
+        pilot_lengths = [{} for _ in seeds]
         notes.append("lengths: the config's prompt_len / response_len distributions")
 
     if profile is None:
@@ -84,27 +146,41 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
         profile_path = Path(profile).resolve()
         notes.append(f"hardware: the given profile {profile}")
     # stalecast train's learner pads each batch to its longest row: a step costs those tokens.
-    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded",
-                                   **pilot_lengths})
+    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded"})
     notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
                  "train's learner computes them")
 
     sync = {"pipeline.mode": "sync", "pipeline.interruptible": False}
+
+    def predict(lengths_per_run: list[dict]) -> tuple[Trace, Trace]:
+        runs = [pred_cfg.with_overrides({"seed": seed, **lens}) for seed, lens in zip(seeds, lengths_per_run)]
+        return (end_to_end([simulate(c) for c in runs]),
+                end_to_end([simulate(c.with_overrides(sync)) for c in runs]))
+
     say("predicting (before the measured runs)")
-    predicted = simulate(pred_cfg)
-    predicted_sync = simulate(pred_cfg.with_overrides(sync))
+    predicted, predicted_sync = predict(pilot_lengths)
 
-    say(f"training for real: {cfg.pipeline.mode} mode, {cfg.run.steps} steps")
-    measured = Trainer(cfg, out / "measured", timeout_s=train_timeout_s).run().trace
-    say(f"training for real: sync mode, {cfg.run.steps} steps")
-    measured_sync = Trainer(cfg.with_overrides(sync), out / "measured_sync", timeout_s=train_timeout_s).run().trace
+    measured_runs, sync_runs = [], []
+    for r, seed in enumerate(seeds):
+        kinds = [(cfg.pipeline.mode, "measured", measured_runs, {}), ("sync", "measured_sync", sync_runs, sync)]
+        for mode, name, into, overrides in (kinds if r % 2 == 0 else kinds[::-1]):
+            say(f"training for real: {mode} mode, {cfg.run.steps} steps, seed {seed} (run {r + 1} of {repeats})")
+            run_cfg = cfg.with_overrides({"seed": seed, **overrides})
+            into.append(Trainer(run_cfg, out / run_dir(name, r), timeout_s=train_timeout_s).run().trace)
+    measured, measured_sync = end_to_end(measured_runs), end_to_end(sync_runs)
+    runs = [run_row(r, seed, cfg.pipeline.mode, m, ms)
+            for r, (seed, m, ms) in enumerate(zip(seeds, measured_runs, sync_runs))]
+    if repeats > 1:
+        notes.append(f"measured: {repeats} runs in each mode (seeds {', '.join(map(str, seeds))}), modes alternating "
+                     f"({cfg.pipeline.mode} first, then sync first, ...); the numbers are of each mode's runs laid "
+                     "end to end (all samples over all time), the prediction's likewise")
 
-    say("recalibrating (post hoc: the measured run's lengths)")
-    replay = pred_cfg.with_overrides(lengths_from(measured))
-    recalibrated = simulate(replay)
-    recalibrated_sync = simulate(replay.with_overrides(sync))
-    notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured run's lengths")
-    costs = {f"{cfg.pipeline.mode} (measured/)": cost_ratios(measured, cost_model_for(pred_cfg)),
-             "sync (measured_sync/)": cost_ratios(measured_sync, cost_model_for(pred_cfg.with_overrides(sync)))}
+    say("recalibrating (post hoc: the measured runs' lengths)")
+    recalibrated, recalibrated_sync = predict([lengths_from(m) for m in measured_runs])
+    notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured runs' lengths")
+    folders = lambda name: ", ".join(f"{run_dir(name, r)}/" for r in range(repeats))  # noqa: E731
+    costs = {f"{cfg.pipeline.mode} ({folders('measured')})": cost_ratios(measured, cost_model_for(pred_cfg)),
+             f"sync ({folders('measured_sync')})": cost_ratios(measured_sync,
+                                                             cost_model_for(pred_cfg.with_overrides(sync)))}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
-                      recalibrated_sync, costs, notes)
+                      recalibrated_sync, costs, runs, notes)

@@ -31,11 +31,25 @@ def _table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def runs_table(runs: list[dict]) -> list[str]:
+    """Markdown lines: each measured pair of runs on its own."""
+    mode = runs[0]["mode"]
+    lines = [f"| run | seed | samples/s ({mode}) | s/step ({mode}) | s/step (sync) | speedup over sync |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['run']} | {r['seed']} | {_num(r['samples_per_s'])} | {_num(r['step_s'])} | "
+              f"{_num(r['sync_step_s'])} | {_num(r['speedup_vs_sync'])} |" for r in runs]
+    return lines
+
+
 def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[Row] | None = None,
-             costs: dict | None = None) -> str:
+             costs: dict | None = None, runs: list[dict] | None = None) -> str:
     lines = [f"# {title}", "", f"**Result: {'PASS' if all_ok(rows) else 'FAIL'}**", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", *_table(rows)]
+    if runs is not None:
+        lines += ["", "## The measured runs one by one (not judged)", "",
+                  "The table above compares each side's runs laid end to end; here is each pair alone, with its "
+                  "seed: how far one run of this machine and seed is from another.", "", *runs_table(runs)]
     if recalibrated is not None:
         lines += ["", "## Recalibrated post hoc (not the prediction, not judged)", "",
                   "The same simulation with the measured run's prompt and response lengths replayed: how much of "
@@ -52,12 +66,13 @@ def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[R
 
 
 def write_report(out: Path, title: str, rows: list[Row], notes: list[str], predicted: Trace, measured: Trace,
-                 recalibrated: list[Row] | None = None, costs: dict | None = None) -> None:
+                 recalibrated: list[Row] | None = None, costs: dict | None = None,
+                 runs: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(title, rows, notes, recalibrated, costs))
+    (out / "report.md").write_text(markdown(title, rows, notes, recalibrated, costs, runs))
     payload = {"title": title, "pass": all_ok(rows), "notes": notes, "rows": rows_as_dicts(rows),
                "recalibrated_rows": rows_as_dicts(recalibrated) if recalibrated is not None else None,
-               "costs": costs}
+               "costs": costs, "runs": runs}
     (out / "report.json").write_text(json.dumps(payload, indent=2, default=float))
     figures(out, predicted, measured)
 

@@ -1,11 +1,9 @@
 """Markdown tables from the four validate reports: predicted / measured (error) for the judged numbers; the in-run
-costs against the profile (post hoc); and the machine's own repeatability: the two cells with one worker count
-share their sync run's config (a sync pipeline has no staleness bound), so their sync runs are one run made twice."""
+costs against the profile (post hoc); and the measured runs one by one (the machine's and the seeds' repeatability:
+the two cells with one worker count share their sync runs' configs, as a sync pipeline has no staleness bound)."""
 import json
 from pathlib import Path
 
-from sim.metrics import compute_metrics
-from sim.trace import read_trace
 
 HERE = Path(__file__).parent
 METRICS = [("staleness/mean", "mean staleness"), ("staleness/p90", "p90"), ("throughput/samples_per_s", "samples/s"),
@@ -37,13 +35,16 @@ for name, data in reports.items():
                                          for k in ("learner_step", "generation_batch")) + " |")
 
 print()
-print("| workers | measured sync s/step, the same run made twice (in the cells with bound) | difference |")
-print("|---|---|---|")
-for w in sorted({name.split("-")[0] for name in reports}):
-    runs = sorted(HERE.glob(f"{w}-s*/measured_sync/trace"))
+print("The measured runs one by one (each cell's judged numbers are of its 3 runs end to end):")
+print()
+print("| workers | bound | samples/s, async runs | s/step, sync runs | speedup, pair by pair | largest / smallest async, sync |")
+print("|---|---|---|---|---|---|")
+for name, data in reports.items():
+    w, s = name[1:].split("-s")
+    runs = data.get("runs") or []
     if len(runs) < 2:
         continue
-    steps = [compute_metrics(read_trace(r))["time/step_s"] for r in runs]
-    names = ", ".join(r.parent.parent.name.split("-")[1] for r in runs)
-    print(f"| {w[1:]} | " + " / ".join(f"{x:.3f}" for x in steps) + f" ({names}) | "
-          f"{100 * (max(steps) / min(steps) - 1):.1f} % |")
+    col = lambda key, fmt: " / ".join(format(r[key], fmt) for r in runs)  # noqa: E731
+    spread = lambda key: 100 * (max(r[key] for r in runs) / min(r[key] for r in runs) - 1)  # noqa: E731
+    print(f"| {w} | {s} | {col('samples_per_s', '.0f')} | {col('sync_step_s', '.3f')} | "
+          f"{col('speedup_vs_sync', '.2f')} | +{spread('samples_per_s'):.0f} %, +{spread('sync_step_s'):.0f} % |")
