@@ -116,9 +116,7 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
                           f"{run['step_s']:.3f} s/step, sync {run['sync_step_s']:.3f} s/step, speedup "
                           f"{run['speedup_vs_sync']:.2f}", highlight=False)
     notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), "
-             f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes,
-             "measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/"
-             + (", and -2, -3, ... for the repeats" if len(res.runs) > 1 else "") + ")"]
+             f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes]
     write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
                  recalibrated=recalibrated, costs=res.costs, runs=res.runs if len(res.runs) > 1 else None)
     return rows, all_ok(rows)

@@ -170,10 +170,13 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     measured, measured_sync = end_to_end(measured_runs), end_to_end(sync_runs)
     runs = [run_row(r, seed, cfg.pipeline.mode, m, ms)
             for r, (seed, m, ms) in enumerate(zip(seeds, measured_runs, sync_runs))]
-    if repeats > 1:
-        notes.append(f"measured: {repeats} runs in each mode (seeds {', '.join(map(str, seeds))}), modes alternating "
-                     f"({cfg.pipeline.mode} first, then sync first, ...); the numbers are of each mode's runs laid "
-                     "end to end (all samples over all time), the prediction's likewise")
+    if repeats == 1:
+        notes.append("measured: `stalecast train` in the config's mode and in sync mode (measured/, measured_sync/)")
+    else:
+        notes.append(f"measured: `stalecast train`, {repeats} runs in each mode (seeds {', '.join(map(str, seeds))}; "
+                     f"measured/, measured_sync/, then -2, -3, ...), modes alternating ({cfg.pipeline.mode} first, "
+                     "then sync first, ...); the numbers are of each mode's runs laid end to end (all samples over "
+                     "all time), the prediction's likewise")
 
     say("recalibrating (post hoc: the measured runs' lengths)")
     recalibrated, recalibrated_sync = predict([lengths_from(m) for m in measured_runs])
