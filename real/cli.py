@@ -102,7 +102,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     plan = plan_for(cfg, quick=args.quick)
     out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
     colocation = cfg.cluster.colocated * (2 + (cfg.cluster.rollout_workers > 1))
-    n_stages = 1 + plan.rounds + 1 + colocation  # warm-up, rounds, weight load, co-location
+    n_stages = 1 + 2 * plan.rounds + 1 + colocation  # warm-up, decode and learner rounds, weight load, co-location
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("", total=n_stages)

@@ -22,10 +22,14 @@ Every table is timed through the code a run executes, so the simulator is fed th
   busy processes slowed each other by x1.1-1.5 though each had a core of its own.
 
 A shared machine drifts: on a 2-core VM the same decode call's 5-second median wanders by ~9 % (coefficient of
-variation), its 60-second mean by ~4 %. So every point is timed once per round, the rounds run one after
-another, each in a shuffled order, and a point is the median over rounds: drift falls on every point alike
-and averages over the whole profile instead of biasing whichever points ran in a slow spell. Nothing here
-writes files: the command saves the returned profile (`sim.hardware.measured.save_profile`).
+variation), its 60-second mean by ~4 %. So every point is timed once per round, each round in a shuffled order,
+and a point is the median over rounds: drift falls on every point alike and averages over the whole profile
+instead of biasing whichever points ran in a slow spell. Decode rounds and learner rounds run in blocks, half of
+each kind's rounds per block, alternating (decode, learner, decode, learner): a run's learner trains step after
+step with nothing else in its process, and on the 2-core VM learner steps timed between decode calls of the
+same process read ~10 % slower than steps back to back (156 vs 142 ms, 3 alternations), which made the in-run
+steps of `stalecast validate` x0.80-0.87 of the profile. Nothing here writes files: the command saves the
+returned profile (`sim.hardware.measured.save_profile`).
 """
 
 from __future__ import annotations
@@ -52,9 +56,11 @@ class ProfilePlan:
     train_lengths: tuple[int, ...]  # response length of every sample in a synthetic learner batch
     prompt_lengths: tuple[int, ...]  # the task's prompt lengths, one per group: their spread is the batches' padding
     decode_steps: int = 8           # decode steps timed per call (the call generates one more token)
-    rounds: int = 20                # every point once per round (about 2 s a round on the tiny CPU example)
-    colocation_s: float = 6.0       # seconds each alternating co-location measurement runs at least
-    colocation_phase_s: float = 1.0  # seconds of each alone / shared phase (repeated calls)
+    rounds: int = 20                # every point once per round (about 2 s a decode round and 1 s a learner round
+                                    # on the tiny CPU example)
+    colocation_s: float = 15.0      # seconds each alternating co-location measurement runs at least: over 6 s its
+                                    # estimate of a learner slowdown near 1 scattered from x0.96 to x1.25
+    colocation_phase_s: float = 2.5  # seconds of each alone / shared phase (repeated calls)
 
 
 def plan_for(cfg, quick: bool = False) -> ProfilePlan:
@@ -74,8 +80,8 @@ def plan_for(cfg, quick: bool = False) -> ProfilePlan:
     if quick:  # for tests: the ends of each axis only
         active, context, lengths = [active[0], active[-1]], [context[0], context[-1]], [lengths[0], lengths[-1]]
     return ProfilePlan(tuple(active), tuple(context), tuple(lengths), tuple(prompt_lens),
-                       rounds=2 if quick else 20, colocation_s=1.5 if quick else 6.0,
-                       colocation_phase_s=0.25 if quick else 1.0)
+                       rounds=2 if quick else 20, colocation_s=1.5 if quick else 15.0,
+                       colocation_phase_s=0.25 if quick else 2.5)
 
 
 def _sync(device: torch.device) -> None:
@@ -328,10 +334,16 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
     say("warm-up: every decode point and learner batch once")
     decode_round(timed=False)
     learner_round(timed=False)
-    for r in range(plan.rounds):
-        say(f"round {r + 1} of {plan.rounds}: {len(points)} decode points, {len(plan.train_lengths)} learner steps")
-        decode_round(timed=True)
-        learner_round(timed=True)
+    # Two blocks of each kind, alternating (decode, learner, decode, learner), so drift falls on both; within a
+    # block the learner's steps run back to back, as a run's learner trains (see the module docstring).
+    halves = (plan.rounds - plan.rounds // 2, plan.rounds // 2)
+    done = {"decode": 0, "learner": 0}
+    for n_rounds in halves:
+        for kind, one_round in (("decode", decode_round), ("learner", learner_round)):
+            for _ in range(n_rounds):
+                done[kind] += 1
+                say(f"{kind} round {done[kind]} of {plan.rounds}")
+                one_round(timed=True)
     say("weight load")
     with pinned(0, device, cfg.pipeline.mode):
         channel.load_into(model)
