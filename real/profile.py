@@ -27,9 +27,8 @@ and a point is the median over rounds: drift falls on every point alike and aver
 instead of biasing whichever points ran in a slow spell. Decode rounds and learner rounds run in blocks, half of
 each kind's rounds per block, alternating (decode, learner, decode, learner): a run's learner trains step after
 step with nothing else in its process, and on the 2-core VM learner steps timed between decode calls of the
-same process read ~10 % slower than steps back to back (156 vs 142 ms, 3 alternations), which made the in-run
-steps of `stalecast validate` x0.80-0.87 of the profile. Nothing here writes files: the command saves the
-returned profile (`sim.hardware.measured.save_profile`).
+same process read ~10 % slower than steps back to back (156 vs 142 ms, 3 alternations). Nothing here writes
+files: the command saves the returned profile (`sim.hardware.measured.save_profile`).
 """
 
 from __future__ import annotations
@@ -79,9 +78,8 @@ def plan_for(cfg, quick: bool = False) -> ProfilePlan:
     lengths = sorted({max(1, new * k // 8) for k in (1, 2, 4, 6, 8)})
     if quick:  # for tests: the ends of each axis only
         active, context, lengths = [active[0], active[-1]], [context[0], context[-1]], [lengths[0], lengths[-1]]
-    return ProfilePlan(tuple(active), tuple(context), tuple(lengths), tuple(prompt_lens),
-                       rounds=2 if quick else 20, colocation_s=1.5 if quick else 15.0,
-                       colocation_phase_s=0.25 if quick else 2.5)
+    short = {"rounds": 2, "colocation_s": 1.5, "colocation_phase_s": 0.25} if quick else {}
+    return ProfilePlan(tuple(active), tuple(context), tuple(lengths), tuple(prompt_lens), **short)
 
 
 def _sync(device: torch.device) -> None:
@@ -336,13 +334,11 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
     learner_round(timed=False)
     # Two blocks of each kind, alternating (decode, learner, decode, learner), so drift falls on both; within a
     # block the learner's steps run back to back, as a run's learner trains (see the module docstring).
-    halves = (plan.rounds - plan.rounds // 2, plan.rounds // 2)
-    done = {"decode": 0, "learner": 0}
-    for n_rounds in halves:
+    half = plan.rounds - plan.rounds // 2
+    for block in (range(half), range(half, plan.rounds)):
         for kind, one_round in (("decode", decode_round), ("learner", learner_round)):
-            for _ in range(n_rounds):
-                done[kind] += 1
-                say(f"{kind} round {done[kind]} of {plan.rounds}")
+            for r in block:
+                say(f"{kind} round {r + 1} of {plan.rounds}")
                 one_round(timed=True)
     say("weight load")
     with pinned(0, device, cfg.pipeline.mode):
