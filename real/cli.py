@@ -96,12 +96,12 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
 
     from real.model import resolve_device
     from real.profile import measure_profile, plan_for
-    from sim.hardware.measured import save_profile
+    from sim.hardware.measured import describe_factor, save_profile
 
     cfg = load_config(args.config, parse_overrides(args.set))
     plan = plan_for(cfg, quick=args.quick)
     out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
-    colocation = cfg.cluster.colocated * (2 + (cfg.cluster.rollout_workers > 1))
+    colocation = 3 * cfg.cluster.colocated
     n_stages = 1 + 2 * plan.rounds + 1 + colocation  # warm-up, decode and learner rounds, weight load, co-location
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -125,7 +125,8 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
                   f"sync {profile.sync_s * 1e3:.1f} ms", markup=False, highlight=False)
     if profile.colocation is not None:
         c = profile.colocation
-        console.print(f"co-location slowdown: generation x{c.gen_slowdown:.2f}, training x{c.train_slowdown:.2f}, "
-                      f"generation in sync mode x{c.sync_gen_slowdown:.2f}", markup=False, highlight=False)
+        console.print(f"co-location slowdown: generation {describe_factor(c.gen_slowdown)}, training "
+                      f"x{c.train_slowdown:.2f}, generation in sync mode {describe_factor(c.sync_gen_slowdown)}",
+                      markup=False, highlight=False)
     console.print(f"wrote {out} (use it: --set hardware.profile={out})", markup=False, highlight=False)
     return 0

@@ -14,12 +14,16 @@ Every table is timed through the code a run executes, so the simulator is fed th
   advantages, forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
   tokens the step computes: rows x the longest row (prompt + response), as the learner pads a batch.
 - sync_s: the learner's weight publication plus one worker's load (`SharedMemoryChannel`).
-- colocation: decode steps timed while the learner trains and the other workers generate in processes of
-  their own, learner steps timed while every worker generates, and (sync mode, several workers) decode steps
-  timed while only the other workers generate; each over its time alone, in alternating phases of repeated
-  calls (the other processes pause between) so that the machine's drift falls on both. On a GPU that is the
-  share of one device, on a CPU the share of its cores, and of whatever the cores share: on this 2-core VM two
-  busy processes slowed each other by x1.1-1.5 though each had a core of its own.
+- colocation: a worker's whole batch (prefill and decode steps) timed while the learner trains and the other
+  workers generate in processes of their own, and (sync mode) while only the other workers generate, each at
+  worker idle fractions 0, 30 and 60 % (`IdleCurve`): a worker idles between bursts of batches as a run's
+  does. Learner steps timed while every worker generates. Each over its time alone and back to back, in
+  alternating phases of repeated calls (the other processes pause between) so that the machine's drift falls on
+  both. On a GPU that is the share of one device, on a CPU the share of its cores and of whatever they share.
+  On the 2-core VM, with the other core training, a worker's batches ran x1.04 of their time alone back to back,
+  but x1.17, x1.39 and x1.28 when it idled 15, 47 and 73 % of the time (x0.97, x1.15, x1.18 with nothing beside
+  it); in the validation runs generation had run x1.1-1.4 of a charge measured back to back. The simulator
+  charges the factor at the idle fraction the run settles at (`sim.engine.pipeline.settled_cost_model`).
 
 A shared machine drifts: on a 2-core VM the same decode call's 5-second median wanders by ~9 % (coefficient of
 variation), its 60-second mean by ~4 %. So every point is timed once per round, each round in a shuffled order,
@@ -42,9 +46,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sim.hardware.measured import Colocation, Curve, DecodeGrid, MeasuredProfile
+from sim.hardware.measured import Colocation, Curve, DecodeGrid, IdleCurve, MeasuredProfile
 
 NO_EOS = -1  # an id no sampled token equals: every sequence runs to max_new_tokens
+IDLE = (0.0, 0.3, 0.6)  # worker idle fractions the generation slowdown is measured at (runs idle ~0.1-0.7)
+BURST_S = 0.1  # a worker idling is measured generating at least this long between gaps (runs: ~0.05-0.2 s)
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,8 @@ class ProfilePlan:
     decode_steps: int = 8           # decode steps timed per call (the call generates one more token)
     rounds: int = 20                # every point once per round (about 2 s a decode round and 1 s a learner round
                                     # on the tiny CPU example)
-    colocation_s: float = 15.0      # seconds each alternating co-location measurement runs at least: over 6 s its
-                                    # estimate of a learner slowdown near 1 scattered from x0.96 to x1.25
+    colocation_blocks: int = 3      # co-location blocks per factor (alone, then warm-in and shared phases)
+    colocation_warm_s: float = 5.0  # seconds the processes share before a block's shared phases are timed
     colocation_phase_s: float = 2.5  # seconds of each alone / shared phase (repeated calls)
 
 
@@ -78,7 +84,7 @@ def plan_for(cfg, quick: bool = False) -> ProfilePlan:
     lengths = sorted({max(1, new * k // 8) for k in (1, 2, 4, 6, 8)})
     if quick:  # for tests: the ends of each axis only
         active, context, lengths = [active[0], active[-1]], [context[0], context[-1]], [lengths[0], lengths[-1]]
-    short = {"rounds": 2, "colocation_s": 1.5, "colocation_phase_s": 0.25} if quick else {}
+    short = {"rounds": 2, "colocation_blocks": 1, "colocation_warm_s": 0.25, "colocation_phase_s": 0.25} if quick else {}
     return ProfilePlan(tuple(active), tuple(context), tuple(lengths), tuple(prompt_lens), **short)
 
 
@@ -260,32 +266,39 @@ class Background:
                 p.terminate()
 
 
-def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[], float], seconds: float,
-             phase_s: float) -> float:
-    """Median of `measure()` (this process in `role`) beside busy processes of (kind, role) over its median
-    alone, in alternating phases of `phase_s` seconds of repeated calls for at least `seconds` (at least 3 pairs).
-    A phase's first call beside the others is not kept: it overlaps their start, while in a run both sides have
-    been busy for a while."""
+def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[], float], plan: ProfilePlan,
+             idle: tuple[float, ...] = (0.0,)) -> list[float]:
+    """Per idle fraction u in `idle`: the median of `measure()` (this process in `role`) beside busy processes of
+    (kind, role), this process idling a fraction u of the time, over its median alone and back to back. It idles
+    as a run's worker does, in gaps after bursts of calls at least `BURST_S` long. In blocks, so that drift falls
+    on both sides: a phase alone, then the others resume, a warm-in (not timed) and a phase at each fraction (in an
+    order rotating by block), then they pause. The warm-in because a neighbour's effect builds up: on the 2-core VM
+    a worker beside a training learner ran x1.05-1.1 of its time alone in the first 5 s and x1.2-1.35 after
+    (2.5-s medians), and a run shares for minutes."""
     from real.model import pinned, resolve_device
 
-    def phase() -> list[float]:
-        times, end = [], time.monotonic() + phase_s
+    def phase(u: float, seconds: float) -> list[float]:
+        times, end = [], time.monotonic() + seconds
         while not times or time.monotonic() < end:
-            times.append(measure())
+            burst = time.perf_counter()
+            while not times or time.perf_counter() - burst < BURST_S:
+                times.append(measure())
+            if u > 0:
+                time.sleep((time.perf_counter() - burst) * u / (1 - u))
         return times
 
-    alone, shared = [], []
-    pairs = 0
+    alone: list[float] = []
+    shared: dict[float, list[float]] = {u: [] for u in idle}
     with Background(kinds, cfg) as background, pinned(role, resolve_device(cfg), cfg.pipeline.mode):
-        end = time.monotonic() + seconds
-        while pairs < 3 or time.monotonic() < end:
-            alone += phase()
+        for block in range(plan.colocation_blocks):
+            alone += phase(0.0, plan.colocation_phase_s)
             background.resume()
-            measure()
-            shared += phase()
+            order = idle[block % len(idle):] + idle[:block % len(idle)]
+            phase(order[0], plan.colocation_warm_s)
+            for u in order:
+                shared[u] += phase(u, plan.colocation_phase_s)
             background.pause()
-            pairs += 1
-    return float(np.median(shared) / np.median(alone))
+    return [float(np.median(shared[u]) / np.median(alone)) for u in idle]
 
 
 # --------------------------------------------------------------------------- the profile
@@ -350,22 +363,24 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
     if cfg.cluster.colocated:
         n, c = cfg.cluster.max_concurrency, plan.context[len(plan.context) // 2]
         workers = cfg.cluster.rollout_workers
-        decode_step = lambda: decoder.point(n, c, plan.decode_steps)[0]  # noqa: E731 - a worker's full batch
-        say(f"co-location: decoding beside the learner and {workers - 1} other worker(s)")
-        gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg, decode_step,
-                       plan.colocation_s, plan.colocation_phase_s)
+        # A worker's full batch, prefill included, as a run's worker generates (and as the factor is charged).
+        batch = lambda: _timed(lambda: decoder.point(n, c, plan.decode_steps), device)  # noqa: E731
+        say(f"co-location: generating beside the learner and {workers - 1} other worker(s), idling "
+            f"{'/'.join(f'{u:.0%}' for u in IDLE)} of the time")
+        gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg, batch, plan,
+                       IDLE)
         length = cfg.workload.max_new_tokens // 2 or 1
         say(f"co-location: learner steps beside {workers} generating worker(s)")
-        train = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
-                         plan.colocation_s, plan.colocation_phase_s)
-        sync_gen = 1.0
-        if workers > 1:  # sync mode: the workers generate beside each other while the learner idles
-            say(f"co-location: decoding beside {workers - 1} other worker(s), as in sync mode")
-            sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
-            sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg, decode_step,
-                                plan.colocation_s, plan.colocation_phase_s)
-        colocation = Colocation(gen_slowdown=max(1.0, gen), train_slowdown=max(1.0, train),
-                                sync_gen_slowdown=max(1.0, sync_gen))
+        train, = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
+                          plan)
+        # Sync mode: the workers generate beside each other (the learner idles), then idle while it trains.
+        say(f"co-location: generating beside {workers - 1} other worker(s) as in sync mode, idling "
+            f"{'/'.join(f'{u:.0%}' for u in IDLE)} of the time")
+        sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
+        sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg, batch, plan, IDLE)
+        colocation = Colocation(gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in gen)),
+                                train_slowdown=max(1.0, train),
+                                sync_gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in sync_gen)))
 
     return MeasuredProfile(
         machine=machine_record(device), model=cfg.real.model,

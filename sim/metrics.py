@@ -115,6 +115,11 @@ def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
     return busy / (n_workers * wall)
 
 
+def rollout_idle(trace: Trace) -> float:
+    """Fraction of worker-time with nothing in flight, over the run's wall time (the `idle/rollout` metric)."""
+    return 1.0 - busy_fraction(*group_intervals(trace.samples), trace.n_workers, run_wall_s(trace.steps))
+
+
 def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:
     """All DESIGN.md metrics of a trace. `sync_step_s`: time per learner step of the synchronous pipeline
     on the same hardware and workload, for speedup/vs_sync."""
@@ -135,7 +140,7 @@ def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:
         "throughput/tokens_per_s": float(samples["response_len"].to_numpy()[used].sum(dtype=np.int64)) / wall,
         "throughput/steps_per_h": 3600.0 / step_s,
         "idle/trainer": max(0.0, 1.0 - train_busy / wall),
-        "idle/rollout": 1.0 - busy_fraction(*group_intervals(samples), trace.n_workers, wall),
+        "idle/rollout": rollout_idle(trace),
         "speedup/vs_sync": (sync_step_s / step_s) if sync_step_s else None,
         "time/step_s": step_s,
         "time/wall_s": wall,

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from sim.config import load_config, parse_config
 from sim.engine.kernel import span_time
-from sim.engine.pipeline import ENGINES, Simulation, simulate
+from sim.engine.pipeline import ENGINES, Simulation, settled_cost_model, simulate
 from sim.hardware.cost import build_cost_model
+from sim.hardware.measured import Colocation, IdleCurve, MeasuredProfile, save_profile
 from sim.metrics import compute_metrics, sample_staleness
 
 
@@ -112,6 +113,24 @@ def test_exponential_generation_gives_geometric_staleness(engine):
     k = np.arange(1, 9)
     pmf = np.bincount(stale, minlength=9)[1:9] / len(stale)
     np.testing.assert_allclose(pmf, p * (1 - p) ** (k - 1), atol=0.012)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generation_slowdown_settles_at_the_idle_fraction_it_produces(tmp_path, engine):
+    """Sync mode, one worker: a step generates for G0 * F(u) then trains for T while the worker idles, so the idle
+    fraction is u = T / (G0 F(u) + T). With G0 = T = 1 s and F(u) = 1 + u (a profile's curve) that is
+    u^2 + 2u - 1 = 0: u = sqrt(2) - 1."""
+    save_profile(MeasuredProfile(colocation=Colocation(1.0, 1.0, IdleCurve((0.0, 0.6), (1.0, 1.6)))),
+                 tmp_path / "p.yaml")
+    cfg = make_cfg("sync", steps=20, workers=1, concurrency=8, decode=0.01, train=1.0).with_overrides(
+        {"hardware.profile": str(tmp_path / "p.yaml"), "cluster.colocated": True})
+    cost = settled_cost_model(cfg, engine)
+    assert cost.worker_idle == pytest.approx(np.sqrt(2) - 1, abs=0.01)
+    assert cost.gen_slowdown == pytest.approx(1 + cost.worker_idle)
+    # The simulation that charges it idles as much, and Simulation settles by itself when given no cost model.
+    trace = Simulation(cfg, engine=engine).run()
+    assert compute_metrics(trace)["idle/rollout"] == pytest.approx(cost.worker_idle, abs=0.01)
+    assert trace.header["worker_idle_charged"] == cost.worker_idle
 
 
 # --------------------------------------------------------------------------- exactness of continuous batching

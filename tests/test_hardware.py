@@ -6,7 +6,8 @@ import pytest
 from sim.config import ConfigError, parse_config
 from sim.hardware import GPUS, MODELS, build_cost_model
 from sim.hardware.cost import cost_model_for
-from sim.hardware.measured import Colocation, Curve, DecodeGrid, MeasuredProfile, load_profile, save_profile
+from sim.hardware.measured import (Colocation, Curve, DecodeGrid, IdleCurve, MeasuredProfile, load_profile,
+                                   save_profile)
 from sim.hardware.specs import resolve_model
 
 
@@ -177,6 +178,16 @@ def test_measured_decode_tail_never_decreases():
      "colocation.sync_gen_slowdown: must be > 0"),
     ({"colocation": {"gen_slowdown": 1.2, "train_slowdown": 1.0, "sync": 1.0}}, "colocation.sync: unknown field"),
     ({"decod": {}}, "decod"),
+    ({"colocation": {"gen_slowdown": {"idle": [0, 0.5]}, "train_slowdown": 1.0}}, "colocation.gen_slowdown.slowdown"),
+    ({"colocation": {"gen_slowdown": {"idle": [0.5, 0], "slowdown": [1, 1]}, "train_slowdown": 1.0}},
+     "colocation.gen_slowdown.idle: must be strictly ascending"),
+    ({"colocation": {"gen_slowdown": {"idle": [0, 1], "slowdown": [1, 1]}, "train_slowdown": 1.0}},
+     "colocation.gen_slowdown.idle: fractions must lie in [0, 1)"),
+    ({"colocation": {"gen_slowdown": 1.0, "train_slowdown": 1.0,
+                     "sync_gen_slowdown": {"idle": [0, 0.5], "slowdown": [1.0]}}},
+     "colocation.sync_gen_slowdown.slowdown: 1 values, expected one per"),
+    ({"colocation": {"gen_slowdown": {"idle": [0], "slowdown": [0]}, "train_slowdown": 1.0}},
+     "colocation.gen_slowdown.slowdown: values must be > 0"),
 ])
 def test_bad_profile_names_file_and_field(tmp_path, bad, field):
     path = tmp_path / "prof.yaml"
@@ -218,6 +229,21 @@ def test_colocation_only_when_overlapping():
     cost = build_cost_model(make_cfg(const, cluster=cluster, pipeline={"mode": "sync"}),
                             MeasuredProfile(colocation=Colocation(2.0, 3.0, 1.5)))
     assert cost.decode_step_s(1, 0) == pytest.approx(0.15) and cost.train_slowdown == 1.0
+
+
+def test_generation_slowdown_against_idle_fraction(tmp_path):
+    """A profile's IdleCurve: read and written back, charged at the idle fraction asked for, flat beyond its ends."""
+    curve = IdleCurve((0.0, 0.3, 0.6), (1.0, 1.3, 1.45))
+    profile = MeasuredProfile(colocation=Colocation(curve, 1.1, IdleCurve((0.0, 0.3, 0.6), (1.0, 1.1, 1.2))))
+    save_profile(profile, tmp_path / "p.yaml")
+    assert load_profile(tmp_path / "p.yaml") == profile
+    const = {"gpu": None, "constant": {"decode_step_s": 0.1, "train_step_s": 1.0}}
+    cluster = {"rollout_workers": 1, "max_concurrency": 8, "colocated": True}
+    for idle, factor in ((0.0, 1.0), (0.15, 1.15), (0.45, 1.375), (0.6, 1.45), (0.9, 1.45)):
+        cost = build_cost_model(make_cfg(const, cluster=cluster), profile, worker_idle=idle)
+        assert cost.decode_step_s(1, 0) == pytest.approx(0.1 * factor) and cost.worker_idle == idle
+    sync = build_cost_model(make_cfg(const, cluster=cluster, pipeline={"mode": "sync"}), profile, worker_idle=0.45)
+    assert sync.decode_step_s(1, 0) == pytest.approx(0.1 * 1.15)
 
 
 # --------------------------------------------------------------------------- check_hardware

@@ -28,7 +28,10 @@ def test_profile_measures_every_table_and_the_simulator_uses_it(profile_path):
     assert prof.machine["device"] == "cpu" and prof.model == "tiny"
     assert all(s > 0 for row in prof.decode.seconds for s in row)
     assert prof.train.seconds[-1] > prof.train.seconds[0] > 0      # more tokens, a longer learner step
-    assert prof.sync_s > 0 and prof.colocation.gen_slowdown >= 1 and prof.colocation.train_slowdown >= 1
+    c = prof.colocation
+    assert prof.sync_s > 0 and c.train_slowdown >= 1
+    for curve in (c.gen_slowdown, c.sync_gen_slowdown):  # each against the idle fractions it was measured at
+        assert curve.idle == (0.0, 0.3, 0.6) and all(v >= 1 for v in curve.slowdown)
     from sim.engine.pipeline import Simulation
     sim = Simulation(load_config(TINY, {"hardware.profile": str(profile_path), "run.steps": 5}))
     assert set(sim.cost.sources.values()) == {"measured"}

@@ -8,7 +8,7 @@ median over the run:
 - generation: a worker's batch (its samples admitted together: one `generate()` call) from its start to its last
   sample's end, over what the simulator charges such a static batch: one prefill of all its prompt tokens, then
   each decode step at its active sequences and their context (sequences leave as they end), co-location
-  included as the simulator applies it in that mode.
+  included as the simulator applies it in that mode, at the run's own worker idle fraction.
 
 Near 1 means the costs held in the run as profiled, so the remaining error is the pipeline model's (or the
 lengths'); far from 1 with both runs alike means the machine ran faster or slower than when it was profiled.

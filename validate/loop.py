@@ -107,6 +107,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.trainer import Trainer
     from sim.engine.pipeline import simulate
     from sim.hardware.cost import cost_model_for
+    from sim.metrics import rollout_idle
     from sim.hardware.measured import save_profile
     from validate.costs import cost_ratios
 
@@ -159,6 +160,10 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
 
     say("predicting (before the measured runs)")
     predicted, predicted_sync = predict(pilot_lengths)
+    notes.append("generation charged at the profile's co-location factor for the workers' idle fraction that the "
+                 "prediction settles at: " + ", ".join(
+                     f"{mode} x{t.header['generation_slowdown']:.3f} at {100 * t.header['worker_idle_charged']:.0f} %"
+                     for mode, t in ((cfg.pipeline.mode, predicted), ("sync", predicted_sync))))
 
     measured_runs, sync_runs = [], []
     for r, seed in enumerate(seeds):
@@ -182,8 +187,11 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     recalibrated, recalibrated_sync = predict([lengths_from(m) for m in measured_runs])
     notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured runs' lengths")
     folders = lambda name: ", ".join(f"{run_dir(name, r)}/" for r in range(repeats))  # noqa: E731
-    costs = {f"{cfg.pipeline.mode} ({folders('measured')})": cost_ratios(measured, cost_model_for(pred_cfg)),
-             f"sync ({folders('measured_sync')})": cost_ratios(measured_sync,
-                                                             cost_model_for(pred_cfg.with_overrides(sync)))}
+    # Charged at each run's own worker idle fraction: the cost ratio then asks whether the costs held as profiled.
+    sync_cfg = pred_cfg.with_overrides(sync)
+    costs = {f"{cfg.pipeline.mode} ({folders('measured')})":
+             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured))),
+             f"sync ({folders('measured_sync')})":
+             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)))}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
                       recalibrated_sync, costs, runs, notes)

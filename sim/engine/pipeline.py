@@ -20,7 +20,8 @@ from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
 from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control, oldest_unconsumed
 from sim.engine.worker import Worker
-from sim.hardware.cost import CostModel, cost_model_for
+from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
+from sim.hardware.measured import IdleCurve, load_profile
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
 
@@ -45,7 +46,7 @@ class Simulation:
         cfg (a study passes one it already drew: group n's lengths depend only on seed and workload)."""
         if engine not in (None, *ENGINES):
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
-        self.cost = cost if cost is not None else cost_model_for(cfg)
+        self.cost = cost if cost is not None else settled_cost_model(cfg, engine, stream)
         static = cfg.cluster.batching == "static"
         shared = self.cost.train_slowdown != 1.0  # the learner's speed follows the workers': SimPy only
         if engine == "fast" and (static or shared):
@@ -290,10 +291,33 @@ class Simulation:
         for col in ("lr", "grad_norm", "kl", "ess_token", "ess_seq", "reward_mean", "clip_frac"):
             steps[col] = np.nan
         header = {"schema": "stalecast.trace/1", **provenance("sim"), "config": self.cfg.model_dump(mode="json"),
-                  "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None)}
+                  "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None),
+                  "generation_slowdown": self.cost.gen_slowdown, "worker_idle_charged": self.cost.worker_idle}
         return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header)
 
 
 def simulate(cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None) -> Trace:
     """Run one replication of `cfg` and return its trace."""
     return Simulation(cfg, cost, engine).run()
+
+
+def settled_cost_model(cfg: RunConfig, engine: str | None = None, stream: GroupStream | None = None,
+                       tolerance: float = 0.01) -> CostModel:
+    """The cost model of `cfg`, its generation slowdown taken at the workers' idle fraction that its own simulation
+    produces. A profile may measure that slowdown against the idle fraction (`IdleCurve`): on the 2-core VM a worker
+    generating in bursts ran slower per batch than one generating back to back. The fraction is an output of the
+    pipeline, so it is searched for: u - idle(u) is <= 0 at u = 0 and > 0 at u = 1 (a run is never idle
+    throughout), and bisection narrows a sign change to `tolerance` (7 simulations at 0.01). Costs without such
+    a curve need no search."""
+    from sim.metrics import rollout_idle
+
+    profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
+    factor = generation_slowdown(cfg, profile)
+    if not isinstance(factor, IdleCurve) or len(set(factor.slowdown)) == 1:
+        return build_cost_model(cfg, profile)
+    lo, hi = 0.0, 1.0
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        idle = rollout_idle(Simulation(cfg, build_cost_model(cfg, profile, mid), engine, stream).run())
+        lo, hi = (mid, hi) if idle > mid else (lo, mid)
+    return build_cost_model(cfg, profile, (lo + hi) / 2)

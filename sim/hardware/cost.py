@@ -16,7 +16,9 @@ All weights and KV are bf16 (2 bytes). When workers and learner share GPUs in a 
 them (not sync), generation times are multiplied by the generation colocation slowdown, whatever the
 source, and the engine slows each learner step by the training one while workers generate
 (`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones. In sync mode
-only a profile's `sync_gen_slowdown` applies (workers generating beside each other, the learner idle).
+only a profile's `sync_gen_slowdown` applies (workers generating beside each other, the learner idle). A profile
+may give a generation factor against the workers' idle fraction (`IdleCurve`); the cost model takes it at the
+fraction it is built for, and `sim.engine.pipeline.settled_cost_model` finds the fraction a run settles at.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from sim.hardware.measured import DecodeGrid, MeasuredProfile, interp_linear, load_profile
+from sim.hardware.measured import DecodeGrid, IdleCurve, MeasuredProfile, interp_linear, load_profile, slowdown_at
 from sim.hardware.specs import GPUS, resolve_model
 
 
@@ -34,8 +36,10 @@ class CostModel:
 
     def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
                  prefill: Callable[[float], float], train: Callable[[float], float], sync_s: float,
-                 gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None):
+                 gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None,
+                 worker_idle: float = 0.0):
         self.max_n = max_n
+        self.worker_idle = worker_idle  # the workers' idle fraction gen_slowdown was taken at (profiles' IdleCurve)
         self.gen_slowdown, self.train_slowdown = gen_slowdown, train_slowdown
         self.sources = sources or {}  # table -> "measured" | "constant" | "analytic", for summaries
         self._x = np.ascontiguousarray(decode_x, dtype=np.float64)
@@ -71,8 +75,9 @@ class CostModel:
         return self._sync
 
 
-def build_cost_model(cfg, profile: MeasuredProfile | None = None) -> CostModel:
-    """The cost model of a `RunConfig`, with an already-loaded profile's tables overriding; no I/O."""
+def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: float = 0.0) -> CostModel:
+    """The cost model of a `RunConfig`, with an already-loaded profile's tables overriding; no I/O. worker_idle:
+    the fraction of time the workers idle, where a profile's generation slowdown depends on it."""
     hw, cl = cfg.hardware, cfg.cluster
     max_n = cl.max_concurrency
     if hw.constant is not None:
@@ -91,23 +96,30 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None) -> CostModel:
         raise ValueError(f"hardware.gpu: required for the costs the profile does not measure "
                          f"({', '.join(missing)}), unless hardware.constant is given")
 
-    gen = train = 1.0
-    measured = profile.colocation if profile is not None else None
-    if cl.colocated and cfg.pipeline.mode == "sync":  # the learner idles while workers generate, beside each other
-        gen = measured.sync_gen_slowdown if measured is not None else 1.0
-    elif cl.colocated:
-        if measured is not None:
-            gen, train = measured.gen_slowdown, measured.train_slowdown
-        else:
-            gen, train = hw.efficiency.colocation_gen_slowdown, hw.efficiency.colocation_train_slowdown
+    gen, train = generation_slowdown(cfg, profile), 1.0
+    if cl.colocated and cfg.pipeline.mode != "sync":
+        measured = profile.colocation if profile is not None else None
+        train = measured.train_slowdown if measured is not None else hw.efficiency.colocation_train_slowdown
     x, y = parts["decode"]
-    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], gen, train, sources)
+    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], slowdown_at(gen, worker_idle),
+                     train, sources, worker_idle)
 
 
-def cost_model_for(cfg) -> CostModel:
-    """Load `hardware.profile` (if any) and build the cost model."""
+def generation_slowdown(cfg, profile: MeasuredProfile | None) -> "float | IdleCurve":
+    """The factor on a worker's generation in the configured mode: a number, or a profile's curve against the
+    fraction of time the workers idle (`settled_cost_model` finds the fraction a run settles at)."""
+    measured = profile.colocation if profile is not None else None
+    if not cfg.cluster.colocated:
+        return 1.0
+    if cfg.pipeline.mode == "sync":  # the learner idles while workers generate, beside each other
+        return measured.sync_gen_slowdown if measured is not None else 1.0
+    return measured.gen_slowdown if measured is not None else cfg.hardware.efficiency.colocation_gen_slowdown
+
+
+def cost_model_for(cfg, worker_idle: float = 0.0) -> CostModel:
+    """Load `hardware.profile` (if any) and build the cost model at a workers' idle fraction."""
     profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
-    return build_cost_model(cfg, profile)
+    return build_cost_model(cfg, profile, worker_idle)
 
 
 # --------------------------------------------------------------------------- sources

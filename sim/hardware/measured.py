@@ -33,10 +33,35 @@ class DecodeGrid:
 
 
 @dataclass(frozen=True)
+class IdleCurve:
+    """A slowdown against the fraction of time a worker idles between its batches: piecewise-linear, flat beyond
+    both ends. On the 2-core VM a worker that generates in bursts ran x1.15-1.4 slower per batch than one
+    generating back to back (more so with the other core busy), so the factor a run sees depends on its rhythm."""
+    idle: tuple[float, ...]      # fractions of wall time idle, ascending, in [0, 1)
+    slowdown: tuple[float, ...]  # batch time at that idle fraction over batch time back to back and alone
+
+    def __call__(self, idle: float) -> float:
+        return float(np.interp(idle, self.idle, self.slowdown))
+
+
+def slowdown_at(factor: "float | IdleCurve", idle: float) -> float:
+    """A co-location factor at a worker idle fraction: a plain number is the same at any."""
+    return factor(idle) if isinstance(factor, IdleCurve) else float(factor)
+
+
+def describe_factor(factor: "float | IdleCurve") -> str:
+    """'x1.20', or 'x1.04 / x1.25 / x1.31 at 0 / 30 / 60 % idle'."""
+    if not isinstance(factor, IdleCurve):
+        return f"x{factor:.2f}"
+    return (" / ".join(f"x{v:.2f}" for v in factor.slowdown) + " at "
+            + " / ".join(f"{100 * u:.0f}" for u in factor.idle) + " % idle")
+
+
+@dataclass(frozen=True)
 class Colocation:
-    gen_slowdown: float            # a worker's decode step while the learner trains and the other workers generate
-    train_slowdown: float          # a learner step while every worker generates
-    sync_gen_slowdown: float = 1.0  # a worker's decode step while only the other workers generate (sync mode)
+    gen_slowdown: float | IdleCurve  # a worker's generation while the learner trains and the other workers generate
+    train_slowdown: float            # a learner step while every worker generates
+    sync_gen_slowdown: float | IdleCurve = 1.0  # a worker's generation while only the other workers generate (sync)
 
 
 @dataclass(frozen=True)
@@ -75,8 +100,11 @@ class MeasuredProfile:
             raise ValueError(f"sync_s: must be >= 0 (got {self.sync_s})")
         if self.colocation is not None:
             for name in ("gen_slowdown", "train_slowdown", "sync_gen_slowdown"):
-                if not getattr(self.colocation, name) > 0:
-                    raise ValueError(f"colocation.{name}: must be > 0 (got {getattr(self.colocation, name)})")
+                value = getattr(self.colocation, name)
+                if isinstance(value, IdleCurve):
+                    _check_idle_curve(f"colocation.{name}", value)
+                elif not value > 0:
+                    raise ValueError(f"colocation.{name}: must be > 0 (got {value})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredProfile":
@@ -109,12 +137,14 @@ class MeasuredProfile:
             kw["sync_s"] = _numbers("sync_s", [data["sync_s"]])[0]
         if data.get("colocation") is not None:
             c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"), optional=("sync_gen_slowdown",))
-            kw["colocation"] = Colocation(**{k: _numbers(f"colocation.{k}", [v])[0] for k, v in c.items()})
+            kw["colocation"] = Colocation(**{k: _factor(f"colocation.{k}", v) for k, v in c.items()})
         return cls(**kw)
 
     def to_dict(self) -> dict:
         """Plain lists and numbers, absent tables left out."""
         def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
             return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
         out = {}
         for f in fields(self):
@@ -166,6 +196,29 @@ def _section(data: dict, name: str, keys: tuple[str, ...], optional: tuple[str, 
     if extra:
         raise ValueError(f"{name}.{sorted(extra)[0]}: unknown field")
     return sec
+
+
+def _factor(name: str, value) -> "float | IdleCurve":
+    """A number, or a mapping {idle: [...], slowdown: [...]} (an IdleCurve)."""
+    if isinstance(value, dict):
+        c = _section({name: value}, name, ("idle", "slowdown"))
+        return IdleCurve(_numbers(f"{name}.idle", c["idle"]), _numbers(f"{name}.slowdown", c["slowdown"]))
+    return _numbers(name, [value])[0]
+
+
+def _check_idle_curve(name: str, curve: IdleCurve) -> None:
+    if not curve.idle:
+        raise ValueError(f"{name}.idle: needs at least 1 value")
+    if any(b <= a for a, b in zip(curve.idle, curve.idle[1:])):
+        raise ValueError(f"{name}.idle: must be strictly ascending (got {list(curve.idle)})")
+    if not all(0 <= u < 1 for u in curve.idle):
+        raise ValueError(f"{name}.idle: fractions must lie in [0, 1) (got {list(curve.idle)})")
+    if len(curve.slowdown) != len(curve.idle):
+        raise ValueError(f"{name}.slowdown: {len(curve.slowdown)} values, expected one per {name}.idle value "
+                         f"({len(curve.idle)})")
+    bad = [v for v in curve.slowdown if not v > 0]
+    if bad:
+        raise ValueError(f"{name}.slowdown: values must be > 0 (got {bad[0]})")
 
 
 def _numbers(name: str, values) -> tuple[float, ...]:
