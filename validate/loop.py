@@ -162,7 +162,9 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     predicted, predicted_sync = predict(pilot_lengths)
     notes.append("generation charged at the profile's co-location factor for the workers' idle fraction that the "
                  "prediction settles at: " + ", ".join(
-                     f"{mode} x{t.header['generation_slowdown']:.3f} at {100 * t.header['worker_idle_charged']:.0f} %"
+                     f"{mode} x{t.header['generation_slowdown']:.3f} " + (
+                         "(the same at any idle fraction)" if t.header["worker_idle_charged"] is None
+                         else f"at {100 * t.header['worker_idle_charged']:.0f} % idle")
                      for mode, t in ((cfg.pipeline.mode, predicted), ("sync", predicted_sync))))
 
     measured_runs, sync_runs = [], []

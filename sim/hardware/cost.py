@@ -37,9 +37,9 @@ class CostModel:
     def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
                  prefill: Callable[[float], float], train: Callable[[float], float], sync_s: float,
                  gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None,
-                 worker_idle: float = 0.0):
+                 worker_idle: float | None = None):
         self.max_n = max_n
-        self.worker_idle = worker_idle  # the workers' idle fraction gen_slowdown was taken at (profiles' IdleCurve)
+        self.worker_idle = worker_idle  # the idle fraction gen_slowdown was taken at (None: not asked, no curve)
         self.gen_slowdown, self.train_slowdown = gen_slowdown, train_slowdown
         self.sources = sources or {}  # table -> "measured" | "constant" | "analytic", for summaries
         self._x = np.ascontiguousarray(decode_x, dtype=np.float64)
@@ -75,9 +75,10 @@ class CostModel:
         return self._sync
 
 
-def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: float = 0.0) -> CostModel:
+def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: float | None = None) -> CostModel:
     """The cost model of a `RunConfig`, with an already-loaded profile's tables overriding; no I/O. worker_idle:
-    the fraction of time the workers idle, where a profile's generation slowdown depends on it."""
+    the fraction of time the workers idle, where a profile's generation slowdown depends on it (None: back to
+    back, 0)."""
     hw, cl = cfg.hardware, cfg.cluster
     max_n = cl.max_concurrency
     if hw.constant is not None:
@@ -101,7 +102,7 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: f
         measured = profile.colocation if profile is not None else None
         train = measured.train_slowdown if measured is not None else hw.efficiency.colocation_train_slowdown
     x, y = parts["decode"]
-    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], slowdown_at(gen, worker_idle),
+    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], slowdown_at(gen, worker_idle or 0.0),
                      train, sources, worker_idle)
 
 
@@ -116,7 +117,7 @@ def generation_slowdown(cfg, profile: MeasuredProfile | None) -> "float | IdleCu
     return measured.gen_slowdown if measured is not None else cfg.hardware.efficiency.colocation_gen_slowdown
 
 
-def cost_model_for(cfg, worker_idle: float = 0.0) -> CostModel:
+def cost_model_for(cfg, worker_idle: float | None = None) -> CostModel:
     """Load `hardware.profile` (if any) and build the cost model at a workers' idle fraction."""
     profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
     return build_cost_model(cfg, profile, worker_idle)
