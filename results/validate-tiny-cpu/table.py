@@ -2,12 +2,13 @@
 costs against the profile (post hoc); and the measured runs one by one (the machine's and the seeds' repeatability:
 the two cells with one worker count share their sync runs' configs, as a sync pipeline has no staleness bound)."""
 import json
+import re
 from pathlib import Path
 
 
 HERE = Path(__file__).parent
 METRICS = [("staleness/mean", "mean staleness"), ("staleness/p90", "p90"), ("throughput/samples_per_s", "samples/s"),
-           ("speedup/vs_sync", "speedup over sync"), ("time/step_s", "s/step")]
+           ("speedup/vs_sync", "speedup over sync"), ("time/step_s", "s/step"), ("idle/rollout", "rollout idle")]
 cells = sorted(HERE.glob("w*-s*/report.json"))
 reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
 
@@ -24,15 +25,19 @@ for name, data in reports.items():
     print(f"| {w} | {s} | " + " | ".join(out) + f" | {'yes' if data['pass'] else 'no'} |")
 
 print()
-print("In-run costs against the profile (post hoc, medians of measured / charged; async run, sync run):")
+print("The generation factor the prediction charged (the profile's co-location curve at the idle fraction the "
+      "simulated run settled at), and the in-run costs against the profile (post hoc, medians of measured / charged "
+      "at the run's own idle fraction); async, sync:")
 print()
-print("| workers | bound | learner step | generation batch |")
-print("|---|---|---|---|")
+print("| workers | bound | generation factor charged | learner step, in run | generation batch, in run |")
+print("|---|---|---|---|---|")
 for name, data in reports.items():
     w, s = name[1:].split("-s")
     runs = list(data["costs"].values())
-    print(f"| {w} | {s} | " + " | ".join(", ".join(f"x{c[k]:.2f}" for c in runs)
-                                         for k in ("learner_step", "generation_batch")) + " |")
+    note = next(n for n in data["notes"] if n.startswith("generation charged at"))
+    charged = ", ".join(f"x{x} at {u} %" for x, u in re.findall(r"x([0-9.]+) at ([0-9]+) % idle", note))
+    print(f"| {w} | {s} | {charged} | " + " | ".join(", ".join(f"x{c[k]:.2f}" for c in runs)
+                                                     for k in ("learner_step", "generation_batch")) + " |")
 
 print()
 print("The measured runs one by one (each cell's judged numbers are of its 3 runs end to end):")
