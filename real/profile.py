@@ -365,8 +365,8 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         workers = cfg.cluster.rollout_workers
         # A worker's full batch, prefill included, as a run's worker generates (and as the factor is charged).
         batch = lambda: _timed(lambda: decoder.point(n, c, plan.decode_steps), device)  # noqa: E731
-        say(f"co-location: generating beside the learner and {workers - 1} other worker(s), idling "
-            f"{'/'.join(f'{u:.0%}' for u in IDLE)} of the time")
+        idling = f"idling {'/'.join(f'{u:.0%}' for u in IDLE)} of the time"
+        say(f"co-location: generating beside the learner and {workers - 1} other worker(s), {idling}")
         gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg, batch, plan,
                        IDLE)
         length = cfg.workload.max_new_tokens // 2 or 1
@@ -374,8 +374,7 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         train, = slowdown(LEARNER, [("generate", i) for i in range(workers)], cfg, lambda: time_step(length)[0],
                           plan)
         # Sync mode: the workers generate beside each other (the learner idles), then idle while it trains.
-        say(f"co-location: generating beside {workers - 1} other worker(s) as in sync mode, idling "
-            f"{'/'.join(f'{u:.0%}' for u in IDLE)} of the time")
+        say(f"co-location: generating beside {workers - 1} other worker(s) as in sync mode, {idling}")
         sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
         sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg, batch, plan, IDLE)
         colocation = Colocation(gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in gen)),

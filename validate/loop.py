@@ -107,8 +107,8 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.trainer import Trainer
     from sim.engine.pipeline import simulate
     from sim.hardware.cost import cost_model_for
-    from sim.metrics import rollout_idle
     from sim.hardware.measured import save_profile
+    from sim.metrics import rollout_idle
     from validate.costs import cost_ratios
 
     if lengths not in LENGTH_SOURCES:
