@@ -86,9 +86,26 @@ def add_profile_parser(subparsers) -> None:
                     "a measured profile that `simulate` uses with --set hardware.profile=PATH.")
     p.add_argument("config", nargs="?", help="run config YAML (see examples/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field (repeatable)")
-    p.add_argument("--out", help="profile YAML to write (default profiles/NAME-DEVICE.yaml)")
+    p.add_argument("--out", help="profile YAML to write (default profiles/NAME-DEVICE.yaml); an existing file is "
+                                 "replaced only if it is a stalecast profile")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a stalecast profile")
     p.add_argument("--quick", action="store_true", help="the ends of each table only (seconds, for smoke tests)")
     p.set_defaults(func=cmd_profile)
+
+
+def check_profile_out(out, force: bool) -> None:
+    """Before an expensive profile: --out may be a new file or a stalecast profile (any file with --force)."""
+    from sim.errors import OutputError
+    from sim.hardware.measured import load_profile
+
+    if out.is_dir():
+        raise OutputError(f"--out {out}: is a folder; name the profile YAML file to write")
+    if out.exists() and not force:
+        try:
+            load_profile(out)
+        except ValueError:
+            raise OutputError(f"--out {out}: the file exists and is not a stalecast profile; name another file or "
+                              f"pass --force to replace it") from None
 
 
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
@@ -101,6 +118,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, parse_overrides(args.set))
     plan = plan_for(cfg, quick=args.quick)
     out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
+    check_profile_out(out, args.force)
     colocation = 3 * cfg.cluster.colocated
     n_stages = 1 + 2 * plan.rounds + 1 + colocation  # warm-up, decode and learner rounds, weight load, co-location
     with Progress(TextColumn("profiling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -113,10 +131,7 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
             bar.update(task, description=label, advance=0 if bar.tasks[0].description == "" else 1)
 
         profile = measure_profile(cfg, plan, progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_profile(profile, tmp)
-    tmp.replace(out)  # nothing half-written
+    save_profile(profile, out)
     d = profile.decode
     console.print(f"decode step: {d.seconds[0][0] * 1e3:.2f} ms ({d.active[0]} seq, context {d.context[0]:.0f}) .. "
                   f"{d.seconds[-1][-1] * 1e3:.2f} ms ({d.active[-1]} seq, context {d.context[-1]:.0f});  "

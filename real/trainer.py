@@ -35,7 +35,8 @@ from real.learner import GroupRecord, Learner, WorkerError
 from real.weights import SharedMemoryChannel
 from real.worker import Ledger, worker_main
 from sim.metrics import compute_metrics, staleness_histogram
-from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance, replace_dir
+from sim.outputs import replace_dir
+from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 
 STARTUP_TIMEOUT_S = 300.0   # spawned workers import torch and build the model
 SHUTDOWN_GRACE_S = 10.0

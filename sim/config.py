@@ -14,8 +14,10 @@ from typing import Annotated, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sim.errors import StalecastError
 
-class ConfigError(ValueError):
+
+class ConfigError(StalecastError, ValueError):
     """A configuration problem, worded for the user: `file: field: reason`."""
 
 

@@ -7,16 +7,16 @@ and the run's provenance. Missing values: times are NaN, versions and steps are 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from sim.errors import StalecastError
+from sim.outputs import staged
 
 SCHEMA = "stalecast.trace/1"
 
@@ -37,7 +37,7 @@ STEP_COLUMNS: dict[str, str] = {
 }
 
 
-class TraceError(ValueError):
+class TraceError(StalecastError, ValueError):
     """A trace file that does not follow the schema: names the file, the column and the reason."""
 
 
@@ -52,35 +52,17 @@ class Trace:
         return int(self.header.get("rollout_workers") or self.samples["worker_id"].max() + 1)
 
     def write(self, out_dir: str | Path, fmt: str = "parquet") -> Path:
-        """Write atomically: the folder appears complete or not at all."""
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        """Write atomically: the folder appears complete or not at all (and replaces only a stalecast folder)."""
+        if fmt not in ("parquet", "csv"):
+            raise ValueError(f"unknown trace format {fmt!r} (parquet or csv)")
+        with staged(Path(out_dir), "trace", option="trace folder") as tmp:
             for name, frame in (("samples", self.samples), ("steps", self.steps)):
                 if fmt == "parquet":
                     frame.to_parquet(tmp / f"{name}.parquet", index=False)
-                elif fmt == "csv":
-                    frame.to_csv(tmp / f"{name}.csv", index=False)
                 else:
-                    raise ValueError(f"unknown trace format {fmt!r} (parquet or csv)")
+                    frame.to_csv(tmp / f"{name}.csv", index=False)
             (tmp / "header.json").write_text(json.dumps(self.header, indent=2, default=str))
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put folder `new` at `target`, moving any old one aside first so `target` is never missing or mixed."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        return Path(out_dir)
 
 
 def provenance(source: str) -> dict:

@@ -26,7 +26,9 @@ import pandas as pd
 from rich.console import Console
 from rich.markdown import Markdown
 
+from sim.cli import positive_int
 from sim.config import ConfigError, RunConfig, load_config
+from sim.outputs import claim
 from sim.hardware.specs import MODELS
 from studies import plots
 from studies.sweep import (Backend, Sweep, SweepResult, aggregate, describe_failures, run_sweep, status_line,
@@ -345,7 +347,8 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     study = cls(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{study.name}"
+    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{study.name}", f"study {study.name}",
+                args.force)
     with Backend(jobs=args.jobs, ray=args.ray) as backend:
         result, paths = run_study(study, cfg, out, backend, console)
         console.print(status_line(result, backend))
@@ -364,8 +367,16 @@ def _option_type(annotation):
     return inner
 
 
+def add_study_out_options(p: argparse.ArgumentParser, default: str) -> None:
+    """--out (resumed where runs are stored) and --force."""
+    p.add_argument("--out", help=f"output folder ({default}); runs stored there are reused; a folder stalecast did "
+                                 f"not write is refused")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds files stalecast did not "
+                                                        "write")
+
+
 def add_backend_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, help="local processes (default: one per CPU core)")
+    p.add_argument("--jobs", type=positive_int, help="local processes (default: one per CPU core)")
     p.add_argument("--ray", metavar="ADDRESS", help="run on Ray instead: a cluster address, 'auto' (the running "
                                                     "cluster) or 'local' (start one on this machine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -380,7 +391,7 @@ def add_parser(subparsers) -> None:
     for name, cls in STUDIES.items():
         sp = names.add_parser(name, help=cls.__doc__, description=cls.__doc__)
         sp.add_argument("config", help="run config YAML (see examples/)")
-        sp.add_argument("--out", help="output folder (default runs/NAME-STUDY); runs stored there are reused")
+        add_study_out_options(sp, "default runs/NAME-STUDY")
         add_spec_options(sp, cls)
         add_backend_options(sp)
         sp.set_defaults(func=cmd_study)

@@ -27,9 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import ConfigError, RunConfig, load_config
+from sim.outputs import claim
 from sim.stability import constants_from_config, horizon_of, predict, read_fit
 from studies import plots
-from studies.named import add_backend_options, add_spec_options
+from studies.named import add_backend_options, add_spec_options, add_study_out_options
 from studies.sweep import Backend, Sweep, run_sweep
 
 THROUGHPUT, MEAN, P99 = "throughput/samples_per_s", "staleness/mean", "staleness/p99"
@@ -324,7 +325,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSpec) if getattr(args, f.name) is not None}
     spec = PlanSpec(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-plan"
+    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-plan", "plan", args.force)
     with Backend(jobs=args.jobs, ray=args.ray) as backend:
         result = plan(spec, cfg, out, backend, console)
     print_plan(result, spec, spec.gpus or cfg.cluster.total_gpus, console)
@@ -338,7 +339,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="recommend a rollout/learner split, staleness bound and concurrency",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="run config YAML: the workload, model and hardware (see examples/)")
-    p.add_argument("--out", help="output folder (default runs/NAME-plan); runs stored there are reused")
+    add_study_out_options(p, "default runs/NAME-plan")
     add_spec_options(p, PlanSpec)
     add_backend_options(p)
     p.set_defaults(func=cmd_plan)

@@ -42,6 +42,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sim.config import ConfigError, Optim, RunConfig, load_config
+from sim.outputs import claim
 from sim.stability import detect_collapse, staleness_of, write_fit
 from studies import plots
 from studies.sweep import RunStore, replication_seeds
@@ -493,7 +494,7 @@ def cmd_stability(args: argparse.Namespace, console: Console) -> int:
               if getattr(args, f.name) is not None}
     spec = StabilitySpec(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-stability"
+    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-stability", "study stability", args.force)
     table, paths = run_stability_study(spec, cfg, out, console, _command(args, spec, out), args.config)
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {out}/: " + ", ".join(p.name for p in paths))
@@ -502,14 +503,14 @@ def cmd_stability(args: argparse.Namespace, console: Console) -> int:
 
 def add_parser(names) -> None:
     """`stalecast study stability`, added to the study subcommands."""
-    from studies.named import add_spec_options
+    from studies.named import add_spec_options, add_study_out_options
 
     doc = __doc__.split("\n\n")
     sp = names.add_parser("stability", help="staleness x learning rate on the real trainer: where runs collapse, "
                                             "and how well the stability rule predicts it",
                           description=" ".join(doc[1].split()))
     sp.add_argument("config", help="run config YAML for the real trainer (e.g. examples/tiny_cpu.yaml)")
-    sp.add_argument("--out", help="output folder (default runs/NAME-stability); runs stored there are reused")
+    add_study_out_options(sp, "default runs/NAME-stability")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the config, e.g. --set real.instability.kl_max=0.5 (repeatable)")
     add_spec_options(sp, StabilitySpec)

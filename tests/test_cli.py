@@ -10,6 +10,7 @@ import yaml
 
 from sim.cli import main
 from sim.config import Cluster, Efficiency, LognormalLen, Pipeline, Workload
+from sim.outputs import MARKER
 from sim.trace import read_trace
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
@@ -25,8 +26,9 @@ DESIGN_METRICS = [
 
 def check_outputs(out, steps):
     """The output folder holds a readable trace, metrics.json and a PNG; returns metrics.json's content."""
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "staleness.png", "trace"]
-    assert sorted(p.name for p in (out / "trace").iterdir()) == ["header.json", "samples.parquet", "steps.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "metrics.json", "staleness.png", "trace"]
+    assert sorted(p.name for p in (out / "trace").iterdir()) == [MARKER, "header.json", "samples.parquet",
+                                                                 "steps.parquet"]
     assert len(read_trace(out / "trace").steps) == steps
     assert (out / "staleness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads((out / "metrics.json").read_text())
@@ -76,10 +78,10 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert main(["simulate", str(path), "--out", str(out)]) == 2
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2, lines  # one line per problem, however long the path
-    assert lines[0].startswith("config error: ")
-    problems = sorted(line.removeprefix("config error: ") for line in lines)
+    assert lines[0].startswith("error: ")
+    problems = sorted(line.removeprefix("error: ") for line in lines)
     assert problems[0].startswith(f"{path}: workload.batch_prompt: unknown field (did you mean 'batch_prompts'?)")
     assert problems[1].startswith(f"{path}: workload.group_size: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
@@ -88,11 +90,11 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_bad_override_and_missing_config(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["simulate", str(TINY), "--set", "pipeline.mode=bogus", "--out", str(out)]) == 2
-    assert f"{TINY} (override): pipeline.mode: " in capsys.readouterr().out
+    assert f"{TINY} (override): pipeline.mode: " in capsys.readouterr().err
     assert main(["simulate", str(tmp_path / "absent.yaml"), "--out", str(out)]) == 2
-    assert f"{tmp_path / 'absent.yaml'}: no such config file" in capsys.readouterr().out
+    assert f"{tmp_path / 'absent.yaml'}: no such config file" in capsys.readouterr().err
     assert main(["simulate"]) == 2
-    assert "a config file is required" in capsys.readouterr().out
+    assert "a config file is required" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -334,11 +334,11 @@ def test_study_writes_map_fit_and_check_and_resumes(tmp_path, fake_training, cap
 def test_study_rejects_bad_grids(tmp_path, capsys):
     base = ["study", "stability", str(TINY), "--out", str(tmp_path / "o")]
     assert main([*base, "--schedules", "cosine"]) == 2
-    assert "unknown schedule(s) cosine" in capsys.readouterr().out
+    assert "unknown schedule(s) cosine" in capsys.readouterr().err
     assert main([*base, "--lrs", "-1"]) == 2
-    assert "optim.lr" in capsys.readouterr().out
+    assert "optim.lr" in capsys.readouterr().err
     assert main([*base, "--set", "pipeline.mode=one_step_off"]) == 2
-    assert "only async mode" in capsys.readouterr().out
+    assert "only async mode" in capsys.readouterr().err
 
 
 def test_real_single_run_study(tmp_path):
@@ -391,7 +391,7 @@ def test_plan_excludes_configurations_unstable_at_the_lr(tmp_path, capsys):
     bare = tmp_path / "bare.yaml"
     bare.write_text(yaml.safe_dump(SMALL))
     assert main(["plan", str(bare), "--lr", "1e-3", "--out", str(tmp_path / "bare")]) == 2
-    assert "--stability-fit" in capsys.readouterr().out
+    assert "--stability-fit" in capsys.readouterr().err
     fit = tmp_path / "fit.json"
     write_fit(fit, {"staleness_statistic": "max",
                     "constants": {"r_batch": 1.0, "g_upd": 1.0, "r_crit": 1.0, "scale": 1.0}})

@@ -202,7 +202,7 @@ def test_study_rejects_a_config_it_cannot_vary(tmp_path, capsys):
     path = tmp_path / "sync.yaml"
     path.write_text(yaml.safe_dump({**SMALL, "pipeline": {"mode": "sync"}}))
     assert main(["study", "tail", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert "interruptible" in capsys.readouterr().out
+    assert "interruptible" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the planner against brute force

@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 
 from sim.metrics import compute_metrics
+from sim.errors import OutputError
+from sim.outputs import MARKER
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, TraceError, read_trace
 
 
@@ -16,7 +18,7 @@ def test_round_trip(tiny_trace, tmp_path, fmt):
     # The trace exercises the missing values: unconsumed samples (-1 step, NaN time) and empty reward.
     assert (s["learner_step"] == -1).any() and s["t_consumed"].isna().any() and s["reward"].isna().all()
     out = tiny_trace.write(tmp_path / "trace", fmt)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["header.json", f"samples.{fmt}", f"steps.{fmt}"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "header.json", f"samples.{fmt}", f"steps.{fmt}"])
     back = read_trace(out)
     assert back.samples.dtypes.to_dict() == SAMPLE_COLUMNS
     assert back.steps.dtypes.to_dict() == STEP_COLUMNS
@@ -27,13 +29,20 @@ def test_round_trip(tiny_trace, tmp_path, fmt):
     assert back.n_workers == 2
 
 
-def test_write_replaces_existing_folder(tiny_trace, tmp_path):
+def test_write_replaces_only_a_stalecast_folder(tiny_trace, tmp_path):
     out = tmp_path / "trace"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     tiny_trace.write(out)
+    (out / "stale.txt").write_text("old")
+    tiny_trace.write(out)  # stalecast wrote it (marker): replaced whole
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace"]
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="was not written by stalecast"):
+        tiny_trace.write(theirs)
+    assert (theirs / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs", "trace"]
 
 
 def test_failed_write_leaves_nothing_behind(tiny_trace, tmp_path, monkeypatch):

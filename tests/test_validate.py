@@ -126,5 +126,5 @@ def test_validate_rejects_a_non_positive_repeat_count(tmp_path, config_data, cap
     cfg_path.write_text(yaml.safe_dump(config_data))
     assert main(["validate", str(cfg_path), "--repeats", "0", "--out", str(tmp_path / "report")]) == 2
     printed = capsys.readouterr()
-    assert "--repeats 0" in printed.out + printed.err
+    assert "--repeats" in printed.err and "at least 1, got 0" in printed.err
     assert not (tmp_path / "report").exists()

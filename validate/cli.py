@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from sim.config import ConfigError, load_config
-from sim.trace import TraceError, read_any_trace, replace_dir
+from sim.cli import add_out_options, positive_int
+from sim.outputs import staged
+from sim.trace import read_any_trace
 from validate.compare import Tolerances, all_ok, compare
 from validate.report import write_report
 
@@ -35,16 +35,16 @@ def add_parser(sub) -> None:
                    help="loop: where the prediction's prompt/response lengths come from: the config's "
                         "distributions, or an earlier run of the config with another seed (default), its groups "
                         "replayed in order")
-    p.add_argument("--pilot-steps", type=int, default=None,
+    p.add_argument("--pilot-steps", type=positive_int, default=None,
                    help="loop: learner steps of the pilot run (default: the config's run.steps, so the lengths follow "
                         "the whole run as training changes them)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="loop: runs of each kind (pilot, measured in the config's mode, measured in sync mode), each "
                         "with its own seed; the measured modes alternate, and each side's runs are compared laid end "
                         "to end (a shared machine's speed and a seed's lengths vary from run to run)")
     p.add_argument("--quick-profile", action="store_true", help="loop: profile the ends of each table only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
-    p.add_argument("--out", help="report folder (default runs/NAME-validate)")
+    add_out_options(p, "default runs/NAME-validate")
     defaults = Tolerances()
     p.add_argument("--tol-rel", type=float, default=defaults.rel, help="relative tolerance on rates and means")
     p.add_argument("--tol-mean-abs", type=float, default=defaults.small_mean_abs,
@@ -75,22 +75,14 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from sim.cli import parse_overrides
 
     cfg = load_config(args.config, parse_overrides(args.set))
-    if args.repeats < 1:
-        raise ConfigError(f"--repeats {args.repeats}: expected a positive number of runs")
     tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
                      idle_abs=args.tol_idle)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out, "validate", args.force) as tmp:
         if args.trace is None:
             rows, passed = _loop(args, cfg, tol, tmp, console)
         else:
             rows, passed = _against_trace(args, cfg, tol, tmp, console)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/]: report in {out}/ (report.md, report.json, figures)")
     return 0 if passed else 1
 
@@ -125,11 +117,8 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
 def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     from sim.cli import run_simulation
 
-    try:
-        measured = read_any_trace(args.trace)
-        measured_sync = read_any_trace(args.sync_trace) if args.sync_trace else None
-    except TraceError as exc:
-        raise ConfigError(str(exc)) from None
+    measured = read_any_trace(args.trace)
+    measured_sync = read_any_trace(args.sync_trace) if args.sync_trace else None
     # The prediction runs as many learner steps as the measurement holds.
     cfg = cfg.with_overrides({"run.steps": len(measured.steps)})
     predicted, _ = run_simulation(cfg, console, "predicting")

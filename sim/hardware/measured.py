@@ -7,6 +7,7 @@ ran for train): nothing is rescaled to the configured tensor-parallel degree or 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -170,7 +171,15 @@ def load_profile(path: str | Path) -> MeasuredProfile:
 
 
 def save_profile(profile: MeasuredProfile, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
+    """Write atomically (a scratch file renamed over `path`): a reader never sees half a profile."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(yaml.safe_dump(profile.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def interp_linear(xs, ys, x) -> np.ndarray:
