@@ -7,23 +7,28 @@ import argparse
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sim.cli import parse_overrides
-from sim.config import load_config
+from sim.cli import add_out_options, parse_overrides, positive_float, positive_int
+from sim.config import ConfigError, load_config
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="run the configuration for real (async GRPO on torch) and write the measured trace",
-        description="Train CONFIG with real rollout workers and a learner (separate processes), write "
-                    "config.yaml, trace/, metrics.jsonl, summary.json and checkpoint/ to --out "
-                    "(default runs/NAME-train-MODE).")
-    p.add_argument("config", nargs="?", help="run config YAML (see examples/)")
+        description="Train CONFIG with real rollout workers and a learner (separate processes), writing config.yaml, "
+                    "trace/, metrics.jsonl, summary.json and checkpoint/ to --out (default runs/NAME-train-MODE) as "
+                    "the run goes: a run that fails or is stopped keeps every step it completed, and --resume DIR "
+                    "continues it from its last checkpoint. Ctrl-C or SIGTERM stops after the current step (twice: at "
+                    "once).")
+    p.add_argument("config", nargs="?", help="run config YAML (see examples/); not with --resume")
     p.add_argument("--mode", choices=("sync", "one_step_off", "async"), help="override pipeline.mode")
-    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--steps", type=positive_int, help="override run.steps (with --resume: the new total)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set optim.lr=3e-4 (repeatable)")
-    p.add_argument("--out", help="output folder (replaced if it exists)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="stop with an error after this many seconds")
+    add_out_options(p, "default runs/NAME-train-MODE")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint, with its config "
+                                                    "and seeds")
+    p.add_argument("--timeout", type=positive_float, default=3600.0,
+                   help="stop with an error after this many seconds")
     p.set_defaults(func=cmd_train)
 
 
@@ -31,6 +36,49 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from real.learner import WorkerError
     from real.trainer import Trainer
 
+    if args.resume is not None:
+        given = [name for name, value in (("CONFIG", args.config), ("--mode", args.mode), ("--set", args.set),
+                                          ("--out", args.out), ("--force", args.force)) if value]
+        if given:
+            raise ConfigError(f"--resume {args.resume}: continues the run with its own config and folder; "
+                              f"{', '.join(given)} cannot be given with it (only --steps and --timeout)")
+    elif args.config is None:
+        raise ConfigError("a config file is required (try examples/tiny_cpu.yaml), or --resume DIR")
+
+    # Without a terminal (a log file, a batch job) a bar shows nothing: print the start-up and every step instead.
+    log = on_step = None
+    if not console.is_terminal:
+        log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
+        on_step = lambda trainer, step, m: log(  # noqa: E731
+            f"step {step + 1}/{trainer.cfg.run.steps}  reward {m['reward/mean']:.3f}  "
+            f"staleness {m['staleness/mean']:.2f}  train {m['time/train_s']:.2f} s  "
+            f"wait {m['time/queue_wait_s']:.2f} s  sync {m['time/weight_sync_s']:.3f} s")
+    options = dict(timeout_s=args.timeout, log=log, on_step=on_step)
+    if args.resume is not None:
+        trainer = Trainer.resume(args.resume, args.steps, **options)
+        start = trainer.checkpoint["steps_done"]
+        console.print(f"resuming {args.resume} at step {start} of {trainer.cfg.run.steps}" if start else
+                      f"{args.resume} has no checkpoint: training it again from step 0", highlight=False)
+    else:
+        trainer = Trainer(load_config(args.config, _overrides(args)), args.out, force=args.force, **options)
+    with Progress(TextColumn(f"training [bold]{trainer.cfg.pipeline.mode}[/]"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("reward {task.fields[reward]:.3f}  staleness {task.fields[stale]:.2f}"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=log is not None) as bar:
+        trainer.progress = bar
+        try:
+            result = trainer.run()
+        except (WorkerError, TimeoutError) as exc:
+            console.print(f"training failed: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+            _say_kept(trainer, console)
+            return 1
+        except KeyboardInterrupt:
+            _say_kept(trainer, console)
+            raise
+    print_summary(result, console)
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.set)
     if args.mode is not None:
         overrides["pipeline.mode"] = args.mode
@@ -38,25 +86,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             overrides["pipeline.interruptible"] = False
     if args.steps is not None:
         overrides["run.steps"] = args.steps
-    cfg = load_config(args.config, overrides)
+    return overrides
 
-    # Without a terminal (a log file, a batch job) a bar shows nothing: print the start-up and every step instead.
-    log = on_step = None
-    if not console.is_terminal:
-        log = lambda message: console.print(message, markup=False, highlight=False)  # noqa: E731
-        on_step = lambda trainer, step, m: log(  # noqa: E731
-            f"step {step + 1}/{cfg.run.steps}  reward {m['reward/mean']:.3f}  staleness {m['staleness/mean']:.2f}  "
-            f"train {m['time/train_s']:.2f} s  wait {m['time/queue_wait_s']:.2f} s  sync {m['time/weight_sync_s']:.3f} s")
-    with Progress(TextColumn(f"training [bold]{cfg.pipeline.mode}[/]"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("reward {task.fields[reward]:.3f}  staleness {task.fields[stale]:.2f}"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=log is not None) as bar:
-        try:
-            result = Trainer(cfg, args.out, timeout_s=args.timeout, progress=bar, log=log, on_step=on_step).run()
-        except (WorkerError, TimeoutError) as exc:
-            console.print(f"training failed: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-            return 1
-    print_summary(result, console)
-    return 0
+
+def _say_kept(trainer, console: Console) -> None:
+    if trainer.folder.summary_path.is_file():
+        console.print(f"{trainer.out_dir}/ keeps the {trainer.steps_done} completed step(s); continue with: "
+                      f"stalecast train --resume {trainer.out_dir}", markup=False, highlight=False, soft_wrap=True)
 
 
 def print_summary(result, console: Console) -> None:
@@ -75,7 +111,8 @@ def print_summary(result, console: Console) -> None:
                   f"{acc['in_flight']} in flight (of {acc['admitted_groups']} admitted)")
     if s["collapse_step"] is not None:
         console.print(f"[red]unstable[/] at step {s['collapse_step']}: {s['collapse_reason']}")
-    console.print(f"wrote {result.out_dir}/ (config.yaml, trace/, metrics.jsonl, summary.json, checkpoint/)")
+    console.print(f"wrote {result.out_dir}/ (config.yaml, trace/, metrics.jsonl, summary.json, checkpoint/)",
+                  markup=False, highlight=False)
 
 
 def add_profile_parser(subparsers) -> None:

@@ -59,13 +59,16 @@ class GroupRecord:
 class StepResult:
     row: dict                                   # the trace's step row
     metrics: dict                               # slash-named, for metrics.jsonl
-    records: list[GroupRecord] = field(default_factory=list)
+    records: list[GroupRecord] = field(default_factory=list)  # the groups trained on
+    dropped: list[GroupRecord] = field(default_factory=list)  # the groups dropped while the batch was collected
 
 
 # --------------------------------------------------------------------------- the learner
 class Learner:
     def __init__(self, cfg, model, tokenizer, channel, ledger: Ledger, queue, check_workers: Callable[[], None],
-                 deadline: float):
+                 deadline: float, version: int = 0, history: list[dict] = ()):
+        """version: the policy version to start from (a resumed run's checkpoint); history: the metrics lines of
+        the steps before it, replayed into the schedule's and the instability detector's state."""
         from real.task import DigitTask
 
         self.cfg, self.model, self.tok, self.channel, self.ledger, self.queue = (
@@ -81,9 +84,13 @@ class Learner:
         self.records: dict[int, GroupRecord] = {}
         self.loads: list[Loaded] = []
         self.failures: dict[int, str] = {}  # worker id -> traceback it reported
-        self.version = 0
+        self.version = version
+        self.updating = False
         self.prev_ess = 1.0
         self.instability = InstabilityDetector(cfg.real.instability)
+        for m in history:
+            self.instability.update_row(m)
+            self.prev_ess = m["ess/token"]
 
     def now(self) -> float:
         return time.monotonic() - self.ledger.t0.value
@@ -106,6 +113,7 @@ class Learner:
         losses = []
         self.model.train()
         for _ in range(steps):
+            self.check_workers()  # a stop asked for (Ctrl-C) is taken between steps
             prompts = self.task.sample(rng, self.B * self.G)
             ids, attn, resp = self._pack([p.ids for p in prompts], [self.task.sft_example(p) for p in prompts])
             opt.zero_grad(set_to_none=True)
@@ -164,20 +172,20 @@ class Learner:
         t = self.now()
         with self.ledger.locked(self.health):
             for rec in recs:
-                self.ledger.unconsumed[rec.version_start] -= 1
+                self.ledger.count(rec.version_start, -1)
                 self.ledger.buffered.value -= 1
                 self.ledger.n_dropped.value += dropped
         self.ledger.wake_workers()  # the gate and the buffer have room again
         for rec in recs:
             rec.t_consumed, rec.version_consumed, rec.step, rec.dropped = t, self.version, step, dropped
 
-    def collect(self, step: int) -> tuple[list[GroupRecord], int, int]:
+    def collect(self, step: int) -> tuple[list[GroupRecord], int, list[GroupRecord]]:
         """Wait for a batch; returns (groups, groups waiting when the step began, groups dropped meanwhile)."""
         self.health()
         self.receive(0.0)
         queue_len = int(self.ledger.buffered.value)
         batch: list[GroupRecord] = []
-        n_dropped = 0
+        dropped: list[GroupRecord] = []
         while len(batch) < self.B:
             gid = self.buffer.pop(step)
             if gid is None:
@@ -187,11 +195,12 @@ class Learner:
             rec = self.records[gid]
             if self.control.drop(self.version, rec.version_start):
                 self._retire([rec], step, dropped=True)
-                n_dropped += 1
+                dropped.append(rec)
                 continue
             batch.append(rec)
         self._retire(batch, step, dropped=False)  # the gate and the buffer open as the batch is taken
-        return batch, queue_len, n_dropped
+        # In id order: which groups make a batch may depend on timing, their order in the learner's sums does not.
+        return sorted(batch, key=lambda rec: rec.gid), queue_len, dropped
 
     # ------------------------------------------------------------------ tensors
     def _pack(self, prompts: list, responses: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -214,13 +223,17 @@ class Learner:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> StepResult:
         t_wait = self.now()
-        batch, queue_len, n_dropped = self.collect(step)
-        return self.train_on(step, batch, t_wait, queue_len, n_dropped)
+        batch, queue_len, dropped = self.collect(step)
+        result = self.train_on(step, batch, t_wait, queue_len, len(dropped))
+        result.dropped = dropped
+        return result
 
     def train_on(self, step: int, batch: list[GroupRecord], t_wait: float, queue_len: int = 0,
                  n_dropped: int = 0) -> StepResult:
         """One GRPO step on `batch` (generated groups), then publish: all of a step but the wait for data.
-        `stalecast profile` times exactly this on synthetic groups."""
+        `stalecast profile` times exactly this on synthetic groups. While it runs `updating` is true: an error
+        raised meanwhile may leave the weights half-updated, so no checkpoint is taken from them."""
+        self.updating = True
         t_start = self.now()
         B, G, mb = self.B, self.G, self.cfg.real.micro_batch
         temp = self.cfg.real.temperature
@@ -278,6 +291,7 @@ class Learner:
 
         self.version += 1
         sync_s = self.publish()
+        self.updating = False
 
         self.instability.update(step, float(rewards.mean()), grad_norm, stats["kl_k3"], stats["loss"])
         resp_len = mask.sum(-1).cpu()                                                          # [N]

@@ -15,7 +15,9 @@ import transformers
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from real.tokenizer import FILENAME as TOKENIZER_FILE, CharTokenizer
-from sim.config import RunConfig
+
+transformers.utils.logging.disable_progress_bar()  # loading and saving checkpoints: a run shows its own progress
+from sim.config import ConfigError, RunConfig
 from sim.hardware.specs import MODELS
 
 ATTN = "sdpa"  # works on CPU and GPU, and with left padding (fully masked pad rows stay finite)
@@ -68,9 +70,13 @@ def pinned(role: int, device: torch.device, mode: str):
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
+    """The torch device of `real.device`; a ConfigError (bad input, not a crash) when it asks for CUDA and torch
+    sees none. Called before any process starts or any output is written."""
     want = cfg.real.device
     if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("real.device is 'cuda' but torch sees no CUDA device (use 'auto' or 'cpu')")
+        raise ConfigError("real.device: 'cuda', but torch sees no CUDA device on this machine (torch "
+                          f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set real.device to "
+                          "'auto' or 'cpu'")
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(want)
@@ -103,7 +109,7 @@ def build_policy(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[tr
             torch.manual_seed(cfg.seed)
             model = Qwen2ForCausalLM._from_config(_preset_config(cfg.real.model, tokenizer), attn_implementation=ATTN)
         return model.to(device=device, dtype=dtype), tokenizer
-    folder = Path(cfg.real.model)
+    folder = Path(cfg.real.model)  # load_config made it absolute and checked it holds config.json
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"real.model: '{folder}' is neither a preset ({', '.join(MODELS)}) nor a checkpoint "
                                 f"folder with config.json")

@@ -214,7 +214,7 @@ def _standalone_learner(cfg, device: torch.device):
     ctx = torch.multiprocessing.get_context("spawn")
     model, tok = build_policy(cfg, device)
     channel = SharedMemoryChannel(model, ctx)
-    learner = Learner(cfg, model, tok, channel, Ledger(ctx, 4, 0), None, check_workers=lambda: None,
+    learner = Learner(cfg, model, tok, channel, Ledger(ctx, cfg.pipeline.max_staleness, 0), None, check_workers=lambda: None,
                       deadline=float("inf"))
     learner.start_optimizer()
     learner.publish()

@@ -69,20 +69,38 @@ class SharedMemoryChannel:
         self._latest = ctx.Value("q", -1)
 
     def publish(self, model: torch.nn.Module, version: int) -> float:
+        def fill(slot: torch.Tensor) -> None:
+            off = 0
+            for p in _params(model):
+                n = p.numel()
+                slot[off:off + n].copy_(p.detach().reshape(-1))  # device -> host on GPU
+                off += n
+        return self._publish(fill, version)
+
+    def publish_flat(self, flat: torch.Tensor, version: int) -> float:
+        """Publish weights saved with `snapshot` (a resumed run's older versions)."""
+        return self._publish(lambda slot: slot.copy_(flat), version)
+
+    def _publish(self, fill, version: int) -> float:
         t0 = time.perf_counter()
         k = version % len(self.slots)
         with _holding(self.locks[k], f"publish version {version}"):
             self.tags[k] = -1  # a reader that races us sees "not here" rather than half of two versions
-            off = 0
             with torch.no_grad():
-                for p in _params(model):
-                    n = p.numel()
-                    self.slots[k][off:off + n].copy_(p.detach().reshape(-1))  # device -> host on GPU
-                    off += n
+                fill(self.slots[k])
             self.tags[k] = version
         with self._latest.get_lock():
             self._latest.value = max(self._latest.value, version)
         return time.perf_counter() - t0
+
+    def snapshot(self, version: int) -> torch.Tensor:
+        """A copy of the flat weights of `version`, which must still be published."""
+        k = version % len(self.slots)
+        with _holding(self.locks[k], f"copy version {version}"):
+            if self.tags[k] != version:
+                raise StaleVersionError(f"weights of version {version} are no longer published "
+                                        f"(slot holds {self.tags[k]})")
+            return self.slots[k].clone()
 
     def latest_version(self) -> int:
         return int(self._latest.value)

@@ -28,22 +28,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sim.engine.control import Control
+from sim.engine.control import Control, oldest_unconsumed
 
 WAKE_CHECK_S = 0.1   # how often a blocked worker, woken by nothing, checks that it should go on
 LOCK_TIMEOUT_S = 30.0
 
 
-# --------------------------------------------------------------------------- the rules (pure)
-def oldest_unconsumed(unconsumed, latest: int) -> int:
-    """Lowest version <= latest with an admitted, not yet consumed or dropped group; `latest` if none."""
-    for v in range(max(latest, 0)):
-        if unconsumed[v] > 0:
-            return v
-    return latest
-
-
 # --------------------------------------------------------------------------- shared state
+class _Ring:
+    """A version-indexed view of the ledger's ring of counts."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def __getitem__(self, version: int) -> int:
+        return self.counts[version % len(self.counts)]
+
+
+
 # What a worker is doing, for the error a stalled run ends with (Ledger.phase).
 PHASES = ("starting", "ready", "loading weights", "waiting for admission", "generating")
 STARTING, READY, LOADING, WAITING, GENERATING = range(len(PHASES))
@@ -52,12 +54,24 @@ STARTING, READY, LOADING, WAITING, GENERATING = range(len(PHASES))
 class Ledger:
     """Counters shared by all processes, guarded by one lock (picklable: travels to spawned workers)."""
 
-    def __init__(self, ctx, max_versions: int, n_workers: int):
+    def __init__(self, ctx, max_staleness: int, n_workers: int, n_admitted: int = 0, n_dropped: int = 0,
+                 redo: list[int] = ()):
+        """A resumed run starts with the counts its checkpoint left (`n_admitted` ids handed out, `n_dropped` of them
+        dropped) and `redo`: ids admitted before the checkpoint whose groups were not taken by then, admitted again
+        first (their generation was lost with the process that held them).
+
+        Unconsumed groups are counted per version in a ring of max_staleness + 2 versions (`count`, `oldest`): only
+        the gate reads them, and under the gate every outstanding group's version lies in [latest - S, latest]
+        (see sim.engine.control.admission_rule), so no two outstanding versions share a slot, and the memory and
+        the scan for the oldest do not grow with the run's length."""
         self.lock = ctx.Lock()
-        self.n_admitted = ctx.Value("q", 0, lock=False)
-        self.n_dropped = ctx.Value("q", 0, lock=False)
+        self.n_admitted = ctx.Value("q", n_admitted, lock=False)
+        self.n_dropped = ctx.Value("q", n_dropped, lock=False)
+        self.redo = ctx.Array("q", list(redo) or [0], lock=False)
+        self.n_redo = len(redo)
+        self.redo_next = ctx.Value("q", 0, lock=False)     # redo[:redo_next] are admitted again
         self.buffered = ctx.Value("q", 0, lock=False)       # completed, not consumed or dropped (queue + buffer)
-        self.unconsumed = ctx.Array("q", max_versions, lock=False)  # per version_start: admitted, not retired
+        self.unconsumed = ctx.Array("q", max_staleness + 2, lock=False)  # per version_start % window: not retired
         self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
         self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
         # Per worker, written by that worker only (no lock): phase, batch size and decode step, batches done.
@@ -71,6 +85,27 @@ class Ledger:
         # acknowledge, forever if one was killed. One per worker: a worker draining its own cannot swallow
         # another's.
         self.wake = [ctx.Semaphore(0) for _ in range(n_workers)]
+
+    def count(self, version: int, delta: int) -> None:
+        """Groups of `version_start` admitted (+1) or retired (-1); under the lock."""
+        self.unconsumed[version % len(self.unconsumed)] += delta
+
+    def oldest(self, latest: int) -> int:
+        """Lowest version <= latest with an admitted, not yet retired group; `latest` if none (gating only)."""
+        window = len(self.unconsumed)
+        return oldest_unconsumed(_Ring(self.unconsumed), max(latest - window + 1, 0), latest)
+
+    def live(self) -> int:
+        """Groups admitted and not dropped (the gate's "accepted + running"); ids waiting to be redone are not."""
+        return self.n_admitted.value - self.n_dropped.value - (self.n_redo - self.redo_next.value)
+
+    def take_id(self) -> int:
+        """The next group id to admit (under the lock): one to redo, else a new one."""
+        if self.redo_next.value < self.n_redo:
+            self.redo_next.value += 1
+            return int(self.redo[self.redo_next.value - 1])
+        self.n_admitted.value += 1
+        return self.n_admitted.value - 1
 
     def wake_workers(self) -> None:
         for wake in self.wake:
@@ -151,7 +186,7 @@ class Stopped(Exception):
 
 # --------------------------------------------------------------------------- the worker process
 class RolloutWorker:
-    def __init__(self, worker_id: int, cfg, channel, ledger: Ledger, queue, stop):
+    def __init__(self, worker_id: int, cfg, channel, ledger: Ledger, queue, stop, segment: int = 0):
         from real.model import build_policy, resolve_device
         from real.task import DigitTask
 
@@ -165,7 +200,8 @@ class RolloutWorker:
         self.version = -1
         self.group_size = cfg.workload.group_size
         self.max_groups = cfg.cluster.max_concurrency // self.group_size
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + worker_id + 1)
+        # A resumed run's segment draws a stream of its own: the same seed, not a replay of the killed segment's.
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + worker_id + 1 + 7919 * segment)
         self.parent = None
         import multiprocessing as mp
         self.parent = mp.parent_process()
@@ -191,15 +227,13 @@ class RolloutWorker:
         with L.locked(self.check):
             while len(gids) < self.max_groups:
                 latest = self.channel.latest_version()
-                n = L.n_admitted.value
                 block = self.control.admission_block(
-                    version=self.version, latest=latest, n_admitted=n, live=n - L.n_dropped.value,
-                    buffered=L.buffered.value, oldest=oldest_unconsumed(L.unconsumed, latest))
+                    version=self.version, latest=latest, n_admitted=L.n_admitted.value, live=L.live(),
+                    buffered=L.buffered.value, oldest=L.oldest(latest))
                 if block is not None:
                     break
-                L.n_admitted.value = n + 1
-                L.unconsumed[self.version] += 1
-                gids.append(n)
+                L.count(self.version, +1)
+                gids.append(L.take_id())
         return gids
 
     def run(self) -> None:
@@ -258,7 +292,7 @@ class RolloutWorker:
                                      out.versions[rows]))
 
 
-def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, stop, start) -> None:
+def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, stop, start, segment: int = 0) -> None:
     """Process entry point. Ctrl-C is the parent's to handle: it sets `stop`, which every wait here checks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 0
@@ -269,7 +303,7 @@ def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, 
         from real.model import keep_to_core
 
         keep_to_core(worker_id, cfg)
-        worker = RolloutWorker(worker_id, cfg, channel, ledger, queue, stop)
+        worker = RolloutWorker(worker_id, cfg, channel, ledger, queue, stop, segment)
         worker.set_phase(READY)
         with ledger.locked(worker.check):
             ledger.ready.value += 1

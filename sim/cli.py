@@ -80,12 +80,15 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def run_simulation(cfg: RunConfig, console: Console | None = None, label: str = "simulating"):
-    """Simulate with a progress bar over learner steps; returns (trace, seconds)."""
+def run_simulation(cfg: RunConfig, console: Console | None = None, label: str = "simulating",
+                   trace_columns: tuple[str, ...] | None = None):
+    """Simulate with a progress bar over learner steps; returns (trace, seconds). trace_columns: the sample columns
+    the trace holds in memory (default: all; with fewer, it writes the whole table from the simulation's ledger)."""
     from sim.engine.pipeline import Simulation
+    from sim.resources import release_freed_memory
 
     try:
-        sim = Simulation(cfg)
+        sim = Simulation(cfg, trace_columns=trace_columns)
     except ValueError as exc:  # a profile or trace the config names is unreadable: say which and why
         raise ConfigError(str(exc)) from None
     start = time.perf_counter()
@@ -97,13 +100,30 @@ def run_simulation(cfg: RunConfig, console: Console | None = None, label: str = 
             task = bar.add_task("", total=cfg.run.steps)
             sim.on_step = lambda step: bar.update(task, completed=step + 1)
             trace = sim.run()
-    return trace, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    # Only the trace goes on: free the Simulation's workload stream and engine state before the metrics need room.
+    del sim
+    release_freed_memory()
+    return trace, seconds
+
+
+def _sync_baseline(cfg: RunConfig, args: argparse.Namespace, console: Console) -> dict | None:
+    """Metrics of cfg run in sync mode, for the speedup; None in sync mode or with --no-sync-baseline."""
+    from sim.metrics import METRIC_COLUMNS, compute_metrics
+
+    if cfg.pipeline.mode == "sync" or args.no_sync_baseline:
+        return None
+    sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
+                                   "run.steps": min(cfg.run.steps, args.sync_steps)})
+    return compute_metrics(run_simulation(sync_cfg, console, "baseline", METRIC_COLUMNS)[0])
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
-    from sim.metrics import compute_metrics, staleness_histogram
-    from sim.report import print_summary
+    from sim.metrics import METRIC_COLUMNS, compute_metrics, staleness_histogram
+    from sim.report import FIGURE_COLUMNS, print_summary
+    from sim.resources import check_simulation_memory
     from sim.stability import predict_config
+    from sim.trace import SAMPLE_COLUMNS
 
     overrides = parse_overrides(args.set)
     if args.steps is not None:
@@ -111,14 +131,14 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
-    trace, seconds = run_simulation(cfg, console)
+    # The trace holds in memory only the columns the metrics and the figure read; it writes the whole table
+    # straight from the ledger. The baseline runs first, so that its trace is gone before this run's exists, but
+    # not before this run's size is checked.
+    held = tuple(c for c in SAMPLE_COLUMNS if c in {*METRIC_COLUMNS, *FIGURE_COLUMNS})
+    check_simulation_memory(cfg, held)
+    sync_metrics = _sync_baseline(cfg, args, console)
+    trace, seconds = run_simulation(cfg, console, trace_columns=held)
 
-    sync_metrics = None
-    if cfg.pipeline.mode != "sync" and not args.no_sync_baseline:
-        sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False,
-                                       "run.steps": min(cfg.run.steps, args.sync_steps)})
-        sync_trace, _ = run_simulation(sync_cfg, console, "baseline")
-        sync_metrics = compute_metrics(sync_trace)
     sync_step = sync_metrics["time/step_s"] if sync_metrics else None
     if cfg.pipeline.mode == "sync":
         sync_step = None
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "help_config", False):
         console.print(config_help(), markup=False, highlight=False, soft_wrap=True)
         return 0
-    if getattr(args, "config", "") is None:
+    if getattr(args, "config", "") is None and getattr(args, "resume", None) is None:
         say_error("a config file is required (try examples/tiny_cpu.yaml)")
         return 2
     try:

@@ -3,16 +3,21 @@
 Every field carries its help text; `stalecast simulate --help-config` prints them all. Config objects
 are plain data: building one does no I/O. `load_config` reads YAML and turns any validation failure
 into one `ConfigError` naming the file, the field and the reason.
+
+Types are strict where pydantic's lax mode would guess: a boolean is not a number (`rollout_workers: true` is an
+error, not 1), a number is not a boolean, and no float field takes inf or NaN. Files a config names (profile,
+empirical traces, stability fit, a checkpoint folder as real.model) are checked when it loads, the profile read.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sim.errors import StalecastError
 
@@ -21,26 +26,53 @@ class ConfigError(StalecastError, ValueError):
     """A configuration problem, worded for the user: `file: field: reason`."""
 
 
+def _is_bool(value) -> bool:
+    """A Python or NumPy boolean (pandas hands out NumPy ones)."""
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def _number(value):
+    """Numeric fields take numbers (YAML ints for floats too, and numeric strings such as PyYAML's `1e-3`), never
+    true/false: pydantic would read `rollout_workers: true` as 1."""
+    if _is_bool(value):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _boolean(value):
+    """Switches take true or false only, not 1, 0 or strings such as 'no' (YAML's own yes/no are booleans)."""
+    if not _is_bool(value):
+        raise ValueError("expected true or false")
+    return bool(value)
+
+
+# Field types of every section: no bool read as a number, no number read as a bool; `allow_inf_nan=False` on the
+# sections rejects inf and NaN in every float field.
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- length distributions
 class ConstantLen(_Section):
     kind: Literal["constant"]
-    value: int = Field(ge=1, description="Every sample has exactly this many tokens.")
+    value: Int = Field(ge=1, description="Every sample has exactly this many tokens.")
 
 
 class ExponentialLen(_Section):
     kind: Literal["exponential"]
-    mean: float = Field(gt=0, description="Mean tokens; lengths are ceil(Exp(mean)), so at least 1.")
+    mean: Float = Field(gt=0, description="Mean tokens; lengths are ceil(Exp(mean)), so at least 1.")
 
 
 class LognormalLen(_Section):
     kind: Literal["lognormal"]
-    median: float = Field(gt=0, description="Median tokens (exp of the underlying normal's mean).")
-    sigma: float | None = Field(None, gt=0, description="Std of the underlying normal. Give sigma or p99.")
-    p99: float | None = Field(None, gt=0, description="99th percentile in tokens; sets sigma = ln(p99/median)/2.326.")
+    median: Float = Field(gt=0, description="Median tokens (exp of the underlying normal's mean).")
+    sigma: Float | None = Field(None, gt=0, description="Std of the underlying normal. Give sigma or p99.")
+    p99: Float | None = Field(None, gt=0, description="99th percentile in tokens; sets sigma = ln(p99/median)/2.326.")
 
     @model_validator(mode="after")
     def _one_spread(self):
@@ -53,7 +85,7 @@ class LognormalLen(_Section):
 
 class EmpiricalLen(_Section):
     kind: Literal["empirical"]
-    values: list[Annotated[int, Field(ge=1)]] | None = Field(
+    values: list[Annotated[Int, Field(ge=1)]] | None = Field(
         None, description="Lengths to resample uniformly with replacement.")
     trace: str | None = Field(
         None, description="Trace file (Parquet/CSV, stalecast schema) whose column is resampled; "
@@ -76,20 +108,20 @@ LengthDist = Annotated[Union[ConstantLen, ExponentialLen, LognormalLen, Empirica
 
 # --------------------------------------------------------------------------- sections
 class Workload(_Section):
-    batch_prompts: int = Field(ge=1, description="Prompts (GRPO groups) the learner consumes per step.")
-    group_size: int = Field(ge=1, description="Samples generated per prompt (the GRPO group).")
+    batch_prompts: Int = Field(ge=1, description="Prompts (GRPO groups) the learner consumes per step.")
+    group_size: Int = Field(ge=1, description="Samples generated per prompt (the GRPO group).")
     prompt_len: LengthDist | None = Field(None, description="Prompt length distribution, tokens.")
     response_len: LengthDist | None = Field(None, description="Response length distribution, tokens (before the "
                                                                 "cap).")
-    groups: list[list[Annotated[int, Field(ge=1)]]] | None = Field(
+    groups: list[list[Annotated[Int, Field(ge=1)]]] | None = Field(
         None, description="Instead of prompt_len and response_len: whole groups to resample uniformly with "
                           "replacement, each [prompt length, its group_size response lengths], so lengths that "
                           "occur together stay together (longer prompts, longer answers). `stalecast validate` "
                           "takes them from its pilot run.")
-    groups_in_order: bool = Field(False, description="With groups: group n takes groups[n] (cycling), so lengths that "
+    groups_in_order: Bool = Field(False, description="With groups: group n takes groups[n] (cycling), so lengths that "
                                                      "change as training goes on change in the simulation too; "
                                                      "false: resample uniformly.")
-    max_new_tokens: int = Field(ge=1, description="Cap on response length; longer draws are truncated to it.")
+    max_new_tokens: Int = Field(ge=1, description="Cap on response length; longer draws are truncated to it.")
 
     @model_validator(mode="after")
     def _one_length_source(self):
@@ -109,16 +141,16 @@ class Workload(_Section):
 
 
 class Cluster(_Section):
-    rollout_workers: int = Field(ge=1, description="Inference engines generating rollouts (R).")
-    gpus_per_worker: int = Field(1, ge=1, description="GPUs per rollout worker (its tensor-parallel degree).")
-    max_concurrency: int = Field(ge=1, description="Sequences a worker decodes at once (continuous batching slots).")
+    rollout_workers: Int = Field(ge=1, description="Inference engines generating rollouts (R).")
+    gpus_per_worker: Int = Field(1, ge=1, description="GPUs per rollout worker (its tensor-parallel degree).")
+    max_concurrency: Int = Field(ge=1, description="Sequences a worker decodes at once (continuous batching slots).")
     batching: Literal["continuous", "static"] = Field(
         "continuous", description="continuous: a freed slot takes a new group at the next decode step (vLLM, "
                                   "SGLang). static: a worker admits a batch only when its last one has ended, and "
                                   "the batch's groups reach the learner together at its end, with one prefill "
                                   "call for the batch (stalecast train's workers; runs on the SimPy engine).")
-    learner_gpus: int = Field(1, ge=1, description="GPUs the learner trains on (L).")
-    colocated: bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
+    learner_gpus: Int = Field(1, ge=1, description="GPUs the learner trains on (L).")
+    colocated: Bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
                                                "the hardware colocation slowdowns apply while both run.")
 
     @property
@@ -130,16 +162,16 @@ class Pipeline(_Section):
     mode: Literal["sync", "one_step_off", "async"] = Field(
         "async", description="sync: generate, train, sync, repeat. one_step_off: batch k+1 is generated "
                              "with version k while step k trains. async: fully asynchronous.")
-    max_staleness: int = Field(1, ge=0, description="Staleness bound S (learner version at consumption minus "
+    max_staleness: Int = Field(1, ge=0, description="Staleness bound S (learner version at consumption minus "
                                                     "version at generation start) for async mode.")
     staleness_control: Literal["gating", "drop", "both", "none"] = Field(
         "gating", description="async only. gating: admit a new group only while accepted + running < "
                               "(S + v + 1) * batch_prompts, v the version of the oldest unconsumed group; "
                               "drop: discard groups staler than S at consumption; both; none.")
-    interruptible: bool = Field(False, description="Workers pause in-flight sequences to load new weights "
+    interruptible: Bool = Field(False, description="Workers pause in-flight sequences to load new weights "
                                                    "(tokens then carry several versions); otherwise they stop "
                                                    "admitting, drain in-flight sequences, then load.")
-    queue_capacity: int | None = Field(None, ge=1, description="Completed groups the buffer holds before workers "
+    queue_capacity: Int | None = Field(None, ge=1, description="Completed groups the buffer holds before workers "
                                                                "stop admitting new groups; null = unbounded.")
     queue_order: Literal["fifo", "freshest"] = Field("fifo", description="fifo: oldest completed group first; "
                                                                          "freshest: newest policy version first.")
@@ -153,27 +185,27 @@ class Pipeline(_Section):
 
 class Efficiency(_Section):
     """Calibration factors of the analytic cost model: explicit, never hidden constants."""
-    decode_mem: float = Field(0.80, gt=0, le=1, description="Fraction of HBM bandwidth decode reaches.")
-    decode_compute: float = Field(0.50, gt=0, le=1, description="Fraction of peak FLOP/s decode reaches.")
-    prefill_mfu: float = Field(0.50, gt=0, le=1, description="Model FLOPs utilisation of prefill.")
-    train_mfu: float = Field(0.40, gt=0, le=1, description="Model FLOPs utilisation of training (6·N·tokens).")
-    network: float = Field(0.80, gt=0, le=1, description="Fraction of link bandwidth a weight sync reaches.")
-    decode_step_overhead_s: float = Field(0.004, ge=0, description="Fixed host/scheduler time per decode step.")
-    train_step_overhead_s: float = Field(1.0, ge=0, description="Fixed time per learner step (optimizer, logging).")
-    sync_latency_s: float = Field(0.5, ge=0, description="Fixed time per weight sync on top of bytes/bandwidth.")
-    colocation_gen_slowdown: float = Field(1.15, ge=1, description="Generation slowdown while sharing GPUs "
+    decode_mem: Float = Field(0.80, gt=0, le=1, description="Fraction of HBM bandwidth decode reaches.")
+    decode_compute: Float = Field(0.50, gt=0, le=1, description="Fraction of peak FLOP/s decode reaches.")
+    prefill_mfu: Float = Field(0.50, gt=0, le=1, description="Model FLOPs utilisation of prefill.")
+    train_mfu: Float = Field(0.40, gt=0, le=1, description="Model FLOPs utilisation of training (6·N·tokens).")
+    network: Float = Field(0.80, gt=0, le=1, description="Fraction of link bandwidth a weight sync reaches.")
+    decode_step_overhead_s: Float = Field(0.004, ge=0, description="Fixed host/scheduler time per decode step.")
+    train_step_overhead_s: Float = Field(1.0, ge=0, description="Fixed time per learner step (optimizer, logging).")
+    sync_latency_s: Float = Field(0.5, ge=0, description="Fixed time per weight sync on top of bytes/bandwidth.")
+    colocation_gen_slowdown: Float = Field(1.15, ge=1, description="Generation slowdown while sharing GPUs "
                                                                    "with training (measured on one H200: 1.15).")
-    colocation_train_slowdown: float = Field(1.11, ge=1, description="Training slowdown while sharing GPUs with "
+    colocation_train_slowdown: Float = Field(1.11, ge=1, description="Training slowdown while sharing GPUs with "
                                                                      "generation (measured on one H200: 1.11).")
 
 
 class ConstantCosts(_Section):
     """Fixed times, for textbook cases: each decode step, prefill token and training token costs the same."""
-    decode_step_s: float = Field(ge=0, description="Seconds per decode step, whatever the batch.")
-    prefill_s_per_token: float = Field(0.0, ge=0, description="Seconds per prompt token of prefill.")
-    train_step_s: float = Field(0.0, ge=0, description="Fixed seconds per learner step.")
-    train_s_per_token: float = Field(0.0, ge=0, description="Seconds per trained token (prompt + response).")
-    sync_s: float = Field(0.0, ge=0, description="Seconds per weight sync.")
+    decode_step_s: Float = Field(ge=0, description="Seconds per decode step, whatever the batch.")
+    prefill_s_per_token: Float = Field(0.0, ge=0, description="Seconds per prompt token of prefill.")
+    train_step_s: Float = Field(0.0, ge=0, description="Fixed seconds per learner step.")
+    train_s_per_token: Float = Field(0.0, ge=0, description="Seconds per trained token (prompt + response).")
+    sync_s: Float = Field(0.0, ge=0, description="Seconds per weight sync.")
 
 
 class Hardware(_Section):
@@ -181,7 +213,10 @@ class Hardware(_Section):
     model: str | dict = Field("qwen2.5-0.5b", description="Model-shape preset name, or an inline shape with "
                                                           "params, layers, hidden, heads, kv_heads, vocab.")
     profile: str | None = Field(None, description="Measured profile YAML (from `stalecast profile`); its tables "
-                                                  "override the analytic costs they cover.")
+                                                  "override the costs they cover. It needs at least one table, and "
+                                                  "all of decode, prefill, train and sync_s when hardware.gpu is null "
+                                                  "and hardware.constant is not given. A relative path is taken from "
+                                                  "the config file's folder (given with --set: the current folder).")
     efficiency: Efficiency = Field(default_factory=Efficiency, description="Analytic cost-model calibration.")
     constant: ConstantCosts | None = Field(None, description="Use fixed times instead of the GPU/model costs.")
     train_tokens: Literal["packed", "padded"] = Field(
@@ -189,51 +224,67 @@ class Hardware(_Section):
                               "(trainers that pack sequences). padded: every sample at the batch's longest sequence "
                               "(stalecast train's learner pads the batch to its longest row).")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shape(cls, value):
+        if not isinstance(value, (str, dict)):
+            raise ValueError("expected a model preset name or a mapping of shape fields (params, layers, hidden, "
+                             "heads, kv_heads, vocab)")
+        if isinstance(value, dict):
+            for key, number in value.items():
+                if isinstance(number, float) and not math.isfinite(number):
+                    raise ValueError(f"{key}: must be a finite number (got {number})")
+        return value
+
 
 class Optim(_Section):
-    lr: float = Field(1e-6, gt=0, description="Base learning rate.")
+    lr: Float = Field(1e-6, gt=0, description="Base learning rate.")
     schedule: Literal["constant", "ess_coupled", "staleness_aware"] = Field(
         "constant", description="constant: lr. ess_coupled: lr*min(1, ess/ess_base)^ess_power. "
                                 "staleness_aware: lr/(1 + staleness_alpha * mean staleness).")
-    ess_base: float = Field(0.9, gt=0, le=1, description="ESS ratio at and above which ess_coupled keeps lr.")
-    ess_power: float = Field(1.0, gt=0, description="Exponent of the ESS-coupled schedule.")
-    staleness_alpha: float = Field(0.5, ge=0, description="Strength of the staleness-aware schedule.")
+    ess_base: Float = Field(0.9, gt=0, le=1, description="ESS ratio at and above which ess_coupled keeps lr.")
+    ess_power: Float = Field(1.0, gt=0, description="Exponent of the ESS-coupled schedule.")
+    staleness_alpha: Float = Field(0.5, ge=0, description="Strength of the staleness-aware schedule.")
 
 
 class Instability(_Section):
-    """DESIGN.md's instability rule; a run is unstable at the first step (after warm-up) where any fires."""
-    warmup_steps: int = Field(5, ge=0, description="Steps before any check applies.")
-    reward_drop: float = Field(0.5, gt=0, le=1, description="Fraction below the running best reward that counts "
+    """The instability rule of docs/design.md; a run is unstable at the first step (after warm-up) where any fires."""
+    warmup_steps: Int = Field(5, ge=0, description="Steps before any check applies.")
+    reward_drop: Float = Field(0.5, gt=0, le=1, description="Fraction below the running best reward that counts "
                                                             "as a fall.")
-    recover_window: int = Field(5, ge=1, description="Steps a fallen reward has to recover before it is a collapse.")
-    grad_norm_k: float = Field(10.0, gt=1, description="Grad norm above k x its running median is a collapse.")
-    kl_max: float = Field(1.0, gt=0, description="KL (k3, current vs behavior policy) above this is a collapse.")
+    recover_window: Int = Field(5, ge=1, description="Steps a fallen reward has to recover before it is a collapse.")
+    grad_norm_k: Float = Field(10.0, gt=1, description="Grad norm above k x its running median is a collapse.")
+    kl_max: Float = Field(1.0, gt=0, description="KL (k3, current vs behavior policy) above this is a collapse.")
 
 
 class Real(_Section):
     """How `stalecast train` runs the configuration for real (ignored by the simulator)."""
     model: str = Field("tiny", description="A model-shape preset ('tiny', 'qwen2.5-0.5b', ...: a random-init "
                                            "Qwen2-style model of that shape with the project's tokenizer) or a "
-                                           "local checkpoint folder; nothing is downloaded.")
+                                           "local checkpoint folder (checked when the config loads; a relative "
+                                           "path is taken from the config file's folder); nothing is downloaded.")
     task: Literal["reverse", "sort", "add"] = Field("reverse", description="Synthetic verifiable task: reverse or "
                                                                            "sort a digit string, or add two numbers.")
-    min_digits: int = Field(2, ge=1, description="Shortest digit string of a prompt.")
-    max_digits: int = Field(8, ge=1, description="Longest digit string of a prompt (answers vary in length).")
+    min_digits: Int = Field(2, ge=1, description="Shortest digit string of a prompt.")
+    max_digits: Int = Field(8, ge=1, description="Longest digit string of a prompt (answers vary in length).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers and learner run; auto picks "
                                                                        "cuda when available.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the policy.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    temperature: Float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     loss: Literal["coupled", "decoupled"] = Field("decoupled", description="coupled: PPO ratio to the behavior "
                                                   "policy, clipped. decoupled: ratio to the proximal policy (the policy "
                                                   "at the step's start) times a capped behavior importance weight.")
     ratio_level: Literal["token", "sequence"] = Field("token", description="Importance ratios per token or per "
                                                                            "sequence (exp of the summed log-ratio).")
-    clip_eps: float = Field(0.2, gt=0, description="PPO clipping radius of the ratio.")
-    behav_cap: float = Field(5.0, gt=1, description="Cap on the behavior importance weight (decoupled loss).")
-    micro_batch: int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
-    warm_start_steps: int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
-    warm_start_lr: float | None = Field(None, gt=0, description="Learning rate of the supervised warm start; "
+    clip_eps: Float = Field(0.2, gt=0, description="PPO clipping radius of the ratio.")
+    behav_cap: Float = Field(5.0, gt=1, description="Cap on the behavior importance weight (decoupled loss).")
+    micro_batch: Int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
+    warm_start_steps: Int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
+    warm_start_lr: Float | None = Field(None, gt=0, description="Learning rate of the supervised warm start; "
                                                                 "null = optim.lr.")
+    checkpoint_every: Int = Field(20, ge=0, description="Learner steps between checkpoints of `stalecast train` (the "
+                                                        "run also checkpoints when it ends, however it ends); "
+                                                        "`--resume` continues from the last one. 0: only at the end.")
     instability: Instability = Field(default_factory=Instability, description="When a run counts as collapsed.")
 
     @model_validator(mode="after")
@@ -244,21 +295,21 @@ class Real(_Section):
 
 
 class Run(_Section):
-    steps: int = Field(ge=1, description="Learner steps to run.")
+    steps: Int = Field(ge=1, description="Learner steps to run.")
 
 
 class Stability(_Section):
-    """Constants of the seed paper's stability rule (DESIGN.md): stable while
+    """Constants of the seed paper's stability rule (docs/design.md): stable while
     lr < scale x min(r_batch / (S x g_upd), r_crit / (T x g_upd)). Null = not known; `stalecast study stability`
     fits them and writes a fit file."""
-    r_batch: float | None = Field(None, gt=0, description="Batch-level clipping radius R_batch: the parameter drift "
+    r_batch: Float | None = Field(None, gt=0, description="Batch-level clipping radius R_batch: the parameter drift "
                                                           "at which the importance ratios' spread reaches the PPO "
                                                           "clip (parameter L2 norm, like g_upd x lr).")
-    g_upd: float | None = Field(None, gt=0, description="G_upd: bound on the update norm per unit learning rate, "
+    g_upd: Float | None = Field(None, gt=0, description="G_upd: bound on the update norm per unit learning rate, "
                                                         "||delta theta|| / lr.")
-    r_crit: float | None = Field(None, gt=0, description="R_crit: critical cumulative parameter drift over the "
+    r_crit: Float | None = Field(None, gt=0, description="R_crit: critical cumulative parameter drift over the "
                                                          "horizon (parameter L2 norm).")
-    scale: float | None = Field(None, gt=0, description="The rule's 'much less than' as a factor: stable while "
+    scale: Float | None = Field(None, gt=0, description="The rule's 'much less than' as a factor: stable while "
                                                        "lr < scale x min(...); null = the fit file's fitted scale, or "
                                                        "1 (the bound itself) without one.")
     fit: str | None = Field(None, description="fit.json written by `stalecast study stability`: supplies the "
@@ -268,7 +319,7 @@ class Stability(_Section):
         "max", description="Which statistic of the consumed staleness distribution is S: max (the paper's maximum "
                            "rollout lag; with gating it is the bound once the bound binds) or p99 (one straggler "
                            "group does not set it). A fit file's own statistic takes precedence.")
-    horizon: int | None = Field(None, ge=1, description="Horizon T of the rule, learner steps; null = run.steps.")
+    horizon: Int | None = Field(None, ge=1, description="Horizon T of the rule, learner steps; null = run.steps.")
 
     @model_validator(mode="after")
     def _all_or_none(self):
@@ -281,7 +332,7 @@ class Stability(_Section):
 
 class RunConfig(_Section):
     name: str = Field("run", description="Short name used in output folders and reports.")
-    seed: int = Field(0, ge=0, description="Seed of every random stream (one SeedSequence per run).")
+    seed: Int = Field(0, ge=0, description="Seed of every random stream (one SeedSequence per run).")
     workload: Workload
     cluster: Cluster
     pipeline: Pipeline = Field(default_factory=Pipeline)
@@ -290,6 +341,13 @@ class RunConfig(_Section):
     real: Real = Field(default_factory=Real, description="Settings of the real trainer (`stalecast train`).")
     stability: Stability = Field(default_factory=Stability, description="The stability rule's constants, where known.")
     run: Run
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value.strip() or any(c in value for c in "/\\\0") or value in (".", ".."):
+            raise ValueError("must be a plain name (it names output folders): not empty, no / or \\")
+        return value
 
     @model_validator(mode="after")
     def _buffer_fits_batch(self):
@@ -318,7 +376,7 @@ class RunConfig(_Section):
         return RunConfig.model_validate(data)
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- validation messages
 _DIST_KINDS: dict[str, type[BaseModel]] = {"constant": ConstantLen, "exponential": ExponentialLen,
                                             "lognormal": LognormalLen, "empirical": EmpiricalLen}
 
@@ -354,20 +412,52 @@ def _known_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+_KINDS = ", ".join(_DIST_KINDS)
+
+
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden":
-        hint = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known, name = _known_fields(loc), str(loc[-1])
+        hint = difflib.get_close_matches(name, known, n=1) or [k for k in known if len(name) > 1 and (
+            k.startswith(name) or name.startswith(k))][:1]
         return f"{_field_path(loc)}: unknown field" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind == "missing":
+        msg = "required field is missing"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = f"expected a mapping of fields, not {_yaml_type(got)}"
+    elif kind == "union_tag_not_found":
+        msg, got = f"needs kind: one of {_KINDS}", None
+    elif kind == "union_tag_invalid":
+        msg, got = f"kind {err['ctx']['tag']!r} is not one of {_KINDS}", None
+    shown = ""
+    if got is not None and not isinstance(got, (dict, list)):
+        shown = f" (got {str(got).lower() if isinstance(got, bool) else repr(got)})"
     # Whole-config rules (loc empty) name their fields in the message itself.
     return f"{_field_path(loc)}: {msg}{shown}" if loc else f"{msg}{shown}"
 
 
+def _yaml_type(value) -> str:
+    """A parsed YAML value's kind, in YAML's words."""
+    if value is None:
+        return "null (an empty section)"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else type(value).__name__
+
+
 def parse_config(data: object, source: str = "<config>") -> RunConfig:
     """Validate already-parsed data; errors name `source`."""
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; a config needs at least workload, cluster and run "
+                          f"(see examples/)")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the file must hold a mapping of sections, not {type(data).__name__}")
     try:
@@ -383,29 +473,127 @@ def parse_config(data: object, source: str = "<config>") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML run config. Relative file paths inside it are resolved against its folder."""
+# --------------------------------------------------------------------------- YAML files
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last one
+    silently, so `steps: 10` above a forgotten `steps: 1000` would lose)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key '{key}' is given twice in one mapping",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (line, column)."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character, e.g. NUL
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"{exc.reason}: character #x{char:04x} at offset {exc.position}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if not problem:
+        return " ".join(str(exc).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    if "'\\t'" in problem:  # PyYAML shows a tab as '\t'
+        problem = problem.replace("'\\t'", "a tab") + " (YAML indents with spaces)"
+    return (f"{' '.join(context.split())}: " if context else "") + f"{' '.join(problem.split())}{where}"
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> object:
+    """Parse a YAML file; a missing, unreadable, non-UTF-8 or malformed file is one ConfigError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}")
+    if not path.exists():
+        raise ConfigError(f"{path}: no such {what}")
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: not a regular file; give a {what} (YAML)")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the "
+                          f"{what} as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    cfg = parse_config(data, str(path))
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+
+
+# --------------------------------------------------------------------------- loading
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config. Relative file paths inside it are resolved against its folder; relative paths given
+    as overrides (`--set`) against the current folder."""
+    path = Path(path)
+    cfg = parse_config(read_yaml(path), str(path))
     if overrides:
         try:
             cfg = cfg.with_overrides(overrides)
         except (KeyError, TypeError):
-            raise ConfigError(f"{path}: override names a field that does not exist: {overrides}") from None
+            raise ConfigError(f"{path} (override): {_override_problem(cfg, overrides)}") from None
         except ValidationError as exc:
             raise ConfigError("\n".join(f"{path} (override): {_describe(e)}" for e in exc.errors())) from None
-    return _resolve_paths(cfg, path)
+        try:
+            from sim.hardware.specs import check_hardware
+            check_hardware(cfg.hardware)
+        except ValueError as exc:
+            raise ConfigError(f"{path} (override): {exc}") from None
+    return _resolve_paths(cfg, path, set(overrides or ()))
 
 
-def _resolve_paths(cfg: RunConfig, path: Path) -> RunConfig:
-    """Make file references absolute and check they exist, so errors point at the config that named them."""
-    base = path.resolve().parent
+def _override_problem(cfg: RunConfig, overrides: dict) -> str:
+    """Why a dotted override key names no field: the first part that does not exist, or that is not a section."""
+    for dotted in overrides:
+        node, done = cfg.model_dump(), []
+        *parents, _ = dotted.split(".")
+        for key in [*parents, None]:
+            if not isinstance(node, dict):
+                where = ".".join(done)
+                if _known_fields((*done, "")):  # an unset optional section, e.g. hardware.constant: null
+                    return (f"{dotted}: {where} is not set; give the whole section, e.g. --set '{where}={{"
+                            f"{_known_fields((*done, ''))[0]}: ...}}'")
+                return f"{dotted}: {where} is a value ({_yaml_value(node)}), not a section with fields"
+            if key is None:
+                break
+            if key not in node:
+                hint = difflib.get_close_matches(key, [str(k) for k in node], n=1)
+                return (f"{dotted}: field '{'.'.join([*done, key])}' does not exist"
+                        + (f" (did you mean '{'.'.join([*done, hint[0]])}'?)" if hint else ""))
+            node, done = node[key], [*done, key]
+    return f"an override names a field that does not exist: {', '.join(overrides)}"
+
+
+def _yaml_value(value) -> str:
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _resolve_paths(cfg: RunConfig, path: Path, overridden: set[str] = frozenset()) -> RunConfig:
+    """Make file references absolute and check they exist, so errors point at the config that named them: a path
+    from the file is taken from the file's folder, one given as an override from the current folder. A measured
+    profile is read and checked here too (structure, and that it has the tables the config needs), and
+    `real.model`, when it is not a preset name, must be a checkpoint folder."""
+    from sim.hardware.specs import MODELS
+
+    folder = path.resolve().parent
+
+    def origin(dotted: str) -> tuple[Path, str]:
+        given = any(dotted == k or dotted.startswith(k + ".") for k in overridden)
+        return (Path.cwd(), f"{path} (override)") if given else (folder, str(path))
+
     updates: dict = {}
     for dotted, value in (("hardware.profile", cfg.hardware.profile),
                           ("workload.prompt_len.trace", getattr(cfg.workload.prompt_len, "trace", None)),
@@ -413,11 +601,39 @@ def _resolve_paths(cfg: RunConfig, path: Path) -> RunConfig:
                           ("stability.fit", cfg.stability.fit)):
         if value is None:
             continue
+        base, where = origin(dotted)
         resolved = (base / value).resolve()
         if not resolved.is_file():
-            raise ConfigError(f"{path}: {dotted}: file not found: {value}")
+            what = "is a folder, not a file" if resolved.is_dir() else "file not found"
+            raise ConfigError(f"{where}: {dotted}: {what}: {value}" + (f" (looked for {resolved})"
+                                                                        if str(resolved) != value else ""))
         updates[dotted] = str(resolved)
-    return cfg.with_overrides(updates) if updates else cfg
+    if cfg.real.model not in MODELS:
+        base, where = origin("real.model")
+        resolved = (base / cfg.real.model).resolve()
+        if not resolved.is_dir():
+            raise ConfigError(f"{where}: real.model: '{cfg.real.model}' is neither a model preset "
+                              f"({', '.join(MODELS)}) nor a checkpoint folder (no folder {resolved})")
+        if not (resolved / "config.json").is_file():
+            raise ConfigError(f"{where}: real.model: {resolved} has no config.json, so it is not a checkpoint "
+                              f"folder (`stalecast train` writes one to OUT/checkpoint/)")
+        updates["real.model"] = str(resolved)
+    cfg = cfg.with_overrides(updates) if updates else cfg
+    if cfg.hardware.profile is not None:
+        _check_profile(cfg, origin("hardware.profile")[1])
+    return cfg
+
+
+def _check_profile(cfg: RunConfig, where: str) -> None:
+    """The profile parses and, with the config's other hardware settings, gives every cost (see
+    `sim.hardware.measured` for which tables a profile needs)."""
+    from sim.hardware.cost import build_cost_model
+    from sim.hardware.measured import load_profile
+
+    try:
+        build_cost_model(cfg, load_profile(cfg.hardware.profile))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: hardware.profile: {exc}") from None
 
 
 def config_help() -> str:

@@ -56,6 +56,12 @@ def _mark(folder: Path, kind: str) -> None:
     (folder / MARKER).write_text(json.dumps({"written_by": "stalecast", "kind": kind}) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -108,6 +114,7 @@ def staged(out: Path, kind: str, force: bool = False, option: str = "--out") -> 
     _make_parent(out, option)
     remove_stale_scratch(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_SCRATCH}{os.getpid()}-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output gets the user's usual permissions
     try:
         yield tmp
         _mark(tmp, kind)

@@ -1,4 +1,4 @@
-"""The seed paper's stability rule (DESIGN.md), collapse detection, and fitting the rule's constants.
+"""The seed paper's stability rule (docs/design.md), collapse detection, and fitting the rule's constants.
 
 The rule: per-step surrogate-gradient bias grows like O(S·η), and training stays stable while
 
@@ -207,9 +207,9 @@ def predict_config(cfg, histogram: Mapping, mean_staleness: float) -> ConfigPred
 
 # --------------------------------------------------------------------------- collapse detection
 class InstabilityDetector:
-    """DESIGN.md's rule: after warm-up, a reward fall below (1 - reward_drop) x running best that does not
-    recover within recover_window steps (collapse step = where the fall began), grad norm above k x its
-    running median, KL above kl_max, or a non-finite loss. Only the first collapse is kept."""
+    """The instability rule (docs/design.md): after warm-up, a reward fall below (1 - reward_drop) x running
+    best that does not recover within recover_window steps (collapse step = where the fall began), grad norm
+    above k x its running median, KL above kl_max, or a non-finite loss. Only the first collapse is kept."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -243,6 +243,12 @@ class InstabilityDetector:
         if reason is not None and self.step is None and (armed or not math.isfinite(loss)):
             self.step, self.reason = step, reason
 
+    def update_row(self, row: Mapping) -> None:
+        """`update` from a per-step metrics row (metrics.jsonl: "step", "reward/mean", "grad_norm", "kl/k3",
+        "loss"; null, a non-finite value as JSON writes it, is NaN)."""
+        self.update(int(row["step"]), _number(row["reward/mean"]), _number(row["grad_norm"]), _number(row["kl/k3"]),
+                    _number(row["loss"]))
+
 
 def _number(value) -> float:
     """A metrics.jsonl value as a float; null (a non-finite value written as null) is NaN."""
@@ -254,8 +260,7 @@ def detect_collapse(rows: Iterable[Mapping], cfg) -> tuple[int | None, str | Non
     "grad_norm", "kl/k3", "loss"), by the same detector the learner runs; (None, None) when stable."""
     det = InstabilityDetector(cfg)
     for row in rows:
-        det.update(int(row["step"]), _number(row["reward/mean"]), _number(row["grad_norm"]), _number(row["kl/k3"]),
-                   _number(row["loss"]))
+        det.update_row(row)
     return det.step, det.reason
 
 

@@ -28,7 +28,7 @@ from rich.markdown import Markdown
 
 from sim.cli import positive_int
 from sim.config import ConfigError, RunConfig, load_config
-from sim.outputs import claim
+from sim.outputs import check_out, claim
 from sim.hardware.specs import MODELS
 from studies import plots
 from studies.sweep import (Backend, Sweep, SweepResult, aggregate, describe_failures, run_sweep, status_line,
@@ -37,13 +37,17 @@ from studies.sweep import (Backend, Sweep, SweepResult, aggregate, describe_fail
 
 @dataclass
 class Study:
-    steps: int | None = field(default=None, metadata={"help": "learner steps per run (default: the config's run.steps)"})
-    reps: int = field(default=3, metadata={"help": "replications (independent seeds) per grid point"})
+    steps: int | None = field(default=None, metadata={
+        "help": "learner steps per run (default: the config's run.steps)", "min": 1})
+    reps: int = field(default=3, metadata={"help": "replications (independent seeds) per grid point", "min": 1})
     sync_steps: int = field(default=20, metadata={
         "help": "learner steps of each sync baseline (sync steps are alike: 20 give the mean step time "
-                "within 0.6 %% on the 64-GPU example)"})
+                "within 0.6 %% on the 64-GPU example)", "min": 1})
 
     name: ClassVar[str]
+
+    def __post_init__(self):
+        check_spec(self)
 
     def grid(self, cfg: RunConfig) -> tuple[RunConfig, list[dict], list[dict]]:
         """(base config, override dict per point, label columns per point)."""
@@ -96,10 +100,10 @@ class RatioStudy(Study):
     """Throughput, staleness and idle ratios against the rollout:learner split of a fixed GPU budget."""
     name: ClassVar[str] = "ratio"
     bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={
-        "help": "staleness bounds S, one curve each"})
+        "help": "staleness bounds S, one curve each", "min": 0})
     rollout_workers: list[int] | None = field(default=None, metadata={
         "help": "rollout worker counts to try (default: every split, 1 worker up to all GPUs but one for the "
-                "learner)"})
+                "learner)", "min": 1})
 
     def grid(self, cfg):
         cl = cfg.cluster
@@ -157,7 +161,7 @@ class BoundStudy(Study):
     """Throughput and staleness against the staleness bound, hardware fixed."""
     name: ClassVar[str] = "bound"
     bounds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 6, 8, 12, 16], metadata={
-        "help": "staleness bounds S to try"})
+        "help": "staleness bounds S to try", "min": 0})
 
     def grid(self, cfg):
         if cfg.pipeline.mode != "async":
@@ -198,9 +202,10 @@ class TailStudy(Study):
     """Staleness and throughput against the response-length tail, with and without interruptible workers."""
     name: ClassVar[str] = "tail"
     tail_ratios: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0], metadata={
-        "help": "response-length p99/median ratios (lognormal; the median stays fixed; max_new_tokens still caps)"})
+        "help": "response-length p99/median ratios (lognormal; the median stays fixed; max_new_tokens still caps)",
+        "gt": 1, "why": "the p99 must exceed the median"})
     median: float | None = field(default=None, metadata={
-        "help": "median response tokens (default: the config's lognormal median)"})
+        "help": "median response tokens (default: the config's lognormal median)", "gt": 0})
 
     def grid(self, cfg):
         if cfg.pipeline.mode != "async":
@@ -270,9 +275,9 @@ class SyncVsAsyncStudy(Study):
     name: ClassVar[str] = "sync-vs-async"
     models: list[str] = field(default_factory=lambda: ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b",
                                                        "qwen2.5-14b"], metadata={
-        "help": f"model presets ({', '.join(MODELS)})"})
+        "help": f"model presets ({', '.join(MODELS)})", "choices": tuple(MODELS)})
     scales: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0], metadata={
-        "help": "cluster sizes as multiples of the config's GPUs; workers and learner GPUs scale alike"})
+        "help": "cluster sizes as multiples of the config's GPUs; workers and learner GPUs scale alike", "gt": 0})
 
     def grid(self, cfg):
         if cfg.hardware.constant is not None:
@@ -318,9 +323,10 @@ STUDIES: dict[str, type[Study]] = {cls.name: cls for cls in (RatioStudy, BoundSt
 
 
 # --------------------------------------------------------------------------- running a study
-def run_study(study: Study, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None
-              ) -> tuple[SweepResult, list[Path]]:
-    base, points, labels = study.grid(cfg)
+def run_study(study: Study, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None,
+              force: bool = False) -> tuple[SweepResult, list[Path]]:
+    base, points, labels = study.grid(cfg)  # rejects a config the study cannot vary before --out is touched
+    claim(out, f"study {study.name}", force)
     sweep = Sweep(base, points, labels, reps=study.reps, steps=study.steps, sync_steps=study.sync_steps)
     result = run_sweep(sweep, out, backend, console, label=f"study {study.name}")
     paths = write_tables(result, out)
@@ -347,24 +353,82 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None}
     study = cls(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{study.name}", f"study {study.name}",
-                args.force)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{study.name}"
+    check_out(out, args.force)
     with Backend(jobs=args.jobs, ray=args.ray) as backend:
-        result, paths = run_study(study, cfg, out, backend, console)
+        result, paths = run_study(study, cfg, out, backend, console, args.force)
         console.print(status_line(result, backend))
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {out}/: " + ", ".join(p.name for p in paths))
     return 0
 
 
+_KIND = {int: "whole number", float: "number", str: "name"}
+
+
 def _option_type(annotation):
-    """argparse type for a study field: comma-separated lists, plain scalars."""
+    """argparse type for a study field: comma-separated lists, plain scalars. Bounds are checked by `check_spec`
+    when the spec is built, so that a spec built in Python is checked too."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     inner = args[0] if args and typing.get_origin(annotation) is not list else annotation
     if typing.get_origin(inner) is list:
         item = typing.get_args(inner)[0]
-        return lambda text: [item(v) for v in text.split(",") if v.strip()]
+
+        def parse_list(text: str) -> list:
+            try:
+                return [item(v.strip()) for v in text.split(",") if v.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {_KIND.get(item, 'value')}s, "
+                                                 f"got {text!r}") from None
+        parse_list.__name__ = f"list of {_KIND.get(item, 'value')}s"
+        return parse_list
     return inner
+
+
+def check_spec(spec) -> None:
+    """Check a spec dataclass's values against its fields' metadata; ConfigError `--option VALUE: reason`.
+
+    Metadata keys: min / max (inclusive), gt / lt (exclusive), choices (the known values), why (appended to a
+    bound's reason), sets (the config field the option sets, named in the reason). For a list they apply to each
+    value; a list needs at least one value, none twice. Floats must be finite."""
+    for f in dataclasses.fields(spec):
+        value, meta = getattr(spec, f.name), f.metadata
+        if value is None:
+            continue
+        option = f"--{f.name.replace('_', '-')}"
+        many = isinstance(value, list)
+        shown = ",".join(map(str, value)) if many else str(value)
+        if many and not value:
+            raise ConfigError(f"{option}: needs at least one value")
+        if many and len(set(value)) < len(value):
+            twice = next(v for v in value if value.count(v) > 1)
+            raise ConfigError(f"{option} {shown}: {twice} is given twice")
+        unknown = [v for v in (value if many else [value]) if "choices" in meta and v not in meta["choices"]]
+        if unknown:
+            raise ConfigError(f"{option} {shown}: unknown {', '.join(map(repr, unknown))} (known: "
+                              f"{', '.join(map(str, meta['choices']))})")
+        for item in value if many else [value]:
+            problem = _bound_problem(item, meta)
+            if problem:
+                extra = [f"got {item}"] if many else []
+                extra += [f"it sets {meta['sets']}"] if "sets" in meta else []
+                raise ConfigError(f"{option} {shown}: {'each value ' if many else ''}{problem}"
+                                  + (f" ({'; '.join(extra)})" if extra else ""))
+
+
+def _bound_problem(value, meta) -> str | None:
+    why = f": {meta['why']}" if "why" in meta else ""
+    if isinstance(value, float) and not np.isfinite(value):
+        return "must be a finite number"
+    if "min" in meta and value < meta["min"]:
+        return f"must be at least {meta['min']}{why}"
+    if "gt" in meta and not value > meta["gt"]:
+        return f"must be greater than {meta['gt']}{why}"
+    if "max" in meta and value > meta["max"]:
+        return f"must be at most {meta['max']}{why}"
+    if "lt" in meta and not value < meta["lt"]:
+        return f"must be less than {meta['lt']}{why}"
+    return None
 
 
 def add_study_out_options(p: argparse.ArgumentParser, default: str) -> None:

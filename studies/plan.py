@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import ConfigError, RunConfig, load_config
-from sim.outputs import claim
+from sim.outputs import check_out, claim
 from sim.stability import constants_from_config, horizon_of, predict, read_fit
 from studies import plots
-from studies.named import add_backend_options, add_spec_options, add_study_out_options
+from studies.named import add_backend_options, add_spec_options, add_study_out_options, check_spec
 from studies.sweep import Backend, Sweep, run_sweep
 
 THROUGHPUT, MEAN, P99 = "throughput/samples_per_s", "staleness/mean", "staleness/p99"
@@ -38,29 +38,44 @@ THROUGHPUT, MEAN, P99 = "throughput/samples_per_s", "staleness/mean", "staleness
 
 @dataclass
 class PlanSpec:
-    gpus: int | None = field(default=None, metadata={"help": "GPU budget (default: the config's total GPUs)"})
+    gpus: int | None = field(default=None, metadata={"help": "GPU budget (default: the config's total GPUs)",
+                                                     "min": 2, "why": "one for the learner, one for a rollout worker"})
     max_mean_staleness: float | None = field(default=None, metadata={"help": "largest acceptable mean staleness "
-                                                                             "(versions)"})
+                                                                             "(versions)", "min": 0})
     max_p99_staleness: float | None = field(default=None, metadata={"help": "largest acceptable p99 staleness "
-                                                                            "(versions)"})
+                                                                            "(versions)", "min": 0})
     lr: float | None = field(default=None, metadata={
         "help": "learning rate the run will use: configurations the stability rule predicts unstable at it are "
-                "excluded (needs the rule's constants: --stability-fit or the config's stability section)"})
+                "excluded (needs the rule's constants: --stability-fit or the config's stability section)",
+        "gt": 0})
     stability_fit: str | None = field(default=None, metadata={
         "help": "fit.json from `stalecast study stability`, for --lr (default: the config's stability section)"})
     tp: list[int] | None = field(default=None, metadata={
-        "help": "GPUs per rollout worker to try, e.g. 1,2 (default: the config's gpus_per_worker)"})
-    bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "staleness bounds to try"})
+        "help": "GPUs per rollout worker to try, e.g. 1,2 (default: the config's gpus_per_worker)", "min": 1})
+    bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "staleness bounds to try",
+                                                                                "min": 0})
     concurrency: list[int] | None = field(default=None, metadata={
-        "help": "worker max_concurrency values to try (default: the config's)"})
-    steps: int = field(default=40, metadata={"help": "learner steps per search run"})
-    top: int = field(default=5, metadata={"help": "configurations to list"})
-    coarse: int = field(default=8, metadata={"help": "rollout worker counts per line in the coarse pass"})
-    refine: int = field(default=3, metadata={"help": "new worker counts per line in each refining pass"})
+        "help": "worker max_concurrency values to try (default: the config's)", "min": 1})
+    steps: int = field(default=40, metadata={"help": "learner steps per search run", "min": 1})
+    top: int = field(default=5, metadata={"help": "configurations to list", "min": 1})
+    coarse: int = field(default=8, metadata={"help": "rollout worker counts per line in the coarse pass", "min": 2,
+                                             "why": "the refining passes search between the coarse counts"})
+    refine: int = field(default=3, metadata={"help": "new worker counts per line in each refining pass", "min": 1})
     tolerance: float = field(default=0.05, metadata={
-        "help": "also refine around feasible counts within this fraction of a line's best throughput"})
+        "help": "also refine around feasible counts within this fraction of a line's best throughput",
+        "min": 0, "lt": 1})
     keep: float = field(default=0.6, metadata={
-        "help": "refine only lines whose best coarse throughput reaches this fraction of the best line's"})
+        "help": "refine only lines whose best coarse throughput reaches this fraction of the best line's",
+        "gt": 0, "max": 1})
+
+    def __post_init__(self):
+        check_spec(self)
+        if self.stability_fit is not None:
+            if self.lr is None:
+                raise ConfigError(f"--stability-fit {self.stability_fit}: only used with --lr (the learning rate "
+                                  f"whose unstable configurations it excludes); add --lr or leave it out")
+            if not Path(self.stability_fit).is_file():
+                raise ConfigError(f"--stability-fit {self.stability_fit}: file not found")
 
 
 @dataclass
@@ -185,8 +200,10 @@ def stability_rule(spec: PlanSpec, cfg: RunConfig):
     return known
 
 
-def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None) -> Plan:
-    search = _Search(spec, cfg, out, backend, console)
+def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None,
+         force: bool = False) -> Plan:
+    search = _Search(spec, cfg, out, backend, console)  # rejects a config it cannot plan before --out is touched
+    claim(out, "plan", force)
     search.run()
     ranked = sorted((k for k, row in search.rows.items() if search.feasible(row)),
                     key=lambda k: search.score(search.rows[k]), reverse=True)
@@ -325,9 +342,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PlanSpec) if getattr(args, f.name) is not None}
     spec = PlanSpec(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-plan", "plan", args.force)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-plan"
+    check_out(out, args.force)
     with Backend(jobs=args.jobs, ray=args.ray) as backend:
-        result = plan(spec, cfg, out, backend, console)
+        result = plan(spec, cfg, out, backend, console, args.force)
     print_plan(result, spec, spec.gpus or cfg.cluster.total_gpus, console)
     paths = write_plan(result, cfg, spec, out)
     console.print(f"searched {result.runs} configurations in {result.seconds:.1f} s on {backend.name}; "

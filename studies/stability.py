@@ -6,7 +6,7 @@ schedules (constant = fixed, ess_coupled, staleness_aware). Bound 0 is the synch
 (pipeline.mode sync), run once per learning rate: with no staleness every schedule applies the base lr.
 Runs are real `stalecast train` runs, one at a time (they share the CPU cores or the GPU).
 
-Per run the table records the collapse step (DESIGN.md's instability rule, `sim.stability.detect_collapse`,
+Per run the table records the collapse step (the instability rule of docs/design.md, `sim.stability.detect_collapse`,
 or none), final reward (mean over the last fifth of steps), reward area under the curve (per step, i.e. the
 mean reward), max grad norm, mean KL and ESS, and the rule's inputs: S (the configured statistic of the
 consumed staleness) and the mean applied lr up to the collapse. `by_staleness.*` holds KL, ESS and grad norm
@@ -42,7 +42,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sim.config import ConfigError, Optim, RunConfig, load_config
-from sim.outputs import claim
+from sim.outputs import check_out, claim
 from sim.stability import detect_collapse, staleness_of, write_fit
 from studies import plots
 from studies.sweep import RunStore, replication_seeds
@@ -57,15 +57,28 @@ PER_RANGE = ("n_samples", "kl/k3", "ess/token", "ess/seq", "grad_norm")
 @dataclass
 class StabilitySpec:
     bounds: list[int] = field(default_factory=lambda: [0, 1, 2, 4], metadata={
-        "help": "staleness bounds S; 0 = the synchronous baseline, run once per learning rate"})
+        "help": "staleness bounds S; 0 = the synchronous baseline, run once per learning rate", "min": 0})
     lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3, 1e-2], metadata={
-        "help": "base learning rates"})
+        "help": "base learning rates", "gt": 0, "sets": "optim.lr"})
     schedules: list[str] = field(default_factory=lambda: ["constant", "ess_coupled"], metadata={
         "help": f"learning-rate schedules ({', '.join(SCHEDULES)}; constant = fixed)"})
     steps: int | None = field(default=None, metadata={
-        "help": "learner steps per run, also the rule's horizon T (default: the config's run.steps)"})
-    reps: int = field(default=1, metadata={"help": "replications (independent seeds) per cell"})
-    timeout: float = field(default=900.0, metadata={"help": "seconds one run may take before it fails"})
+        "help": "learner steps per run, also the rule's horizon T (default: the config's run.steps)", "min": 1})
+    reps: int = field(default=1, metadata={"help": "replications (independent seeds) per cell", "min": 1})
+    timeout: float = field(default=900.0, metadata={"help": "seconds one run may take before it fails", "gt": 0})
+
+    def __post_init__(self):
+        from studies.named import check_spec
+
+        _check_schedules(self.schedules)
+        check_spec(self)
+
+
+def _check_schedules(schedules: list[str]) -> None:
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        raise ConfigError(f"--schedules: unknown schedule(s) {', '.join(unknown) or '(none given)'} "
+                          f"(known: {', '.join(SCHEDULES)})")
 
 
 @dataclass
@@ -91,10 +104,7 @@ def run_key(cfg: RunConfig) -> str:
 
 
 def plan_runs(spec: StabilitySpec, cfg: RunConfig, source: str) -> list[_Run]:
-    unknown = [s for s in spec.schedules if s not in SCHEDULES]
-    if unknown or not spec.schedules:
-        raise ConfigError(f"--schedules: unknown schedule(s) {', '.join(unknown) or '(none given)'} "
-                          f"(known: {', '.join(SCHEDULES)})")
+    _check_schedules(spec.schedules)
     if not spec.bounds or not spec.lrs:
         raise ConfigError("--bounds and --lrs need at least one value each")
     if any(b > 0 for b in spec.bounds) and cfg.pipeline.mode != "async":
@@ -415,9 +425,10 @@ def markdown_map(table: pd.DataFrame, schedules: list[str]) -> list[str]:
 
 
 def run_stability_study(spec: StabilitySpec, cfg: RunConfig, out: Path, console: Console | None = None,
-                        command: str = "", source: str = "config") -> tuple[pd.DataFrame, list[Path]]:
-    runs = plan_runs(spec, cfg, source)
-    out.mkdir(parents=True, exist_ok=True)
+                        command: str = "", source: str = "config", force: bool = False
+                        ) -> tuple[pd.DataFrame, list[Path]]:
+    runs = plan_runs(spec, cfg, source)  # rejects a grid the config cannot run before --out is touched
+    claim(out, "study stability", force)
     start = time.perf_counter()
     records, trained, cached = run_all(runs, out, spec.timeout, console)
     table = pd.DataFrame([run_row(r, records[r.key]) for r in runs])
@@ -494,8 +505,9 @@ def cmd_stability(args: argparse.Namespace, console: Console) -> int:
               if getattr(args, f.name) is not None}
     spec = StabilitySpec(**values)
     cfg = load_config(args.config, parse_overrides(args.set))
-    out = claim(Path(args.out) if args.out else Path("runs") / f"{cfg.name}-stability", "study stability", args.force)
-    table, paths = run_stability_study(spec, cfg, out, console, _command(args, spec, out), args.config)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-stability"
+    check_out(out, args.force)
+    table, paths = run_stability_study(spec, cfg, out, console, _command(args, spec, out), args.config, args.force)
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {out}/: " + ", ".join(p.name for p in paths))
     return 0 if (table["status"] == "ok").all() else 1

@@ -116,7 +116,7 @@ def test_missing_config_file(tmp_path):
 
 def test_relative_profile_path_resolves_against_config_folder(tmp_path, config_data):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "prof.yaml").write_text("{}\n")  # existence is all load_config checks
+    (tmp_path / "sub" / "prof.yaml").write_text("sync_s: 0.5\n")  # one table: the rest from hardware.constant
     config_data["hardware"]["profile"] = "prof.yaml"
     cfg = load_config(write_yaml(tmp_path / "sub", config_data))
     assert cfg.hardware.profile == str((tmp_path / "sub" / "prof.yaml").resolve())
@@ -174,3 +174,115 @@ def test_building_a_config_does_no_file_io(config_data, monkeypatch):
 def test_parse_config_rejects_non_mapping():
     with pytest.raises(ConfigError, match="^<config>: the file must hold a mapping"):
         parse_config(["workload"])
+
+
+# --------------------------------------------------------------------------- strict types, files, references
+@pytest.mark.parametrize("change, fragments", [
+    (lambda d: d["cluster"].update(rollout_workers=True), ["cluster.rollout_workers", "not a boolean", "got true"]),
+    (lambda d: d.update(optim={"lr": False}), ["optim.lr", "not a boolean"]),
+    (lambda d: d["cluster"].update(colocated=1), ["cluster.colocated", "expected true or false", "got 1"]),
+    (lambda d: d["pipeline"].update(interruptible="no"), ["pipeline.interruptible", "expected true or false"]),
+    (lambda d: d["workload"].update(response_len={"kind": "exponential", "mean": float("inf")}),
+     ["workload.response_len.mean", "finite number"]),
+    (lambda d: d["hardware"]["constant"].update(sync_s=float("nan")), ["hardware.constant.sync_s", "finite number"]),
+    (lambda d: d["workload"].update(prompt_len={"kind": "empirical", "values": [4, True]}),
+     ["workload.prompt_len.values.1", "not a boolean"]),
+    (lambda d: d["hardware"].update(model=7), ["hardware.model", "expected a model preset name or a mapping"]),
+    (lambda d: d.update(name="runs/x"), ["name", "must be a plain name"]),
+], ids=["int-true", "float-false", "bool-1", "bool-string", "inf", "nan", "list-item-bool", "model-number",
+        "name-path"])
+def test_values_pydantic_would_coerce_are_rejected(tmp_path, config_data, change, fragments):
+    change(config_data)
+    path = write_yaml(tmp_path, config_data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and text.startswith(f"{path}: "), text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+def test_yaml_numbers_still_read_as_floats(tmp_path, config_data):
+    # PyYAML reads 1e-3 (no dot) as a string and 5 as an int: float fields keep taking both.
+    text = yaml.safe_dump(config_data) + "optim:\n  lr: 1e-3\n"
+    cfg = load_config(write_yaml(tmp_path, text))
+    assert cfg.optim.lr == 1e-3 and cfg.workload.response_len.mean == 5.0
+    assert isinstance(cfg.workload.response_len.mean, float)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "the file is empty; a config needs at least workload, cluster and run"),
+    (b"name: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 9); save the config file as UTF-8"),
+    (b"run:\n  steps: 3\n  steps: 1000\n",
+     "not valid YAML: key 'steps' is given twice in one mapping (line 3, column 3)"),
+    (b"run:\n\tsteps: 3\n", "found character a tab that cannot start any token (YAML indents with spaces)"),
+], ids=["empty", "not-utf8", "duplicate-key", "tab"])
+def test_unreadable_config_file_is_one_line(tmp_path, content, reason):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and reason in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_config_folder_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_config(tmp_path)
+
+
+def test_profile_is_checked_when_the_config_loads(tmp_path, config_data):
+    config_data["hardware"] = {"gpu": None, "profile": "prof.yaml"}
+    path = write_yaml(tmp_path, config_data)
+    (tmp_path / "prof.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"hardware.profile: .*prof.yaml: the profile is empty") as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    (tmp_path / "prof.yaml").write_text("sync_s: 0.5\n")  # the only cost source, but without decode, prefill, train
+    with pytest.raises(ConfigError, match="the profile lacks decode, prefill, train"):
+        load_config(path)
+    config_data["hardware"]["gpu"] = "H100-SXM"  # the GPU's analytic model gives the rest
+    assert load_config(write_yaml(tmp_path, config_data)).hardware.profile == str((tmp_path / "prof.yaml").resolve())
+
+
+def test_checkpoint_path_resolves_against_config_folder(tmp_path, config_data, monkeypatch):
+    (tmp_path / "sub" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    config_data["real"] = {"model": "ckpt"}
+    path = write_yaml(tmp_path / "sub", config_data)
+    with pytest.raises(ConfigError, match="has no config.json, so it is not a checkpoint folder"):
+        load_config(path)
+    (tmp_path / "sub" / "ckpt" / "config.json").write_text("{}")
+    assert load_config(path).real.model == str((tmp_path / "sub" / "ckpt").resolve())
+    config_data["real"] = {"model": "no-such-ckpt"}
+    with pytest.raises(ConfigError, match="'no-such-ckpt' is neither a model preset .* nor a checkpoint folder"):
+        load_config(write_yaml(tmp_path / "sub", config_data))
+    config_data["real"] = {"model": "qwen2.5-0.5b"}  # a preset stays a name
+    assert load_config(write_yaml(tmp_path / "sub", config_data)).real.model == "qwen2.5-0.5b"
+
+
+def test_override_paths_are_taken_from_the_current_folder(tmp_path, config_data, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = write_yaml(tmp_path / "sub", config_data)
+    (tmp_path / "prof.yaml").write_text("sync_s: 0.5\n")
+    monkeypatch.chdir(tmp_path)  # as `stalecast profile` suggests: --set hardware.profile=PATH from here
+    cfg = load_config(path, {"hardware.profile": "prof.yaml"})
+    assert cfg.hardware.profile == str((tmp_path / "prof.yaml").resolve())
+    with pytest.raises(ConfigError, match=r"\(override\): hardware.profile: file not found: sub/prof.yaml"):
+        load_config(path, {"hardware.profile": "sub/prof.yaml"})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pipelin.mode": "sync"}, "pipelin.mode: field 'pipelin' does not exist (did you mean 'pipeline'?)"),
+    ({"run.steps.max": 3}, "run.steps.max: run.steps is a value (3), not a section with fields"),
+    ({"hardware.constant.sync_s": 1}, None),  # the small config sets hardware.constant: this one is fine
+    ({"hardware.gpu": "H900"}, "hardware.gpu: unknown GPU 'H900'"),
+], ids=["unknown-section", "through-a-value", "into-a-set-section", "names-checked-again"])
+def test_override_problems_name_the_key(tmp_path, config_data, overrides, message):
+    path = write_yaml(tmp_path, config_data)
+    if message is None:
+        assert load_config(path, overrides).hardware.constant.sync_s == 1.0
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(err.value).startswith(f"{path} (override): ") and message in str(err.value)

@@ -175,7 +175,7 @@ def test_measured_decode_tail_never_decreases():
     ({"sync_s": -1}, "sync_s"),
     ({"colocation": {"gen_slowdown": 1.2}}, "colocation.train_slowdown"),
     ({"colocation": {"gen_slowdown": 1.2, "train_slowdown": 1.0, "sync_gen_slowdown": 0}},
-     "colocation.sync_gen_slowdown: must be > 0"),
+     "colocation.sync_gen_slowdown: must be a finite number > 0"),
     ({"colocation": {"gen_slowdown": 1.2, "train_slowdown": 1.0, "sync": 1.0}}, "colocation.sync: unknown field"),
     ({"decod": {}}, "decod"),
     ({"colocation": {"gen_slowdown": {"idle": [0, 0.5]}, "train_slowdown": 1.0}}, "colocation.gen_slowdown.slowdown"),
@@ -187,7 +187,15 @@ def test_measured_decode_tail_never_decreases():
                      "sync_gen_slowdown": {"idle": [0, 0.5], "slowdown": [1.0]}}},
      "colocation.sync_gen_slowdown.slowdown: 1 values, expected one per"),
     ({"colocation": {"gen_slowdown": {"idle": [0], "slowdown": [0]}, "train_slowdown": 1.0}},
-     "colocation.gen_slowdown.slowdown: values must be > 0"),
+     "colocation.gen_slowdown.slowdown: values must be finite numbers > 0"),
+    ({"machine": {"hostname": "h"}, "model": "tiny"}, "no tables: a profile needs at least one of decode"),
+    ({}, "no tables"),
+    ({"sync_s": float("inf")}, "sync_s: values must be finite numbers"),
+    ({"train": {"tokens": [1, 2], "seconds": [1, float("nan")]}}, "train.seconds: values must be finite numbers"),
+    ({"prefill": {"tokens": [1, float("inf")], "seconds": [1, 2]}}, "prefill.tokens: values must be finite"),
+    ({"colocation": {"gen_slowdown": float("inf"), "train_slowdown": 1.0}}, "colocation.gen_slowdown: values must be "
+                                                                            "finite"),
+    ([{"sync_s": 1.0}], "expected a mapping of tables, not list"),
 ])
 def test_bad_profile_names_file_and_field(tmp_path, bad, field):
     path = tmp_path / "prof.yaml"
@@ -195,6 +203,40 @@ def test_bad_profile_names_file_and_field(tmp_path, bad, field):
     with pytest.raises(ValueError) as info:
         load_profile(path)
     assert str(info.value).startswith(f"{path}: {field}")
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "the profile is empty; it needs at least one of decode, prefill, train, sync_s, colocation"),
+    (b"# only a comment\n", "the profile is empty"),
+    (b"sync_s: 0.1\nsync_s: 0.2\n", "not valid YAML: key 'sync_s' is given twice in one mapping (line 2, column 1)"),
+    (b"decode: [1, 2\n", "not valid YAML: while parsing a flow sequence: expected ',' or ']'"),
+    (b"sync_s: 0.1 # \xe9t\xe9\n", "not UTF-8 text (byte 0xe9 at offset 14)"),
+], ids=["empty", "comment-only", "duplicate-key", "invalid-yaml", "not-utf8"])
+def test_unusable_profile_file_is_one_line_naming_it(tmp_path, content, reason):
+    path = tmp_path / "prof.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: ") and reason in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_profile_folder_or_missing_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="is a folder, not a profile file"):
+        load_profile(tmp_path)
+    with pytest.raises(ValueError, match="no such profile file"):
+        load_profile(tmp_path / "absent.yaml")
+
+
+def test_built_profile_is_checked_like_a_loaded_one():
+    with pytest.raises(ValueError, match="no tables"):
+        MeasuredProfile(machine={"hostname": "h"})
+    with pytest.raises(ValueError, match="sync_s: must be a finite number >= 0"):
+        MeasuredProfile(sync_s=float("inf"))
+    with pytest.raises(ValueError, match="train.seconds: values must be finite numbers >= 0"):
+        MeasuredProfile(train=Curve((1.0, 2.0), (1.0, float("inf"))))
+    with pytest.raises(ValueError, match="colocation.train_slowdown: must be a finite number > 0"):
+        MeasuredProfile(colocation=Colocation(1.0, float("nan")))
 
 
 def test_profile_roundtrip(tmp_path):

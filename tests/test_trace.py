@@ -83,10 +83,11 @@ def write_external(folder, samples: str, steps: str):
     return folder
 
 
+# Groups of one sample (a group's samples share worker, start and consumption: see test_trace_checks.py).
 EXTERNAL_SAMPLES = """group_id,worker_id,response_len,t_start,t_end,t_consumed,version_start,version_consumed
 0,0,10,0.0,1.0,2.0,0,1
-0,1,30,0.5,1.5,2.0,0,0
-1,1,20,1.5,,,1,
+1,1,30,0.0,0.5,0.5,0,0
+2,1,20,1.5,,,1,
 """
 EXTERNAL_STEPS = "step,t_start,t_end\n0,0.5,1.5\n1,2.0,4.0\n"
 
@@ -131,7 +132,8 @@ def test_missing_required_column(tmp_path, table, drop):
 
 def test_unreadable_column_and_missing_folder(tmp_path):
     folder = write_external(tmp_path / "ext", EXTERNAL_SAMPLES.replace("0,0,10,", "0,zero,10,"), EXTERNAL_STEPS)
-    with pytest.raises(TraceError, match=r"samples\.csv: column worker_id: cannot read as int32"):
+    with pytest.raises(TraceError, match=r"samples\.csv: column worker_id: 1 row is not a number \(row 0: 'zero'\); "
+                                         r"a worker id must be a whole number >= 0 \(-1 = unknown\)$"):
         read_trace(folder)
     with pytest.raises(TraceError, match="no such trace folder"):
         read_trace(tmp_path / "absent")

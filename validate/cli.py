@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from sim.config import ConfigError, load_config
+from sim.config import load_config
 from sim.cli import add_out_options, positive_int
 from sim.outputs import staged
 from sim.trace import read_any_trace
-from validate.compare import Tolerances, all_ok, compare
+from validate.compare import FAIL, INCOMPLETE, PASS, Tolerances, compare, not_judged, verdict
 from validate.report import write_report
+
+EXIT_CODES = {PASS: 0, FAIL: 1, INCOMPLETE: 3}
+COLOURS = {PASS: "green", FAIL: "red", INCOMPLETE: "yellow"}
+
+
+def tolerance(text: str) -> float:
+    """argparse type for a tolerance: a finite number >= 0 (0 = exact)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = exact), got {text}")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -22,8 +37,10 @@ def add_parser(sub) -> None:
                                    "predict CONFIG with the simulator, train it for real in its mode and in sync "
                                    "mode, and compare; a post-hoc recalibration (the measured lengths replayed) is "
                                    "reported apart. With --trace: predict CONFIG and compare with a measured trace "
-                                   "(a stalecast trace folder, or one samples file from another system). Exits 1 "
-                                   "when any error exceeds its tolerance.")
+                                   "(a stalecast trace folder, or one samples file from another system). Exits 0 "
+                                   "on PASS, 1 on FAIL (an error exceeds its tolerance), 3 on INCOMPLETE (a judged "
+                                   "metric could not be computed on a side), 2 on bad input (a trace that breaks the "
+                                   "schema's rules, a bad option).")
     p.add_argument("config", help="run config YAML")
     p.add_argument("--trace", help="measured trace: folder, or samples .parquet/.csv with columns "
                    "group_id, worker_id, prompt_len, response_len, t_start, t_end, t_consumed, version_start, "
@@ -46,12 +63,12 @@ def add_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
     add_out_options(p, "default runs/NAME-validate")
     defaults = Tolerances()
-    p.add_argument("--tol-rel", type=float, default=defaults.rel, help="relative tolerance on rates and means")
-    p.add_argument("--tol-mean-abs", type=float, default=defaults.small_mean_abs,
+    p.add_argument("--tol-rel", type=tolerance, default=defaults.rel, help="relative tolerance on rates and means")
+    p.add_argument("--tol-mean-abs", type=tolerance, default=defaults.small_mean_abs,
                    help="absolute tolerance on mean staleness when the measured mean < 1.5")
-    p.add_argument("--tol-quantile", type=float, default=defaults.quantile_abs,
+    p.add_argument("--tol-quantile", type=tolerance, default=defaults.quantile_abs,
                    help="absolute tolerance (versions) on staleness quantiles")
-    p.add_argument("--tol-idle", type=float, default=defaults.idle_abs, help="absolute tolerance on idle ratios")
+    p.add_argument("--tol-idle", type=tolerance, default=defaults.idle_abs, help="absolute tolerance on idle ratios")
     p.set_defaults(func=cmd_validate)
 
 
@@ -61,8 +78,8 @@ def print_rows(rows, console: Console) -> None:
         table.add_column(col, justify="left" if col == "metric" else "right", no_wrap=col == "metric")
     fmt = lambda x: "n/a" if x is None else f"{x:.4g}"  # noqa: E731
     for r in rows:
-        table.add_row(r.metric, fmt(r.predicted), fmt(r.measured), fmt(r.error), r.tolerance,
-                      {True: "[green]yes[/]", False: "[red]NO[/]", None: "-"}[r.ok])
+        ok = {True: "[green]yes[/]", False: "[red]NO[/]"}.get(r.ok, f"[yellow]{r.status}[/]")
+        table.add_row(r.metric, fmt(r.predicted), fmt(r.measured), fmt(r.error), r.tolerance, ok)
     console.print(table)
 
 
@@ -80,11 +97,14 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
     with staged(out, "validate", args.force) as tmp:
         if args.trace is None:
-            rows, passed = _loop(args, cfg, tol, tmp, console)
+            rows = _loop(args, cfg, tol, tmp, console)
         else:
-            rows, passed = _against_trace(args, cfg, tol, tmp, console)
-    console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/]: report in {out}/ (report.md, report.json, figures)")
-    return 0 if passed else 1
+            rows = _against_trace(args, cfg, tol, tmp, console)
+    result = verdict(rows)
+    console.print(f"[{COLOURS[result]}]{result}[/]: report in {out}/ (report.md, report.json, figures)")
+    for line in not_judged(rows):
+        console.print(f"  not judged: {line}", highlight=False)
+    return EXIT_CODES[result]
 
 
 def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
@@ -111,7 +131,7 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
              f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes]
     write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
                  recalibrated=recalibrated, costs=res.costs, runs=res.runs if len(res.runs) > 1 else None)
-    return rows, all_ok(rows)
+    return rows
 
 
 def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
@@ -134,4 +154,4 @@ def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
              "prediction made from the config alone (response lengths from the config's distribution), "
              "not fitted to the measured trace"]
     write_report(tmp, f"{cfg.name}: prediction vs {args.trace}", rows, notes, predicted, measured)
-    return rows, all_ok(rows)
+    return rows

@@ -10,7 +10,7 @@ import pandas as pd
 
 from sim.metrics import compute_metrics, sample_staleness
 from sim.trace import Trace
-from validate.compare import Row, all_ok, rows_as_dicts
+from validate.compare import PASS, Row, not_judged, rows_as_dicts, verdict
 from validate.costs import costs_table
 
 
@@ -25,7 +25,7 @@ def _table(rows: list[Row]) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
         rel = "n/a" if r.rel_error is None else f"{100 * r.rel_error:+.1f}%"
-        ok = {True: "yes", False: "**NO**", None: "-"}[r.ok]
+        ok = r.status if r.ok is not False else "**NO**"
         lines.append(f"| {r.metric} | {_num(r.predicted)} | {_num(r.measured)} | {_num(r.error)} | {rel} | "
                      f"{r.tolerance} | {ok} |")
     return lines
@@ -43,7 +43,8 @@ def runs_table(runs: list[dict]) -> list[str]:
 
 def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[Row] | None = None,
              costs: dict | None = None, runs: list[dict] | None = None) -> str:
-    lines = [f"# {title}", "", f"**Result: {'PASS' if all_ok(rows) else 'FAIL'}**", ""]
+    lines = [f"# {title}", "", f"**Result: {verdict(rows)}**", ""]
+    lines += [f"- not judged: {line}" for line in not_judged(rows)]
     lines += [f"- {n}" for n in notes]
     lines += ["", *_table(rows)]
     if runs is not None:
@@ -70,7 +71,9 @@ def write_report(out: Path, title: str, rows: list[Row], notes: list[str], predi
                  runs: list[dict] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown(title, rows, notes, recalibrated, costs, runs))
-    payload = {"title": title, "pass": all_ok(rows), "notes": notes, "rows": rows_as_dicts(rows),
+    result = verdict(rows)
+    payload = {"title": title, "verdict": result, "pass": result == PASS, "not_judged": not_judged(rows),
+               "notes": notes, "rows": rows_as_dicts(rows),
                "recalibrated_rows": rows_as_dicts(recalibrated) if recalibrated is not None else None,
                "costs": costs, "runs": runs}
     (out / "report.json").write_text(json.dumps(payload, indent=2, default=float))

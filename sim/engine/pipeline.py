@@ -22,6 +22,7 @@ from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control
 from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
 from sim.hardware.measured import IdleCurve, load_profile
+from sim.resources import check_simulation_memory, ledger_groups
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
 
@@ -37,15 +38,66 @@ LEDGER = [("g_worker", np.int32, False, -1), ("g_t_admit", np.float64, False, np
           # the workload, from the stream
           ("g_prompt", np.int32, False, None), ("g_tokens", np.int64, False, None),
           ("g_prefill", np.float64, False, None), ("response_len", np.int32, True, None)]
+# The trace's sample columns read off the ledger: a group column repeats for each of the group's samples, a
+# per-sample column is a view (sample_id, group_id and reward are made: ids in order, no reward).
+GROUP_COLUMNS = {"worker_id": "g_worker", "prompt_len": "g_prompt", "t_admit": "g_t_admit", "t_start": "g_t_start",
+                 "t_consumed": "g_t_consumed", "version_start": "g_v_start", "version_consumed": "g_v_consumed",
+                 "learner_step": "g_step", "dropped": "g_dropped"}
+PER_SAMPLE_COLUMNS = {"response_len": "response_len", "t_end": "t_end", "version_end": "v_end",
+                      "version_mean": "v_mean"}
+
+
+class SampleTable:
+    """The samples table of a finished run, built from its ledger on demand: any of its columns, for any range of
+    groups. Holding a few columns, or building the table a chunk at a time to write it, needs a fraction of the
+    whole table's memory (16 columns, 89 bytes a sample: 3.7 GB for 41 million rollouts)."""
+
+    CHUNK_GROUPS = 1 << 16  # 2**16 groups of 16 samples: about a million rows, pyarrow's default row group
+
+    def __init__(self, sim: "Simulation"):
+        n, g = sim.n_groups, sim.group_size
+        self.n_groups, self.group_size = n, g
+        self._ledger = {**{col: getattr(sim, name)[:n] for col, name in GROUP_COLUMNS.items()},
+                        **{col: getattr(sim, name)[:n * g] for col, name in PER_SAMPLE_COLUMNS.items()}}
+
+    def frame(self, columns=tuple(SAMPLE_COLUMNS), lo: int = 0, hi: int | None = None) -> pd.DataFrame:
+        """`columns` of the samples of groups lo..hi-1 (default: all), in the schema's dtypes."""
+        hi, g = self.n_groups if hi is None else hi, self.group_size
+
+        def column(name: str) -> np.ndarray:
+            if name == "sample_id":
+                return np.arange(lo * g, hi * g, dtype=np.int64)
+            if name == "group_id":
+                return np.repeat(np.arange(lo, hi, dtype=np.int64), g)
+            if name == "reward":
+                return np.full((hi - lo) * g, np.nan, np.float32)
+            if name in GROUP_COLUMNS:
+                return np.repeat(self._ledger[name][lo:hi], g)
+            return self._ledger[name][lo * g:hi * g]
+        # The ledger has the schema's dtypes: no copy beyond the repeats.
+        return pd.DataFrame({c: column(c).astype(SAMPLE_COLUMNS[c], copy=False) for c in columns}, copy=False)
+
+    def chunks(self):
+        """The whole table, CHUNK_GROUPS groups at a time (one empty frame for a run that admitted nothing)."""
+        for lo in range(0, max(self.n_groups, 1), self.CHUNK_GROUPS):
+            yield self.frame(lo=lo, hi=min(lo + self.CHUNK_GROUPS, self.n_groups))
 
 
 class Simulation:
     def __init__(self, cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None,
-                 stream: GroupStream | None = None):
+                 stream: GroupStream | None = None, trace_columns: tuple[str, ...] | None = None):
         """engine: "fast" or "simpy" (default: fast where numba is installed). stream: the seeded workload of
-        cfg (a study passes one it already drew: group n's lengths depend only on seed and workload)."""
+        cfg (a study passes one it already drew: group n's lengths depend only on seed and workload).
+        trace_columns: the sample columns `trace()` holds in memory (default: all); with fewer, the trace writes its
+        whole table straight from the ledger, a chunk at a time. Raises ConfigError if the run would not fit in
+        memory."""
         if engine not in (None, *ENGINES):
             raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+        self.trace_columns = tuple(SAMPLE_COLUMNS if trace_columns is None else trace_columns)
+        unknown = [c for c in self.trace_columns if c not in SAMPLE_COLUMNS]
+        if unknown:
+            raise ValueError(f"trace_columns: not sample columns: {', '.join(unknown)}")
+        check_simulation_memory(cfg, self.trace_columns)
         self.cost = cost if cost is not None else settled_cost_model(cfg, engine, stream)
         static = cfg.cluster.batching == "static"
         shared = self.cost.train_slowdown != 1.0  # the learner's speed follows the workers': SimPy only
@@ -74,9 +126,7 @@ class Simulation:
         cl = cfg.cluster
         # Room for the groups a run usually admits (consumed, in flight, a few batches waiting), in whole stream
         # blocks plus one (prepare_ledger goes a block at a time); more grows it.
-        usual = ((cfg.run.steps + pl.max_staleness + 2) * self.B
-                 + cl.rollout_workers * (cl.max_concurrency // self.group_size))
-        self._grow((usual // self.stream.BLOCK + 2) * self.stream.BLOCK)
+        self._grow((ledger_groups(cfg) // self.stream.BLOCK + 2) * self.stream.BLOCK)
         self.ready = 0                 # groups whose ledger entries are prepared (prepare_ledger)
         self._prefill = np.zeros(0)    # prefill seconds by prompt length (NaN: not asked yet)
         self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
@@ -268,24 +318,15 @@ class Simulation:
                             f"the learner waits for data no worker may generate")
 
     def trace(self) -> Trace:
-        n, g = self.n_groups, self.group_size
-        ns = n * g
-        rep = lambda a: np.repeat(a[:n], g)  # noqa: E731 - group column -> sample column
+        """The run's trace: the `trace_columns` of its samples in memory, and the whole table, when that holds
+        fewer columns, as chunks built from the ledger when the trace is written."""
+        ns = self.n_groups * self.group_size
         # A worker may have committed its batch up to its next event, past the end of the run.
         late = self.t_end[:ns] > self.now
         self.t_end[:ns][late], self.v_end[:ns][late], self.v_mean[:ns][late] = np.nan, -1, np.nan
-        columns = {
-            "sample_id": np.arange(ns, dtype=np.int64), "group_id": np.repeat(np.arange(n, dtype=np.int64), g),
-            "worker_id": rep(self.g_worker), "prompt_len": rep(self.g_prompt), "response_len": self.response_len[:ns],
-            "t_admit": rep(self.g_t_admit), "t_start": rep(self.g_t_start), "t_end": self.t_end[:ns],
-            "t_consumed": rep(self.g_t_consumed), "version_start": rep(self.g_v_start),
-            "version_end": self.v_end[:ns], "version_mean": self.v_mean[:ns],
-            "version_consumed": rep(self.g_v_consumed), "learner_step": rep(self.g_step),
-            "dropped": rep(self.g_dropped), "reward": np.full(ns, np.nan, np.float32),
-        }
-        # Columns already have the schema's dtypes: no copy beyond the repeats.
-        samples = pd.DataFrame({c: columns[c].astype(SAMPLE_COLUMNS[c], copy=False) for c in SAMPLE_COLUMNS},
-                               copy=False)
+        table = SampleTable(self)
+        samples = table.frame(self.trace_columns)
+        whole = set(self.trace_columns) == set(SAMPLE_COLUMNS)
         steps = pd.DataFrame(self.steps, columns=["step", "t_start", "t_end", "version", "n_samples", "n_tokens",
                                                   "queue_len", "weight_sync_s"])
         for col in ("lr", "grad_norm", "kl", "ess_token", "ess_seq", "reward_mean", "clip_frac"):
@@ -293,7 +334,8 @@ class Simulation:
         header = {"schema": "stalecast.trace/1", **provenance("sim"), "config": self.cfg.model_dump(mode="json"),
                   "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None),
                   "generation_slowdown": self.cost.gen_slowdown, "worker_idle_charged": self.cost.worker_idle}
-        return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header)
+        return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header,
+                     sample_chunks=None if whole else table.chunks)
 
 
 def simulate(cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None) -> Trace:

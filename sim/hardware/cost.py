@@ -94,8 +94,10 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: f
         sources.update(dict.fromkeys(measured, "measured"))
     missing = [k for k in ("decode", "prefill", "train", "sync") if k not in parts]
     if missing:
-        raise ValueError(f"hardware.gpu: required for the costs the profile does not measure "
-                         f"({', '.join(missing)}), unless hardware.constant is given")
+        names = ", ".join("sync_s" if k == "sync" else k for k in missing)
+        where = f"{hw.profile}: " if hw.profile else ""
+        raise ValueError(f"{where}the profile lacks {names}, and with hardware.gpu null and no hardware.constant "
+                         f"nothing else gives those costs: profile them (`stalecast profile`) or set hardware.gpu")
 
     gen, train = generation_slowdown(cfg, profile), 1.0
     if cl.colocated and cfg.pipeline.mode != "sync":

@@ -1,12 +1,22 @@
 """Measured hardware profiles: timing tables written by `stalecast profile`, read back as YAML.
 
-Every table is optional; the cost model falls back to the analytic or constant costs for the ones a
-profile lacks. Tables are used as measured (per worker for decode and prefill, for the learner as it
-ran for train): nothing is rescaled to the configured tensor-parallel degree or learner GPU count.
+The tables: `decode` (a grid), `prefill` and `train` (curves), `sync_s` (a number) and `colocation` (slowdown
+factors). A profile must hold at least one of them; which ones a config needs depends on its other hardware
+settings, as `sim.hardware.cost.build_cost_model` takes each cost from the profile, else from `hardware.constant`,
+else from the analytic model of `hardware.gpu`:
+- with `hardware.gpu` or `hardware.constant` set, any non-empty subset: the costs a profile lacks come from them;
+- with neither (`hardware.gpu: null`), the profile must give every cost: decode, prefill, train and sync_s
+  (colocation stays optional: without it the efficiency section's factors apply).
+`stalecast profile` measures all five. `load_config` reads the profile and checks both rules, so a bad or
+incomplete profile is a config error naming the file, not a silent fall-back.
+
+Tables are used as measured (per worker for decode and prefill, for the learner as it ran for train): nothing
+is rescaled to the configured tensor-parallel degree or learner GPU count.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -65,6 +75,10 @@ class Colocation:
     sync_gen_slowdown: float | IdleCurve = 1.0  # a worker's generation while only the other workers generate (sync)
 
 
+TABLES = ("decode", "prefill", "train", "sync_s", "colocation")
+TIMINGS = ("decode", "prefill", "train", "sync_s")  # what a profile must give when it is the only source of costs
+
+
 @dataclass(frozen=True)
 class MeasuredProfile:
     machine: dict = field(default_factory=dict)  # free-form: hostname, device, torch version, date
@@ -77,6 +91,9 @@ class MeasuredProfile:
 
     def __post_init__(self):
         # Validated on construction, so a profile the `profile` command builds is checked like a loaded one.
+        if all(getattr(self, name) is None for name in TABLES):
+            raise ValueError(f"no tables: a profile needs at least one of {', '.join(TABLES)} (`stalecast profile` "
+                             f"measures them all)")
         if self.decode is not None:
             d = self.decode
             _check_axis("decode.active", d.active, positive=True)
@@ -97,15 +114,15 @@ class MeasuredProfile:
                     raise ValueError(f"{name}.seconds: {len(curve.seconds)} values, expected one per "
                                      f"{name}.tokens value ({len(curve.tokens)})")
                 _check_nonneg(f"{name}.seconds", curve.seconds)
-        if self.sync_s is not None and not self.sync_s >= 0:
-            raise ValueError(f"sync_s: must be >= 0 (got {self.sync_s})")
+        if self.sync_s is not None and not 0 <= self.sync_s < math.inf:
+            raise ValueError(f"sync_s: must be a finite number >= 0 (got {self.sync_s})")
         if self.colocation is not None:
             for name in ("gen_slowdown", "train_slowdown", "sync_gen_slowdown"):
                 value = getattr(self.colocation, name)
                 if isinstance(value, IdleCurve):
                     _check_idle_curve(f"colocation.{name}", value)
-                elif not value > 0:
-                    raise ValueError(f"colocation.{name}: must be > 0 (got {value})")
+                elif not 0 < value < math.inf:
+                    raise ValueError(f"colocation.{name}: must be a finite number > 0 (got {value})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredProfile":
@@ -159,13 +176,15 @@ class MeasuredProfile:
 
 def load_profile(path: str | Path) -> MeasuredProfile:
     """Read a profile YAML; any problem is a ValueError `path: field: reason`."""
+    from sim.config import read_yaml  # missing, unreadable, non-UTF-8, malformed: `path: reason`
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such profile file")
+    data = read_yaml(path, "profile file")
+    if data is None:
+        raise ValueError(f"{path}: the profile is empty; it needs at least one of {', '.join(TABLES)} (write one "
+                         f"with `stalecast profile`)")
     try:
-        return MeasuredProfile.from_dict(yaml.safe_load(path.read_text()))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        return MeasuredProfile.from_dict(data)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -225,15 +244,18 @@ def _check_idle_curve(name: str, curve: IdleCurve) -> None:
     if len(curve.slowdown) != len(curve.idle):
         raise ValueError(f"{name}.slowdown: {len(curve.slowdown)} values, expected one per {name}.idle value "
                          f"({len(curve.idle)})")
-    bad = [v for v in curve.slowdown if not v > 0]
+    bad = [v for v in curve.slowdown if not 0 < v < math.inf]
     if bad:
-        raise ValueError(f"{name}.slowdown: values must be > 0 (got {bad[0]})")
+        raise ValueError(f"{name}.slowdown: values must be finite numbers > 0 (got {bad[0]})")
 
 
 def _numbers(name: str, values) -> tuple[float, ...]:
     if not isinstance(values, list) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         raise ValueError(f"{name}: expected a list of numbers (got {values!r})")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{name}: values must be finite numbers (got {bad[0]})")
     return tuple(float(v) for v in values)
 
 
@@ -249,6 +271,6 @@ def _check_axis(name: str, values, positive: bool) -> None:
 
 
 def _check_nonneg(name: str, values) -> None:
-    bad = [v for v in values if not v >= 0]  # also catches NaN
+    bad = [v for v in values if not 0 <= v < math.inf]  # also catches NaN
     if bad:
-        raise ValueError(f"{name}: values must be >= 0 (got {bad[0]})")
+        raise ValueError(f"{name}: values must be finite numbers >= 0 (got {bad[0]})")
