@@ -25,19 +25,12 @@ import pytest
 import yaml
 from annotated_types import Ge, Gt, Le
 
+from conftest import _SMALL_CONFIG
 from sim.cli import main
 from sim.config import RunConfig, _section_model
 from sim.outputs import MARKER
 
-SMALL = {
-    "name": "small",
-    "workload": {"batch_prompts": 2, "group_size": 2, "prompt_len": {"kind": "constant", "value": 4},
-                 "response_len": {"kind": "exponential", "mean": 5}, "max_new_tokens": 8},
-    "cluster": {"rollout_workers": 2, "max_concurrency": 4},
-    "pipeline": {"mode": "async", "max_staleness": 1},
-    "hardware": {"constant": {"decode_step_s": 0.01, "train_step_s": 0.1, "sync_s": 0.01}},
-    "run": {"steps": 3},
-}  # tests/conftest.py's _SMALL_CONFIG
+SMALL = _SMALL_CONFIG
 # Analytic costs (a GPU and a model), for the profile cases: hardware.constant would hide what a profile lacks.
 ANALYTIC = {**SMALL, "hardware": {"gpu": "H100-SXM", "model": "qwen2.5-0.5b"}}
 # The real trainer's settings kept tiny, for train: 1-step run of the tiny preset on one worker.
