@@ -20,7 +20,7 @@ def add_parser(subparsers) -> None:
                     "continues it from its last checkpoint. Ctrl-C or SIGTERM stops after the current step (twice: at "
                     "once).")
     p.add_argument("config", nargs="?", help="run config YAML (see examples/); not with --resume")
-    p.add_argument("--mode", choices=("sync", "one_step_off", "async"), help="override pipeline.mode")
+    p.add_argument("--mode", choices=("sync", "one_step_off", "fixed_lag", "async"), help="override pipeline.mode")
     p.add_argument("--steps", type=positive_int, help="override run.steps (with --resume: the new total)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set optim.lr=3e-4 (repeatable)")

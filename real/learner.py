@@ -6,10 +6,12 @@ It runs in the trainer's (main) process. Per step it
    order (fifo / freshest; by batch in sync modes), dropping groups staler than the bound when the
    control says so; while it waits it checks that every worker is alive and that the run is on time;
 2. computes rewards and group advantages;
-3. accumulates the gradient in micro-batches grouped by sample staleness, so the gradient of each
-   staleness range is the difference of two snapshots: per-range grad norms cost no extra backward;
-4. steps AdamW at the scheduled lr (ESS of the previous step, mean staleness of this batch) with the
-   grad norm clipped at 1.0 (the logged norm is the one before clipping), bumps the version, publishes.
+3. makes real.ppo_epochs x real.mini_batches AdamW updates on it (one by default) at the scheduled lr (the ESS
+   and mean staleness of this batch), each accumulating the gradient in micro-batches grouped by sample
+   staleness (the first update's gradient of each staleness range is the difference of two snapshots:
+   per-range grad norms cost no extra backward), grad norm clipped at 1.0 (the logged norm is the first
+   update's, before clipping);
+4. bumps the version once and publishes.
 
 Every admitted group is kept as a `GroupRecord`: the trace is written from them, so in-flight, waiting,
 dropped and consumed groups all appear.
@@ -68,7 +70,7 @@ class Learner:
     def __init__(self, cfg, model, tokenizer, channel, ledger: Ledger, queue, check_workers: Callable[[], None],
                  deadline: float, version: int = 0, history: list[dict] = ()):
         """version: the policy version to start from (a resumed run's checkpoint); history: the metrics lines of
-        the steps before it, replayed into the schedule's and the instability detector's state."""
+        the steps before it, replayed into the instability detector's state."""
         from real.task import DigitTask
 
         self.cfg, self.model, self.tok, self.channel, self.ledger, self.queue = (
@@ -86,11 +88,9 @@ class Learner:
         self.failures: dict[int, str] = {}  # worker id -> traceback it reported
         self.version = version
         self.updating = False
-        self.prev_ess = 1.0
         self.instability = InstabilityDetector(cfg.real.instability)
         for m in history:
             self.instability.update_row(m)
-            self.prev_ess = m["ess/token"]
 
     def now(self) -> float:
         return time.monotonic() - self.ledger.t0.value
@@ -232,13 +232,16 @@ class Learner:
                  n_dropped: int = 0) -> StepResult:
         """One GRPO step on `batch` (generated groups), then publish: all of a step but the wait for data.
         `stalecast profile` times exactly this on synthetic groups. While it runs `updating` is true: an error
-        raised meanwhile may leave the weights half-updated, so no checkpoint is taken from them."""
+        raised meanwhile may leave the weights half-updated, so no checkpoint is taken from them.
+
+        The step makes real.ppo_epochs passes over the batch, each in real.mini_batches optimizer updates (whole
+        groups per mini-batch, in id order), and bumps the version once. The first update's gradient is also taken
+        apart by staleness range: each range's gradient is a snapshot difference, so per-range grad norms cost no
+        extra backward (with several mini-batches, of the ranges in the first)."""
         self.updating = True
         t_start = self.now()
-        B, G, mb = self.B, self.G, self.cfg.real.micro_batch
-        temp = self.cfg.real.temperature
-
-        prompts = [prompt_for(self.task, self.cfg.seed, rec.gid) for rec in batch]
+        G, cfg = self.G, self.cfg
+        prompts = [prompt_for(self.task, cfg.seed, rec.gid) for rec in batch]
         for rec, p in zip(batch, prompts):
             rec.rewards = [self.task.reward(p, toks) for toks in rec.done.tokens]
         rewards = torch.tensor([rec.rewards for rec in batch], dtype=torch.float32)            # [B, G]
@@ -250,88 +253,141 @@ class Learner:
                                              (lp for rec in batch for lp in rec.done.logprobs))):
             behav[i, len(p_ids):len(p_ids) + len(lps)] = torch.as_tensor(lps)
         stale = torch.tensor([self.version - rec.version_start for rec in batch]).repeat_interleave(G)  # [N]
+        batch_t = _Batch(ids, attn, mask, behav, adv, stale)
 
-        # Gradient accumulation grouped by staleness: each range's gradient is a snapshot difference. The
-        # proximal policy (decoupled loss) is the weights at the step's start, which the weights still are
-        # during accumulation (one optimizer step per batch, no dropout): its log-probs are the forward's own.
+        # The proximal policy is the weights at the step's start. With one update they stay so during its
+        # accumulation (no dropout), and its log-probs are the forward's own; with several they move, so the
+        # proximal log-probs come first, from a pass without gradients.
+        n_updates = cfg.real.ppo_epochs * cfg.real.mini_batches
+        prox = self._logprobs(batch_t) if n_updates > 1 else None                              # [N, T] or None
+        start_logp = prox if prox is not None else torch.zeros_like(behav)                     # filled below
+        mini = torch.arange(len(batch), device=self.device).tensor_split(cfg.real.mini_batches)  # groups per update
         self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        n_tok = mask.sum()
-        logp_all = torch.zeros_like(behav)                                                    # [N, T]
-        ranges = sorted(set(stale.tolist()))
-        range_grad: dict[int, float] = {}
-        for s in ranges:
-            rows_s = torch.nonzero(stale == s)[:, 0]
-            before = self._flat_grad() if len(ranges) > 1 else None
-            for lo in range(0, len(rows_s), mb):
-                rows = rows_s[lo:lo + mb].to(self.device)
-                logp = token_logprobs(self.model, ids[rows], attn[rows], mask[rows], temp)
-                loss_mb, _ = grpo_loss(logp, behav[rows], logp.detach(), adv[rows], mask[rows], self.loss_cfg)
-                (loss_mb * mask[rows].sum() / n_tok).backward()  # micro-batch token share of the batch mean
-                logp_all[rows] = logp.detach()
-            if before is not None:  # the range's own token-mean loss gradient
-                diff = self._flat_grad() - before
-                range_grad[s] = float(diff.norm() * n_tok / mask[stale.to(self.device) == s].sum())
-        with torch.no_grad():
-            loss, stats = grpo_loss(logp_all, behav, logp_all, adv, mask, self.loss_cfg)
-        mean_stale = float(stale.float().mean())
-        lr = scheduled_lr(self.cfg.optim, self.prev_ess, mean_stale)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM))
-        if len(ranges) == 1:
-            range_grad[ranges[0]] = grad_norm
         before = [p.detach().clone() for p in self.params]
-        self.opt.step()
-        with torch.no_grad():  # ||Δθ||: what the stability rule's G_upd bounds per unit lr
+        clipped = tokens_seen = 0.0
+        for update in range(n_updates):
+            rows = (mini[update % cfg.real.mini_batches][:, None] * G + torch.arange(G, device=self.device)).reshape(-1)
+            first = update == 0
+            self.opt.zero_grad(set_to_none=True)
+            range_grad, seen = self._accumulate(batch_t, rows, prox, start_logp if first and prox is None else None,
+                                                by_range=first)
+            clipped, tokens_seen = clipped + seen[0], tokens_seen + seen[1]
+            if first:  # the batch at the step's start: what the schedule, the stats and the detector read
+                with torch.no_grad():
+                    loss, stats = grpo_loss(start_logp, behav, start_logp, adv, mask, self.loss_cfg)
+                ess = stats["ess_seq"] if cfg.optim.ess_level == "sequence" else stats["ess_token"]
+                lr = scheduled_lr(cfg.optim, ess, float(stale.float().mean()))
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM))
+                if len(range_grad) == 1:  # one range: its gradient is the update's
+                    range_grad = {s: grad_norm for s in range_grad}
+                first_range_grad = range_grad
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, CLIP_NORM)
+            self.opt.step()
+        with torch.no_grad():  # ||Δθ|| over the step: what the stability rule's G_upd bounds per unit lr
             update_norm = float(torch.sqrt(sum(((p - b).float() ** 2).sum() for p, b in zip(self.params, before))))
         del before
         t_end = self.now()
-        self.prev_ess = stats["ess_token"]
+        stats["clip_frac"] = clipped / max(tokens_seen, 1.0)  # over every update's tokens: 0 with one update
 
         self.version += 1
         sync_s = self.publish()
         self.updating = False
 
-        self.instability.update(step, float(rewards.mean()), grad_norm, stats["kl_k3"], stats["loss"])
+        self.instability.update(step, float(rewards.mean()), stats["kl_k3"], stats["loss"])
         resp_len = mask.sum(-1).cpu()                                                          # [N]
-        metrics = self._metrics(step, batch, stale, stats, range_grad, mask, behav, logp_all, adv)
+        metrics = self._metrics(step, batch, batch_t, stats, first_range_grad, start_logp)
         metrics.update({
-            "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm, "reward/mean": float(rewards.mean()),
-            "len/mean": float(resp_len.mean()),
+            "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm, "updates": n_updates,
+            "reward/mean": float(rewards.mean()), "len/mean": float(resp_len.mean()),
             "time/weight_sync_s": sync_s, "time/queue_wait_s": t_start - t_wait, "time/train_s": t_end - t_start,
             "queue_len": queue_len, "dropped/groups_step": n_dropped,
             "dropped/groups": int(self.ledger.n_dropped.value), "instability/collapsed": self.instability.step is not None,
         })
         recent = [ld.seconds for ld in self.loads if ld.t >= t_wait]
         metrics["time/weight_load_s"] = float(np.mean(recent)) if recent else None
-        row = {"step": step, "t_start": t_start, "t_end": t_end, "version": self.version - 1, "n_samples": B * G,
+        row = {"step": step, "t_start": t_start, "t_end": t_end, "version": self.version - 1, "n_samples": len(batch) * G,
                "n_tokens": int(attn.sum()), "queue_len": queue_len, "lr": lr, "grad_norm": grad_norm,
                "kl": stats["kl_k3"], "ess_token": stats["ess_token"], "ess_seq": stats["ess_seq"],
                "reward_mean": float(rewards.mean()), "clip_frac": stats["clip_frac"], "weight_sync_s": sync_s}
         return StepResult(row, metrics, batch)
 
-    def _metrics(self, step, batch, stale, stats, range_grad, mask, behav, logp, adv) -> dict:
-        """Staleness (per sample and per token, in-flight / in-queue split, histogram) and per-range stats."""
+    def _logprobs(self, b: "_Batch") -> torch.Tensor:
+        """[N, T] log-probs of the whole batch under the current weights, without gradients."""
+        out = torch.zeros_like(b.behav)
+        mb = self.cfg.real.micro_batch
+        with torch.no_grad():
+            for lo in range(0, len(out), mb):
+                rows = slice(lo, lo + mb)
+                out[rows] = token_logprobs(self.model, b.ids[rows], b.attn[rows], b.mask[rows], self.cfg.real.temperature)
+        return out
+
+    def _accumulate(self, b: "_Batch", rows: torch.Tensor, prox: torch.Tensor | None, record: torch.Tensor | None,
+                    by_range: bool) -> tuple[dict[int, float], tuple[float, float]]:
+        """Accumulate the token-mean loss gradient over `rows` in micro-batches, grouped by staleness range. prox:
+        the proximal log-probs (None: the forward's own, one update per step). record: where to keep the forward's
+        log-probs. Returns (range -> grad norm of the range's own token-mean loss when by_range, (tokens clipped,
+        tokens))."""
+        mb, stale = self.cfg.real.micro_batch, b.stale.to(self.device)[rows]
+        n_tok = b.mask[rows].sum()
+        ranges = sorted(set(stale.tolist()))
+        range_grad: dict[int, float] = {}
+        clipped = 0.0
+        for s in ranges:
+            rows_s = rows[stale == s]
+            snapshot = self._flat_grad() if by_range and len(ranges) > 1 else None
+            for lo in range(0, len(rows_s), mb):
+                r = rows_s[lo:lo + mb]
+                logp = token_logprobs(self.model, b.ids[r], b.attn[r], b.mask[r], self.cfg.real.temperature)
+                ref = prox[r] if prox is not None else logp.detach()
+                loss_mb, st = grpo_loss(logp, b.behav[r], ref, b.adv[r], b.mask[r], self.loss_cfg)
+                (loss_mb * b.mask[r].sum() / n_tok).backward()  # micro-batch token share of the update's mean
+                clipped += st["clip_frac"] * float(b.mask[r].sum())
+                if record is not None:
+                    record[r] = logp.detach()
+            if snapshot is not None:  # the range's own token-mean loss gradient
+                range_grad[s] = float((self._flat_grad() - snapshot).norm() * n_tok / b.mask[rows_s].sum())
+            elif by_range:
+                range_grad[s] = math.nan  # one range: the caller takes the update's own norm
+        return range_grad, (clipped, float(n_tok))
+
+    def _metrics(self, step, batch, b: "_Batch", stats, range_grad, logp) -> dict:
+        """Staleness (per sample and per token, in-flight / in-queue split, histogram) and per-range stats, of the
+        batch at the step's start (`logp`: its log-probs under the step's starting weights)."""
         v_cons = self.version - 1  # the version this batch was consumed (and trained) at
         versions = [v for rec in batch for v in rec.done.versions]                             # N lists
         v_end = torch.tensor([v[-1] for v in versions], dtype=torch.float32)                  # [N]
-        v_start = v_cons - stale.float()                                                       # [N]
+        v_start = v_cons - b.stale.float()                                                     # [N]
         n_tokens = sum(len(v) for v in versions)
-        hist = torch.bincount(stale)
-        out = {"step": step, "version": v_cons, "staleness/mean": float(stale.float().mean()),
-               "staleness/max": int(stale.max()),
+        hist = torch.bincount(b.stale)
+        out = {"step": step, "version": v_cons, "staleness/mean": float(b.stale.float().mean()),
+               "staleness/max": int(b.stale.max()),
                "staleness/token_mean": sum(len(v) * v_cons - sum(v) for v in versions) / n_tokens,
                "staleness/hist": {str(s): int(c) for s, c in enumerate(hist) if c},
                "off_policy/in_flight/mean": float((v_end - v_start).mean()),
                "off_policy/in_queue/mean": float((v_cons - v_end).mean()),
-               "ess/token": stats["ess_token"], "ess/seq": stats["ess_seq"], "kl/k3": stats["kl_k3"],
-               "clip_frac": stats["clip_frac"], "loss": stats["loss"], "ratio_mean": stats["ratio_mean"]}
+               "ess/token": stats["ess_token"], "ess/seq": stats["ess_seq"], "kl/k1": stats["kl_k1"],
+               "kl/k2": stats["kl_k2"], "kl/k3": stats["kl_k3"], "clip_frac": stats["clip_frac"],
+               "behav_capped_frac": stats["behav_capped_frac"], "loss": stats["loss"], "ratio_mean": stats["ratio_mean"]}
         for s in sorted(range_grad):  # the batch's samples of staleness s, measured on their own
-            rows = torch.nonzero(stale == s)[:, 0].to(self.device)
+            rows = torch.nonzero(b.stale == s)[:, 0].to(self.device)
             with torch.no_grad():
-                _, st = grpo_loss(logp[rows], behav[rows], logp[rows], adv[rows], mask[rows], self.loss_cfg)
+                _, st = grpo_loss(logp[rows], b.behav[rows], logp[rows], b.adv[rows], b.mask[rows], self.loss_cfg)
             key = f"by_staleness/{s}"
-            out.update({f"{key}/n_samples": len(rows), f"{key}/grad_norm": range_grad[s], f"{key}/kl/k3": st["kl_k3"],
+            out.update({f"{key}/n_samples": len(rows), f"{key}/grad_norm": range_grad[s],
+                        **{f"{key}/kl/{k}": st[f"kl_{k}"] for k in ("k1", "k2", "k3")},
                         f"{key}/ess/token": st["ess_token"], f"{key}/ess/seq": st["ess_seq"]})
         return out
+
+
+@dataclass
+class _Batch:
+    """A step's tensors: ids, attention, response mask, behavior log-probs [N, T]; advantages, staleness [N]."""
+    ids: torch.Tensor
+    attn: torch.Tensor
+    mask: torch.Tensor
+    behav: torch.Tensor
+    adv: torch.Tensor
+    stale: torch.Tensor

@@ -41,6 +41,7 @@ from real.runfolder import COMPLETE, FAILED, INTERRUPTED, RUNNING, RunFolder
 from real.weights import SharedMemoryChannel
 from real.worker import Ledger, worker_main
 from sim.config import ConfigError
+from sim.engine.control import Control
 from sim.errors import Terminated
 from sim.metrics import compute_metrics, staleness_histogram
 from sim.resources import check_shared_memory
@@ -206,8 +207,11 @@ class Trainer:
             learner_cfg = cfg.with_overrides({"real.model": str(self.folder.checkpoint_dir)}) if start else cfg
             model, tok = build_policy(learner_cfg, device)
             self._milestone("policy built", t_begin)
-            check_shared_memory(cfg, sum(p.numel() for p in model.parameters()))
-            self.channel = SharedMemoryChannel(model, ctx)
+            # Generation may need version j - lag while the learner has published up to j: lag + 1 versions, and one
+            # slot for the copy being written.
+            slots = max(3, (Control.from_config(cfg).lag or 0) + 2)
+            check_shared_memory(cfg, sum(p.numel() for p in model.parameters()), slots)
+            self.channel = SharedMemoryChannel(model, ctx, slots)
             self.ledger = self._ledger(ctx, start)
             self.queue, self.stop, self.start = ctx.Queue(), ctx.Event(), ctx.Event()
             self.learner = Learner(cfg, model, tok, self.channel, self.ledger, self.queue, self.check_workers,

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sim.config import ConfigError, RunConfig, config_help, load_config
 from sim.errors import StalecastError, Terminated
-from sim.outputs import staged
+from sim.outputs import check_out, staged
 
 # name -> ("module:function" that adds the subcommand's parser, one-line help for `stalecast --help`).
 EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
@@ -131,6 +131,8 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-sim"
+    check_out(out, args.force)  # before the simulation: a refused --out costs nothing
     # The trace holds in memory only the columns the metrics and the figure read; it writes the whole table
     # straight from the ledger. The baseline runs first, so that its trace is gone before this run's exists, but
     # not before this run's size is checked.
@@ -152,7 +154,6 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(str(exc)) from None
     print_summary(cfg, metrics, histogram, console, seconds, sync_metrics, stability)
 
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-sim"
     _write_outputs(out, trace, metrics, histogram, cfg, args.format, sync_metrics, stability, args.force)
     console.print(f"wrote {out}/ (trace/, metrics.json, staleness.png)")
     return 0

@@ -159,11 +159,15 @@ class Cluster(_Section):
 
 
 class Pipeline(_Section):
-    mode: Literal["sync", "one_step_off", "async"] = Field(
+    mode: Literal["sync", "one_step_off", "fixed_lag", "async"] = Field(
         "async", description="sync: generate, train, sync, repeat. one_step_off: batch k+1 is generated "
-                             "with version k while step k trains. async: fully asynchronous.")
+                             "with version k while step k trains. fixed_lag: batch k is generated with version "
+                             "k - S exactly (S = max_staleness; versions 0 for the first S batches), so every batch "
+                             "after the first S is S versions stale whatever the timing: staleness as a controlled "
+                             "variable (one_step_off is fixed_lag with S = 1). async: fully asynchronous.")
     max_staleness: Int = Field(1, ge=0, description="Staleness bound S (learner version at consumption minus "
-                                                    "version at generation start) for async mode.")
+                                                    "version at generation start) for async mode; the lag of "
+                                                    "fixed_lag mode.")
     staleness_control: Literal["gating", "drop", "both", "none"] = Field(
         "gating", description="async only. gating: admit a new group only while accepted + running < "
                               "(S + v + 1) * batch_prompts, v the version of the oldest unconsumed group; "
@@ -243,18 +247,30 @@ class Optim(_Section):
         "constant", description="constant: lr. ess_coupled: lr*min(1, ess/ess_base)^ess_power. "
                                 "staleness_aware: lr/(1 + staleness_alpha * mean staleness).")
     ess_base: Float = Field(0.9, gt=0, le=1, description="ESS ratio at and above which ess_coupled keeps lr.")
-    ess_power: Float = Field(1.0, gt=0, description="Exponent of the ESS-coupled schedule.")
+    ess_power: Float = Field(0.5, gt=0, description="Exponent of the ESS-coupled schedule (VCPO: 1/2 for AdamW, "
+                                                    "whose update does not scale with the gradient).")
+    ess_level: Literal["sequence", "token"] = Field(
+        "sequence", description="ESS the ess_coupled schedule reads: of the batch being trained (its importance "
+                                "weights of the step's starting policy over the behavior policy), per sequence "
+                                "(VCPO) or per token.")
     staleness_alpha: Float = Field(0.5, ge=0, description="Strength of the staleness-aware schedule.")
 
 
 class Instability(_Section):
-    """The instability rule of docs/design.md; a run is unstable at the first step (after warm-up) where any fires."""
-    warmup_steps: Int = Field(5, ge=0, description="Steps before any check applies.")
-    reward_drop: Float = Field(0.5, gt=0, le=1, description="Fraction below the running best reward that counts "
-                                                            "as a fall.")
-    recover_window: Int = Field(5, ge=1, description="Steps a fallen reward has to recover before it is a collapse.")
-    grad_norm_k: Float = Field(10.0, gt=1, description="Grad norm above k x its running median is a collapse.")
-    kl_max: Float = Field(1.0, gt=0, description="KL (k3, current vs behavior policy) above this is a collapse.")
+    """When a run has collapsed (docs/design.md): the first step, after warm-up, where its reward has fallen for good,
+    its loss is not finite, or its KL to the behavior policy passes a threshold (`sim.stability.InstabilityDetector`).
+    A spike of grad norm alone is not a collapse: it is reported, not labelled."""
+    warmup_steps: Int = Field(5, ge=0, description="Steps before the reward and KL checks apply.")
+    reward_window: Int = Field(10, ge=1, description="Steps the reward is averaged over: the fall is of this moving "
+                                                     "average (one step's reward of a few prompts is noise).")
+    reward_drop: Float = Field(0.5, gt=0, le=1, description="A fall: the moving average below (1 - reward_drop) x "
+                                                            "its best so far.")
+    recover_window: Int = Field(10, ge=1, description="Steps the moving average must stay fallen to be a collapse "
+                                                      "(the collapse step is where the fall began); a run that ends "
+                                                      "sooner has not collapsed by its reward.")
+    kl_max: Float = Field(0.5, gt=0, description="KL(behavior || current) per token, k3 estimator, above this is a "
+                                                 "collapse; `stalecast study stability` calibrates it on its stable "
+                                                 "runs.")
 
 
 class Real(_Section):
@@ -274,10 +290,20 @@ class Real(_Section):
     loss: Literal["coupled", "decoupled"] = Field("decoupled", description="coupled: PPO ratio to the behavior "
                                                   "policy, clipped. decoupled: ratio to the proximal policy (the policy "
                                                   "at the step's start) times a capped behavior importance weight.")
-    ratio_level: Literal["token", "sequence"] = Field("token", description="Importance ratios per token or per "
-                                                                           "sequence (exp of the summed log-ratio).")
+    ratio_level: Literal["token", "sequence", "gspo"] = Field(
+        "token", description="Importance ratios per token; per sequence (exp of the summed log-ratio); or gspo, per "
+                             "sequence as a geometric mean per token (exp of the mean log-ratio, GSPO).")
     clip_eps: Float = Field(0.2, gt=0, description="PPO clipping radius of the ratio.")
     behav_cap: Float = Field(5.0, gt=1, description="Cap on the behavior importance weight (decoupled loss).")
+    behav_cap_mode: Literal["clamp", "drop"] = Field(
+        "clamp", description="clamp: a weight above behav_cap counts as behav_cap. drop: its token is left out of the "
+                             "loss (weight 0, as AReaL does).")
+    ppo_epochs: Int = Field(1, ge=1, description="Passes over each batch; with several (or several mini_batches) "
+                                                 "the policy moves away from the step's starting (proximal) policy "
+                                                 "within a step, so the clip acts. The version still counts "
+                                                 "published weights: once per batch.")
+    mini_batches: Int = Field(1, ge=1, description="Optimizer updates per pass: the batch's groups split into this "
+                                                   "many mini-batches.")
     micro_batch: Int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
     warm_start_steps: Int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
     warm_start_lr: Float | None = Field(None, gt=0, description="Learning rate of the supervised warm start; "
@@ -362,6 +388,13 @@ class RunConfig(_Section):
         if self.cluster.max_concurrency < self.workload.group_size:
             raise ValueError(f"cluster.max_concurrency ({self.cluster.max_concurrency}) must be at least "
                              f"workload.group_size ({self.workload.group_size}): a group is admitted whole")
+        return self
+
+    @model_validator(mode="after")
+    def _mini_batches_fit(self):
+        if self.real.mini_batches > self.workload.batch_prompts:
+            raise ValueError(f"real.mini_batches ({self.real.mini_batches}) must be at most workload.batch_prompts "
+                             f"({self.workload.batch_prompts}): a mini-batch holds whole groups")
         return self
 
     def with_overrides(self, overrides: dict) -> "RunConfig":

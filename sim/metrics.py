@@ -29,10 +29,14 @@ def ess(weights: np.ndarray) -> float:
     return float(w.sum() ** 2 / (len(w) * np.square(w).sum()))
 
 
-def kl_k3(log_ratio: np.ndarray) -> float:
-    """Mean k3 estimator (r - 1) - log r with r = π_behav/π_θ, given log r per sampled token."""
+def kl_estimates(log_ratio: np.ndarray) -> dict[str, float]:
+    """Mean k1, k2 and k3 estimates of KL(π_behav ‖ π_θ) from log r = log π_θ/π_behav of tokens π_behav sampled:
+    k1 = -log r (unbiased, may be negative), k2 = (log r)²/2 (biased, low variance), k3 = (r - 1) - log r (unbiased,
+    never negative). With r inverted (π_behav/π_θ) k3 would estimate a χ²-like quantity one token can dominate."""
     lr = np.asarray(log_ratio, dtype=np.float64)
-    return float(np.mean(np.expm1(lr) - lr))
+    if lr.size == 0:
+        return {"k1": math.nan, "k2": math.nan, "k3": math.nan}
+    return {"k1": float(np.mean(-lr)), "k2": float(np.mean(0.5 * lr * lr)), "k3": float(np.mean(np.expm1(lr) - lr))}
 
 
 # --------------------------------------------------------------------------- staleness

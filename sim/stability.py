@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -207,47 +208,49 @@ def predict_config(cfg, histogram: Mapping, mean_staleness: float) -> ConfigPred
 
 # --------------------------------------------------------------------------- collapse detection
 class InstabilityDetector:
-    """The instability rule (docs/design.md): after warm-up, a reward fall below (1 - reward_drop) x running
-    best that does not recover within recover_window steps (collapse step = where the fall began), grad norm
-    above k x its running median, KL above kl_max, or a non-finite loss. Only the first collapse is kept."""
+    """When a run collapses (docs/design.md; fields in `sim.config.Instability`): at the first step, after warm-up,
+    where
+    - its reward has fallen for good: the moving average over `reward_window` steps is below (1 - reward_drop) x the
+      best moving average so far, and stays below for `recover_window` steps (the collapse step is where it fell);
+    - its KL(behavior || current), k3 with r = π_θ/π_behav, passes `kl_max`;
+    - or, at any step, its loss is not finite.
+    A grad-norm spike alone is not a collapse (on a small model it is noise as often as not). Only the first
+    collapse is kept."""
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.recent: deque[float] = deque(maxlen=cfg.reward_window)
         self.best = -math.inf
         self.fall_since: int | None = None
-        self.grad_norms: list[float] = []
         self.step: int | None = None
         self.reason: str | None = None
 
-    def update(self, step: int, reward: float, grad_norm: float, kl: float, loss: float) -> None:
+    def update(self, step: int, reward: float, kl: float, loss: float) -> None:
         c, armed = self.cfg, step >= self.cfg.warmup_steps
         reason = None
         if not math.isfinite(loss):
             reason = f"loss is {loss}"
-        elif armed and self.grad_norms and grad_norm > c.grad_norm_k * float(np.median(self.grad_norms)):
-            reason = f"grad norm {grad_norm:.3g} > {c.grad_norm_k} x running median {np.median(self.grad_norms):.3g}"
         elif armed and kl > c.kl_max:
-            reason = f"KL {kl:.3g} > {c.kl_max}"
-        if math.isfinite(grad_norm):
-            self.grad_norms.append(grad_norm)
-        fallen = reward < (1 - c.reward_drop) * self.best
-        if armed and fallen:
-            self.fall_since = step if self.fall_since is None else self.fall_since
-            if step - self.fall_since + 1 > c.recover_window and reason is None:
-                reason = (f"reward {reward:.3g} below {1 - c.reward_drop:.2f} x best {self.best:.3g} "
-                          f"since step {self.fall_since}")
-                step = self.fall_since
-        elif not fallen:
-            self.fall_since = None
-        self.best = max(self.best, reward)
-        if reason is not None and self.step is None and (armed or not math.isfinite(loss)):
+            reason = f"KL {kl:.3g} > {c.kl_max:g}"
+        self.recent.append(reward)
+        if len(self.recent) == c.reward_window:
+            average = float(np.mean(self.recent))
+            if armed and average < (1 - c.reward_drop) * self.best:
+                self.fall_since = step if self.fall_since is None else self.fall_since
+                if step - self.fall_since + 1 >= c.recover_window and reason is None:
+                    reason = (f"reward's {c.reward_window}-step average {average:.3g} below {1 - c.reward_drop:.2f} "
+                              f"x its best {self.best:.3g} since step {self.fall_since}")
+                    step = self.fall_since
+            else:
+                self.fall_since = None
+            self.best = max(self.best, average)
+        if reason is not None and self.step is None:
             self.step, self.reason = step, reason
 
     def update_row(self, row: Mapping) -> None:
-        """`update` from a per-step metrics row (metrics.jsonl: "step", "reward/mean", "grad_norm", "kl/k3",
-        "loss"; null, a non-finite value as JSON writes it, is NaN)."""
-        self.update(int(row["step"]), _number(row["reward/mean"]), _number(row["grad_norm"]), _number(row["kl/k3"]),
-                    _number(row["loss"]))
+        """`update` from a per-step metrics row (metrics.jsonl: "step", "reward/mean", "kl/k3", "loss"; null, a
+        non-finite value as JSON writes it, is NaN)."""
+        self.update(int(row["step"]), _number(row["reward/mean"]), _number(row["kl/k3"]), _number(row["loss"]))
 
 
 def _number(value) -> float:
@@ -256,8 +259,8 @@ def _number(value) -> float:
 
 
 def detect_collapse(rows: Iterable[Mapping], cfg) -> tuple[int | None, str | None]:
-    """(collapse step, reason) of a series of per-step metric rows (metrics.jsonl: "step", "reward/mean",
-    "grad_norm", "kl/k3", "loss"), by the same detector the learner runs; (None, None) when stable."""
+    """(collapse step, reason) of a series of per-step metric rows (metrics.jsonl: "step", "reward/mean", "kl/k3",
+    "loss"), by the same detector the learner runs; (None, None) when stable."""
     det = InstabilityDetector(cfg)
     for row in rows:
         det.update_row(row)

@@ -186,9 +186,11 @@ lengths = st.one_of(
 
 @st.composite
 def configs(draw):
-    mode = draw(st.sampled_from(["sync", "one_step_off", "async"]))
+    mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async"]))
     group = draw(st.integers(1, 3))
     pipeline = {"mode": mode}
+    if mode == "fixed_lag":
+        pipeline["max_staleness"] = draw(st.integers(0, 4))
     if mode == "async":
         pipeline |= {"max_staleness": draw(st.integers(0, 3)),
                      "staleness_control": draw(st.sampled_from(["gating", "drop", "both", "none"])),
@@ -246,8 +248,9 @@ def test_invariants(cfg):
     # Staleness control and modes.
     if pl.mode == "sync":
         assert (stale == 0).all()
-    elif pl.mode == "one_step_off":
-        assert (stale[s.learner_step[used] >= 1] == 1).all() and (stale[s.learner_step[used] == 0] == 0).all()
+    elif pl.mode in ("one_step_off", "fixed_lag"):  # batch j generated with version max(j - lag, 0)
+        lag = 1 if pl.mode == "one_step_off" else pl.max_staleness
+        assert (stale == np.minimum(s.learner_step[used], lag)).all()
     elif pl.staleness_control != "none":
         assert (stale <= pl.max_staleness).all()
     if s.dropped.any():
@@ -317,10 +320,12 @@ def larger_configs(draw):
     """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
     times), every staleness control, buffer order and capacity, responses short and long against
     max_new_tokens (one or many decode steps per calendar bucket)."""
-    mode = draw(st.sampled_from(["sync", "one_step_off", "async", "async"]))
+    mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async"]))
     group = draw(st.integers(1, 4))
     batch = draw(st.integers(1, 8))
     pipeline = {"mode": mode}
+    if mode == "fixed_lag":
+        pipeline["max_staleness"] = draw(st.integers(0, 6))
     if mode == "async":
         pipeline |= {"max_staleness": draw(st.integers(0, 4)),
                      "staleness_control": draw(st.sampled_from(["gating", "drop", "both", "none"])),

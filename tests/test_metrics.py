@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.metrics import compute_metrics, ess, kl_k3, staleness_histogram
+from sim.metrics import compute_metrics, ess, kl_estimates, staleness_histogram
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace
 
 NAN = float("nan")
@@ -122,8 +122,30 @@ def test_ess():
     assert ess(seq_w) == pytest.approx(9 / 10)
 
 
-def test_kl_k3():
-    assert kl_k3(np.zeros(5)) == 0.0
-    # r = 2: (2 − 1) − ln 2; r = 1/2: (1/2 − 1) + ln 2; mean = (1 − 1/2) / 2.
-    assert kl_k3(np.array([math.log(2), -math.log(2)])) == pytest.approx(0.25)
-    assert kl_k3(np.array([math.log(3)])) == pytest.approx(2 - math.log(3))
+@pytest.mark.parametrize("p, q", [([0.5, 0.25, 0.25], [0.2, 0.3, 0.5]), ([0.75, 0.125, 0.125], [0.125, 0.125, 0.75]),
+                                  ([0.5, 0.5], [0.5, 0.5])])
+def test_kl_estimators_on_known_categorical_distributions(p, q):
+    """Behavior p sampled the tokens, the current policy is q: k1 and k3 are unbiased estimators of KL(p || q), so
+    over tokens in exact proportion to p (8 tokens: p's probabilities are eighths) their means are the exact KL;
+    k2 is biased upward here, and k3 with the ratio inverted (r = p/q) estimates something else."""
+    p, q = np.array(p), np.array(q)
+    exact = float(np.sum(p * np.log(p / q)))
+    tokens = np.repeat(np.arange(len(p)), (8 * p).astype(int))   # [8] categories, in proportion to p
+    log_r = np.log(q[tokens] / p[tokens])                        # log π_θ/π_behav per sampled token
+    est = kl_estimates(log_r)
+    assert est["k1"] == pytest.approx(exact, abs=1e-12) and est["k3"] == pytest.approx(exact, abs=1e-12)
+    assert est["k3"] >= 0 and est["k2"] >= 0
+    inverted = kl_estimates(-log_r)["k3"]                        # r = π_behav/π_θ: χ² - KL, not KL
+    chi2 = float(np.sum((p - q) ** 2 / q))
+    assert inverted == pytest.approx(chi2 - exact, abs=1e-12)
+    if exact > 0:
+        assert abs(inverted - exact) > 0.05
+
+
+def test_one_token_does_not_dominate_the_corrected_k3():
+    """The audit's case: one token at log-ratio -8 (the current policy gives it e^-8 of the behavior's probability)
+    among 512 on policy: the inverted k3 reads 5.8, the corrected one 0.014."""
+    log_r = np.zeros(512)
+    log_r[0] = -8.0
+    assert kl_estimates(log_r)["k3"] == pytest.approx((math.exp(-8) - 1 + 8) / 512)
+    assert kl_estimates(log_r)["k3"] < 0.015 < 5.7 < kl_estimates(-log_r)["k3"]

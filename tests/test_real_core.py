@@ -13,7 +13,7 @@ from real.task import DigitTask
 from real.tokenizer import CharTokenizer
 from sim.config import Optim, Real, parse_config
 from sim.hardware.specs import MODELS
-from sim.metrics import ess, kl_k3
+from sim.metrics import ess, kl_estimates
 
 
 @pytest.fixture
@@ -192,19 +192,30 @@ def _tensors(form):
     return logp, behav, prox
 
 
-@pytest.mark.parametrize("form, level, eps, loss, clip_frac, grad", [
+GSPO_R = (1.35 ** (1 / 3), 0.77 ** 0.5)  # geometric means per token of the ratios: 1.1052, 0.8775
+
+
+@pytest.mark.parametrize("form, level, mode, eps, loss, clip_frac, grad", [
     # token: per-token -min(rA, clip(r)A): seq 0 (A=1) 1.2 (clipped), 1.0, 0.9; seq 1 (A=-2) -1.6 (clipped), -2.2
-    ("coupled", "token", 0.2, -(3.1 - 3.8) / 5, 2 / 5, [[0, -1.0, -0.9], [0, 2.2, 0]]),
+    ("coupled", "token", "clamp", 0.2, -(3.1 - 3.8) / 5, 2 / 5, [[0, -1.0, -0.9], [0, 2.2, 0]]),
     # decoupled: the same times w = [2, 1, min(10, 5)], [0.5, 1]: 2.4 + 1 + 4.5 and -0.8 - 2.2
-    ("decoupled", "token", 0.2, -(7.9 - 3.0) / 5, 2 / 5, [[0, -1.0, -4.5], [0, 2.2, 0]]),
+    ("decoupled", "token", "clamp", 0.2, -(7.9 - 3.0) / 5, 2 / 5, [[0, -1.0, -4.5], [0, 2.2, 0]]),
+    # AReaL's cap: the token whose weight 10 is over the cap leaves the loss (w = 0), the mean still counts it:
+    # 2.4 + 1 + 0 and -0.8 - 2.2
+    ("decoupled", "token", "drop", 0.2, -(3.4 - 3.0) / 5, 2 / 5, [[0, -1.0, 0], [0, 2.2, 0]]),
     # sequence: r = 1.5·1·0.9 = 1.35 (clipped to 1.3, A=1), 0.77 (A=-2, inside 0.7): 3·1.3 - 2·1.54
-    ("coupled", "sequence", 0.3, -(3.9 - 3.08) / 5, 3 / 5, [[0, 0, 0], [1.54, 1.54, 0]]),
+    ("coupled", "sequence", "clamp", 0.3, -(3.9 - 3.08) / 5, 3 / 5, [[0, 0, 0], [1.54, 1.54, 0]]),
     # decoupled sequence: w = min(2·1·10, 5) = 5 and 0.5: 5·3·1.3 - 0.5·2·1.54
-    ("decoupled", "sequence", 0.3, -(19.5 - 1.54) / 5, 3 / 5, [[0, 0, 0], [0.77, 0.77, 0]]),
+    ("decoupled", "sequence", "clamp", 0.3, -(19.5 - 1.54) / 5, 3 / 5, [[0, 0, 0], [0.77, 0.77, 0]]),
+    # gspo: r = 1.35^(1/3) = 1.1052 and 0.77^(1/2) = 0.8775, both inside 1 ± 0.3: 3·1.1052 - 2·2·0.8775
+    ("coupled", "gspo", "clamp", 0.3, -(3 * GSPO_R[0] - 4 * GSPO_R[1]) / 5, 0.0,
+     [[-GSPO_R[0]] * 3, [2 * GSPO_R[1]] * 2 + [0]]),
+    # gspo with a tighter clip: 1.1052 > 1.05 is clipped (A=1), 0.8775 < 0.95 too (A=-2): 3·1.05 - 2·2·0.95
+    ("coupled", "gspo", "clamp", 0.05, -(3 * 1.05 - 4 * 0.95) / 5, 1.0, [[0, 0, 0], [0, 0, 0]]),
 ])
-def test_grpo_loss_hand_computed(form, level, eps, loss, clip_frac, grad):
+def test_grpo_loss_hand_computed(form, level, mode, eps, loss, clip_frac, grad):
     logp, behav, prox = _tensors(form)
-    cfg = LossConfig(form=form, ratio_level=level, clip_eps=eps, behav_cap=5.0)
+    cfg = LossConfig(form=form, ratio_level=level, clip_eps=eps, behav_cap=5.0, behav_cap_mode=mode)
     value, stats = grpo_loss(logp, behav, prox if form == "decoupled" else None, ADV, MASK, cfg)
     value.backward()
     assert value.item() == pytest.approx(loss, abs=1e-5) and stats["loss"] == pytest.approx(loss, abs=1e-5)
@@ -217,13 +228,18 @@ def test_grpo_loss_hand_computed(form, level, eps, loss, clip_frac, grad):
     w_seq = np.array([w_tok[:3].prod(), w_tok[3:].prod()])
     assert stats["ess_token"] == pytest.approx(ess(w_tok), rel=1e-5)
     assert stats["ess_seq"] == pytest.approx(ess(w_seq), rel=1e-5)
-    assert stats["kl_k3"] == pytest.approx(kl_k3(-np.log(w_tok)), rel=1e-5)
-    r_used = RATIO[MASK.bool()] if level == "token" else torch.tensor([1.35] * 3 + [0.77] * 2)
+    kl = kl_estimates(np.log(w_tok))  # log π_θ/π_behav of each token
+    assert all(stats[f"kl_{k}"] == pytest.approx(kl[k], rel=1e-5) for k in ("k1", "k2", "k3"))
+    # over the cap 5: the token of weight 10; at sequence level, all of sequence 0 (weight 2·1·10 = 20)
+    capped = {"coupled": 0.0, "decoupled": 1 / 5 if level == "token" else 3 / 5}[form]
+    assert stats["behav_capped_frac"] == pytest.approx(capped)
+    per_seq = {"token": None, "sequence": (1.35, 0.77), "gspo": GSPO_R}[level]
+    r_used = RATIO[MASK.bool()] if per_seq is None else torch.tensor([per_seq[0]] * 3 + [per_seq[1]] * 2)
     assert stats["ratio_mean"] == pytest.approx(float(r_used.mean()), rel=1e-5)
 
 
 @pytest.mark.parametrize("form", ["coupled", "decoupled"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence", "gspo"])
 def test_grpo_loss_on_policy_equals_plain_grpo(form, level):
     gen = torch.Generator().manual_seed(0)
     logp = (-torch.rand(4, 6, generator=gen) * 3).requires_grad_()
@@ -258,8 +274,8 @@ def test_grpo_loss_through_the_model_on_policy(policy):
 
 
 def test_loss_config_from_real():
-    assert LossConfig.from_real(Real(loss="coupled", ratio_level="sequence", clip_eps=0.1, behav_cap=3.0)) == \
-        LossConfig("coupled", "sequence", 0.1, 3.0)
+    assert LossConfig.from_real(Real(loss="coupled", ratio_level="gspo", clip_eps=0.1, behav_cap=3.0,
+                                     behav_cap_mode="drop")) == LossConfig("coupled", "gspo", 0.1, 3.0, "drop")
     with pytest.raises(ValueError, match="prox_logp"):
         grpo_loss(torch.zeros(1, 1), torch.zeros(1, 1), None, torch.zeros(1), torch.ones(1, 1), LossConfig())
 
@@ -299,3 +315,45 @@ def test_pinned_restores_the_cores_it_found():
         inside = os.sched_getaffinity(0)
     assert os.sched_getaffinity(0) == before
     assert inside == (before if len(before) < 2 else {min(before)})
+
+
+# --------------------------------------------------------------------------- a learner step with several updates
+def _scored_groups(learner, cfg, seed: int = 0):
+    """A batch as the learner receives it: per group, the correct answer and G - 1 random responses (so rewards,
+    hence advantages, differ within every group), with behavior log-probs a little off the current policy's."""
+    from real.learner import GroupRecord
+    from real.worker import GroupDone, prompt_for
+
+    rng = np.random.default_rng(seed)
+    G, groups = cfg.workload.group_size, []
+    for gid in range(cfg.workload.batch_prompts):
+        prompt = prompt_for(learner.task, cfg.seed, gid)
+        tokens = [learner.task.sft_example(prompt)]
+        tokens += [rng.integers(4, learner.tok.vocab_size, size=len(tokens[0])).tolist() for _ in range(G - 1)]
+        logprobs = [(-2.0 + rng.normal(0, 0.3, len(t))).tolist() for t in tokens]
+        done = GroupDone(gid, 0, 0.0, [0.0] * G, tokens, logprobs, [[0] * len(t) for t in tokens])
+        groups.append(GroupRecord(gid, 0, len(prompt.ids), 0.0, 0, done=done))
+    return groups
+
+
+@pytest.mark.parametrize("epochs, mini_batches", [(1, 1), (4, 1), (2, 2)])
+def test_several_updates_per_batch_move_away_from_the_proximal_policy(config_data, epochs, mini_batches):
+    """One update: the ratio to the step's starting (proximal) policy is 1 everywhere, nothing can clip. Several
+    (epochs x mini-batches), at a large lr: the policy moves within the step and the clip acts on some tokens. The
+    version (published weights) goes up by one either way, and the stats describe the batch at the step's start."""
+    from real.profile import _standalone_learner
+
+    config_data["workload"] |= {"batch_prompts": 4, "group_size": 4, "max_new_tokens": 16}
+    config_data["cluster"]["max_concurrency"] = 16
+    config_data["optim"] = {"lr": 3e-2}
+    config_data["real"] = {"ppo_epochs": epochs, "mini_batches": mini_batches, "micro_batch": 4}
+    cfg = parse_config(config_data)
+    learner, _ = _standalone_learner(cfg, torch.device("cpu"))
+    res = learner.train_on(0, _scored_groups(learner, cfg), t_wait=0.0)
+    m = res.metrics
+    assert learner.version == 1 and m["updates"] == epochs * mini_batches
+    if epochs * mini_batches == 1:
+        assert m["clip_frac"] == 0 and m["ratio_mean"] == pytest.approx(1.0)
+    else:
+        assert 0 < m["clip_frac"] < 1
+    assert m["update_norm"] > 0 and math.isfinite(m["grad_norm"]) and m["kl/k3"] >= 0

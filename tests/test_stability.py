@@ -119,16 +119,19 @@ def series(n, reward=None, grad=None, kl=None, loss=None):
 
 @pytest.mark.parametrize("rows,expected", [
     (series(40), None),
-    (series(40, reward={t: 0.05 for t in range(20, 40)}), 20),        # fell at 20 and never recovered
-    (series(40, reward={t: 0.05 for t in range(20, 24)}), None),      # recovered within the window
-    (series(40, grad={13: 40.0}), 13),
+    # 0.05 from step 20: the 5-step average falls below half its best at 22 and stays there
+    (series(40, reward={t: 0.05 for t in range(20, 40)}), 22),
+    (series(40, reward={t: 0.05 for t in range(20, 24)}), None),      # the average fell for 4 steps, then recovered
+    (series(40, reward={t: 0.05 for t in range(36, 40)}), None),      # fell too late to stay fallen 5 steps
+    (series(40, grad={13: 40.0}), None),                               # a grad-norm spike alone is not a collapse
     (series(40, kl={30: 2.5}), 30),
-    (series(40, grad={2: 40.0}), None),                                # during warm-up: not a collapse
+    (series(40, kl={2: 2.5}), None),                                   # during warm-up: not a collapse
     (series(40, loss={2: math.nan}), 2),                               # a non-finite loss always is
     (series(40, loss={9: None}), 9),                                   # ... also as JSON writes it (null)
-], ids=["calm", "reward-fall", "recovered", "grad-spike", "kl", "warm-up", "nan-loss", "null-loss"])
+], ids=["calm", "reward-fall", "recovered", "fell-at-the-end", "grad-spike", "kl", "warm-up", "nan-loss",
+        "null-loss"])
 def test_collapse_detector_finds_known_collapse_steps(rows, expected):
-    cfg = Instability(warmup_steps=WARMUP, reward_drop=0.5, recover_window=5, grad_norm_k=10, kl_max=1.0)
+    cfg = Instability(warmup_steps=WARMUP, reward_drop=0.5, reward_window=5, recover_window=5, kl_max=1.0)
     step, reason = detect_collapse(rows, cfg)
     assert step == expected and (reason is None) == (expected is None)
 

@@ -63,7 +63,7 @@ class Control:
     """Staleness control and mode rules shared by workers (admission, loading) and the learner (drop)."""
     batch_prompts: int
     max_staleness: int
-    lag: int | None          # sync: 0, one_step_off: 1 (batch j uses version j - lag exactly); async: None
+    lag: int | None          # sync: 0, one_step_off: 1, fixed_lag: S (batch j uses version j - lag exactly); async: None
     gating: bool
     dropping: bool
     interruptible: bool
@@ -73,7 +73,8 @@ class Control:
     def from_config(cls, cfg) -> "Control":
         pl = cfg.pipeline
         is_async = pl.mode == "async"
-        return cls(cfg.workload.batch_prompts, pl.max_staleness, {"sync": 0, "one_step_off": 1}.get(pl.mode),
+        lag = {"sync": 0, "one_step_off": 1, "fixed_lag": pl.max_staleness}.get(pl.mode)
+        return cls(cfg.workload.batch_prompts, pl.max_staleness, lag,
                    is_async and pl.staleness_control in ("gating", "both"),
                    is_async and pl.staleness_control in ("drop", "both"), pl.interruptible, pl.queue_capacity)
 
