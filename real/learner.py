@@ -86,6 +86,8 @@ class Learner:
         self.records: dict[int, GroupRecord] = {}
         self.loads: list[Loaded] = []
         self.failures: dict[int, str] = {}  # worker id -> traceback it reported
+        self.evicted: list[GroupRecord] = []  # queue_drop: groups pushed out of the full buffer since the last step
+        self.step_now = 0                     # the step being collected (evictions are counted under it)
         self.version = version
         self.updating = False
         self.instability = InstabilityDetector(cfg.real.instability)
@@ -136,6 +138,8 @@ class Learner:
 
     def publish(self) -> float:
         seconds = self.channel.publish(self.model, self.version)
+        with self.ledger.locked(self.health):  # verl counts admissions from here, the groups outstanding included
+            self.ledger.since_sync.value = self.ledger.running.value + self.ledger.buffered.value
         self.ledger.wake_workers()  # workers waiting for these weights
         return seconds
 
@@ -160,6 +164,10 @@ class Learner:
         elif isinstance(msg, GroupDone):
             rec = self.records[msg.gid]
             rec.done = msg
+            if self.control.evicts(len(self.buffer)):  # queue_drop: the oldest waiting group makes room
+                evicted = self.records[self.buffer.pop(self.step_now)]
+                self._retire([evicted], self.step_now, dropped=True)
+                self.evicted.append(evicted)
             self.buffer.put(msg.gid, rec.version_start)
         elif isinstance(msg, Loaded):
             self.loads.append(msg)
@@ -181,6 +189,7 @@ class Learner:
 
     def collect(self, step: int) -> tuple[list[GroupRecord], int, list[GroupRecord]]:
         """Wait for a batch; returns (groups, groups waiting when the step began, groups dropped meanwhile)."""
+        self.step_now = step
         self.health()
         self.receive(0.0)
         queue_len = int(self.ledger.buffered.value)
@@ -199,6 +208,7 @@ class Learner:
                 continue
             batch.append(rec)
         self._retire(batch, step, dropped=False)  # the gate and the buffer open as the batch is taken
+        dropped, self.evicted = self.evicted + dropped, []
         # In id order: which groups make a batch may depend on timing, their order in the learner's sums does not.
         return sorted(batch, key=lambda rec: rec.gid), queue_len, dropped
 
@@ -252,7 +262,8 @@ class Learner:
         for i, (p_ids, lps) in enumerate(zip((p.ids for p in prompts for _ in range(G)),
                                              (lp for rec in batch for lp in rec.done.logprobs))):
             behav[i, len(p_ids):len(p_ids) + len(lps)] = torch.as_tensor(lps)
-        stale = torch.tensor([self.version - rec.version_start for rec in batch]).repeat_interleave(G)  # [N]
+        version = self.version  # the version the batch is consumed and trained at
+        stale = torch.tensor([version - rec.version_start for rec in batch]).repeat_interleave(G)  # [N]
         batch_t = _Batch(ids, attn, mask, behav, adv, stale)
 
         # The proximal policy is the weights at the step's start. With one update they stay so during its
@@ -292,13 +303,15 @@ class Learner:
         t_end = self.now()
         stats["clip_frac"] = clipped / max(tokens_seen, 1.0)  # over every update's tokens: 0 with one update
 
-        self.version += 1
-        sync_s = self.publish()
+        sync_s = 0.0
+        if (step + 1) % self.control.sync_every == 0:  # a new version every sync_every steps (verl); else every step
+            self.version += 1
+            sync_s = self.publish()
         self.updating = False
 
         self.instability.update(step, float(rewards.mean()), stats["kl_k3"], stats["loss"])
         resp_len = mask.sum(-1).cpu()                                                          # [N]
-        metrics = self._metrics(step, batch, batch_t, stats, first_range_grad, start_logp)
+        metrics = self._metrics(step, version, batch, batch_t, stats, first_range_grad, start_logp)
         metrics.update({
             "lr": lr, "grad_norm": grad_norm, "update_norm": update_norm, "updates": n_updates,
             "reward/mean": float(rewards.mean()), "len/mean": float(resp_len.mean()),
@@ -308,7 +321,7 @@ class Learner:
         })
         recent = [ld.seconds for ld in self.loads if ld.t >= t_wait]
         metrics["time/weight_load_s"] = float(np.mean(recent)) if recent else None
-        row = {"step": step, "t_start": t_start, "t_end": t_end, "version": self.version - 1, "n_samples": len(batch) * G,
+        row = {"step": step, "t_start": t_start, "t_end": t_end, "version": version, "n_samples": len(batch) * G,
                "n_tokens": int(attn.sum()), "queue_len": queue_len, "lr": lr, "grad_norm": grad_norm,
                "kl": stats["kl_k3"], "ess_token": stats["ess_token"], "ess_seq": stats["ess_seq"],
                "reward_mean": float(rewards.mean()), "clip_frac": stats["clip_frac"], "weight_sync_s": sync_s}
@@ -353,10 +366,9 @@ class Learner:
                 range_grad[s] = math.nan  # one range: the caller takes the update's own norm
         return range_grad, (clipped, float(n_tok))
 
-    def _metrics(self, step, batch, b: "_Batch", stats, range_grad, logp) -> dict:
+    def _metrics(self, step, v_cons, batch, b: "_Batch", stats, range_grad, logp) -> dict:
         """Staleness (per sample and per token, in-flight / in-queue split, histogram) and per-range stats, of the
         batch at the step's start (`logp`: its log-probs under the step's starting weights)."""
-        v_cons = self.version - 1  # the version this batch was consumed (and trained) at
         versions = [v for rec in batch for v in rec.done.versions]                             # N lists
         v_end = torch.tensor([v[-1] for v in versions], dtype=torch.float32)                  # [N]
         v_start = v_cons - b.stale.float()                                                     # [N]

@@ -215,7 +215,8 @@ class Trainer:
             self.ledger = self._ledger(ctx, start)
             self.queue, self.stop, self.start = ctx.Queue(), ctx.Event(), ctx.Event()
             self.learner = Learner(cfg, model, tok, self.channel, self.ledger, self.queue, self.check_workers,
-                                   deadline=time.monotonic() + self.timeout_s, version=start, history=history)
+                                   deadline=time.monotonic() + self.timeout_s,
+                                   version=ckpt["version"] if start else 0, history=history)
             cfg_data = cfg.model_dump(mode="json")
             self.workers = [ctx.Process(target=worker_main, name=f"stalecast-rollout-{i}", daemon=True,
                                         args=(i, cfg_data, self.channel, self.ledger, self.queue, self.stop,

@@ -71,6 +71,8 @@ class Ledger:
         self.n_redo = len(redo)
         self.redo_next = ctx.Value("q", 0, lock=False)     # redo[:redo_next] are admitted again
         self.buffered = ctx.Value("q", 0, lock=False)       # completed, not consumed or dropped (queue + buffer)
+        self.running = ctx.Value("q", 0, lock=False)        # admitted, not yet generated
+        self.since_sync = ctx.Value("q", 0, lock=False)     # admitted since the last weight publication (verl)
         self.unconsumed = ctx.Array("q", max_staleness + 2, lock=False)  # per version_start % window: not retired
         self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
         self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
@@ -229,10 +231,13 @@ class RolloutWorker:
                 latest = self.channel.latest_version()
                 block = self.control.admission_block(
                     version=self.version, latest=latest, n_admitted=L.n_admitted.value, live=L.live(),
-                    buffered=L.buffered.value, oldest=L.oldest(latest))
+                    running=L.running.value, buffered=L.buffered.value, oldest=L.oldest(latest),
+                    since_sync=L.since_sync.value)
                 if block is not None:
                     break
                 L.count(self.version, +1)
+                L.running.value += 1
+                L.since_sync.value += 1
                 gids.append(L.take_id())
         return gids
 
@@ -288,6 +293,7 @@ class RolloutWorker:
             rows = slice(k * G, (k + 1) * G)
             with self.ledger.locked(self.check):
                 self.ledger.buffered.value += 1  # before the put: the learner never retires it first
+                self.ledger.running.value -= 1
             self.queue.put(GroupDone(gid, self.id, t_start, ends[rows], out.tokens[rows], out.logprobs[rows],
                                      out.versions[rows]))
 

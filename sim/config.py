@@ -158,6 +158,61 @@ class Cluster(_Section):
         return self.learner_gpus if self.colocated else self.rollout_workers * self.gpus_per_worker + self.learner_gpus
 
 
+class AReaLKnobs(_Section):
+    """AReaL's staleness manager (areal/infra/staleness_manager.py), its names and defaults."""
+    max_head_offpolicyness: Int = Field(0, ge=0, description="Versions the admitted groups may run ahead of the "
+                                                             "learner's: admit while accepted + running < (this + v + "
+                                                             "1) x batch_prompts, v the learner's version.")
+    max_concurrent_rollouts: Int | None = Field(None, ge=1, description="Groups generating at once, at most; null: "
+                                                                        "no cap but the workers' slots.")
+
+
+class VerlKnobs(_Section):
+    """verl fully-async (verl/experimental/fully_async_policy), its names and defaults. batch_prompts is the groups of
+    one optimizer update (ppo_mini_batch_size x require_batches)."""
+    staleness_threshold: Float = Field(0.1, ge=0, description="Extra groups admitted per weight sync, as a fraction: "
+                                                              "at most (1 + this) x trigger_parameter_sync_step x "
+                                                              "batch_prompts groups admitted between two syncs.")
+    trigger_parameter_sync_step: Int = Field(4, ge=1, description="Optimizer updates (learner steps) per weight "
+                                                                  "sync: the version counts syncs.")
+    require_batches: Int = Field(1, ge=1, description="Mini-batches the trainer waits for per update (counts toward "
+                                                      "the admission limit).")
+    partial_rollout: Bool = Field(True, description="At a weight sync in-flight samples are interrupted and resumed "
+                                                    "with the new weights (interruptible workers).")
+
+
+class PrimeRLKnobs(_Section):
+    """prime-rl's orchestrator (src/prime_rl/orchestrator), its names and defaults."""
+    max_async_level: Int = Field(1, ge=0, description="Batches the orchestrator may collect ahead of the trainer's "
+                                                      "newest checkpoint.")
+    max_off_policy_steps: Int = Field(8, ge=0, description="Groups staler than this are dropped when taken.")
+    max_inflight: Int | None = Field(None, ge=1, description="Groups generating at once, at most; null: no cap but "
+                                                             "the workers' slots.")
+
+
+class TinkerKnobs(_Section):
+    """Tinker cookbook's async RL (AsyncConfig), its names and defaults."""
+    sampling_steps_ahead: Int = Field(1, ge=0, description="K: at most batch_prompts x (K + 1) groups started and "
+                                                           "not yet trained.")
+
+
+class DropKnobs(_Section):
+    """TRL async GRPO (trl/experimental/async_grpo): drop at consumption beyond pipeline.max_staleness."""
+    max_inflight_tasks: Int | None = Field(None, ge=1, description="Groups generating at once, at most; null: TRL's "
+                                                                   "auto value, max_staleness x batch_prompts.")
+
+
+class QueueDropKnobs(_Section):
+    """A bounded buffer that discards its oldest group when a new one completes into it full."""
+    capacity: Int = Field(ge=1, description="Completed groups the buffer holds; a group completing into a full "
+                                            "buffer pushes the oldest waiting one out (counted as dropped).")
+
+
+POLICY_KNOBS = {"areal": AReaLKnobs, "verl_fully_async": VerlKnobs, "prime_rl": PrimeRLKnobs, "tinker": TinkerKnobs,
+                "drop": DropKnobs, "queue_drop": QueueDropKnobs}
+_RENAMED_CONTROLS = {"gating": "oldest_unconsumed", "both": "oldest_unconsumed with drop_stale: true"}
+
+
 class Pipeline(_Section):
     mode: Literal["sync", "one_step_off", "fixed_lag", "async"] = Field(
         "async", description="sync: generate, train, sync, repeat. one_step_off: batch k+1 is generated "
@@ -166,25 +221,85 @@ class Pipeline(_Section):
                              "after the first S is S versions stale whatever the timing: staleness as a controlled "
                              "variable (one_step_off is fixed_lag with S = 1). async: fully asynchronous.")
     max_staleness: Int = Field(1, ge=0, description="Staleness bound S (learner version at consumption minus "
-                                                    "version at generation start) for async mode; the lag of "
-                                                    "fixed_lag mode.")
-    staleness_control: Literal["gating", "drop", "both", "none"] = Field(
-        "gating", description="async only. gating: admit a new group only while accepted + running < "
-                              "(S + v + 1) * batch_prompts, v the version of the oldest unconsumed group; "
-                              "drop: discard groups staler than S at consumption; both; none.")
-    interruptible: Bool = Field(False, description="Workers pause in-flight sequences to load new weights "
-                                                   "(tokens then carry several versions); otherwise they stop "
-                                                   "admitting, drain in-flight sequences, then load.")
+                                                    "version at generation start) of the oldest_unconsumed and drop "
+                                                    "policies; the lag of fixed_lag mode.")
+    staleness_control: Literal["oldest_unconsumed", "areal", "verl_fully_async", "prime_rl", "tinker", "drop",
+                               "queue_drop", "none"] = Field(
+        "oldest_unconsumed", description="async only: the named policy that decides when a worker may admit a group, "
+                                         "which groups the learner drops and when weights load "
+                                         "(sim/engine/policies.py; its knobs in the section of its name). "
+                                         "oldest_unconsumed: admit while accepted + running < (S + v + 1) x "
+                                         "batch_prompts, v the oldest unconsumed group's version (no consumed group "
+                                         "staler than S). areal: the same count on the learner's version. "
+                                         "verl_fully_async, prime_rl, tinker: those systems' rules. drop: TRL's, "
+                                         "drop groups staler than S when taken. queue_drop: a buffer that discards "
+                                         "its oldest group when full. none.")
+    drop_stale: Bool = Field(False, description="oldest_unconsumed only: also drop groups staler than S when the "
+                                                "learner takes them.")
+    interruptible: Bool | None = Field(None, description="Workers pause in-flight sequences to load new weights "
+                                                         "(tokens then carry several versions); otherwise they stop "
+                                                         "admitting, drain in-flight sequences, then load. null: "
+                                                         "what the policy's system does (areal, verl with "
+                                                         "partial_rollout, prime_rl, tinker, drop: in flight; the "
+                                                         "others, and every mode but async: drain).")
     queue_capacity: Int | None = Field(None, ge=1, description="Completed groups the buffer holds before workers "
                                                                "stop admitting new groups; null = unbounded.")
     queue_order: Literal["fifo", "freshest"] = Field("fifo", description="fifo: oldest completed group first; "
                                                                          "freshest: newest policy version first.")
+    areal: AReaLKnobs | None = Field(None, description="Knobs of staleness_control: areal.")
+    verl_fully_async: VerlKnobs | None = Field(None, description="Knobs of staleness_control: verl_fully_async.")
+    prime_rl: PrimeRLKnobs | None = Field(None, description="Knobs of staleness_control: prime_rl.")
+    tinker: TinkerKnobs | None = Field(None, description="Knobs of staleness_control: tinker.")
+    drop: DropKnobs | None = Field(None, description="Knobs of staleness_control: drop.")
+    queue_drop: QueueDropKnobs | None = Field(None, description="Knobs of staleness_control: queue_drop (capacity "
+                                                                "is required).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_controls(cls, data):
+        if isinstance(data, dict) and data.get("staleness_control") in _RENAMED_CONTROLS:
+            old = data["staleness_control"]
+            raise ValueError(f"staleness_control: '{old}' is now called '{_RENAMED_CONTROLS[old]}'")
+        return data
 
     @model_validator(mode="after")
     def _interruptible_async(self):
         if self.interruptible and self.mode != "async":
             raise ValueError("interruptible workers only apply to mode: async")
         return self
+
+    @model_validator(mode="after")
+    def _knobs_of_the_policy(self):
+        for name in POLICY_KNOBS:
+            if getattr(self, name) is not None and name != self.staleness_control:
+                raise ValueError(f"{name}: these knobs are of staleness_control: {name} (it is "
+                                 f"{self.staleness_control})")
+        if self.staleness_control == "queue_drop":
+            if self.queue_drop is None:
+                raise ValueError("queue_drop: give its capacity (groups the buffer holds)")
+            if self.queue_order != "fifo" or self.queue_capacity is not None:
+                raise ValueError("queue_drop: its buffer discards the oldest group (queue_order: fifo) instead of "
+                                 "blocking workers (no queue_capacity)")
+        if self.drop_stale and self.staleness_control != "oldest_unconsumed":
+            raise ValueError("drop_stale: only with staleness_control: oldest_unconsumed (drop and prime_rl drop by "
+                             "their own knobs)")
+        return self
+
+    def knobs(self):
+        """The staleness_control policy's knobs (its section, or its defaults); None for a policy without any."""
+        name = self.staleness_control
+        return getattr(self, name, None) or (POLICY_KNOBS[name]() if name in POLICY_KNOBS else None)
+
+    @property
+    def in_flight_updates(self) -> bool:
+        """Whether workers take new weights in flight: interruptible if given, else what the policy's system does."""
+        if self.mode != "async":
+            return False
+        if self.interruptible is not None:
+            return self.interruptible
+        if self.staleness_control == "verl_fully_async":
+            return self.knobs().partial_rollout
+        return self.staleness_control in ("areal", "prime_rl", "tinker", "drop")
 
 
 class Efficiency(_Section):
@@ -325,9 +440,9 @@ class Run(_Section):
 
 
 class Stability(_Section):
-    """Constants of the seed paper's stability rule (docs/design.md): stable while
-    lr < scale x min(r_batch / (S x g_upd), r_crit / (T x g_upd)). Null = not known; `stalecast study stability`
-    fits them and writes a fit file."""
+    """The seed paper's stability rule (docs/design.md), for `stalecast simulate` and `stalecast plan --lr`: either
+    a fit file of `stalecast study stability` (a logistic fit of collapse on log lr, log S and log T), or given
+    constants (stable while lr < scale x min(r_batch / (S x g_upd), r_crit / (T x g_upd))). Null = not known."""
     r_batch: Float | None = Field(None, gt=0, description="Batch-level clipping radius R_batch: the parameter drift "
                                                           "at which the importance ratios' spread reaches the PPO "
                                                           "clip (parameter L2 norm, like g_upd x lr).")
@@ -336,11 +451,13 @@ class Stability(_Section):
     r_crit: Float | None = Field(None, gt=0, description="R_crit: critical cumulative parameter drift over the "
                                                          "horizon (parameter L2 norm).")
     scale: Float | None = Field(None, gt=0, description="The rule's 'much less than' as a factor: stable while "
-                                                       "lr < scale x min(...); null = the fit file's fitted scale, or "
-                                                       "1 (the bound itself) without one.")
-    fit: str | None = Field(None, description="fit.json written by `stalecast study stability`: supplies the "
-                                              "constants left null here. A relative path is taken from the config "
-                                              "file's folder.")
+                                                       "lr < scale x min(...); null = 1 (the bound itself).")
+    fit: str | None = Field(None, description="fit.json written by `stalecast study stability`: the fitted rule "
+                                              "(instead of the constants above). A relative path is taken from the "
+                                              "config file's folder.")
+    collapse_probability: Float | None = Field(
+        None, gt=0, lt=1, description="With a fit file: the largest stable lr is where the fitted collapse "
+                                      "probability reaches this; null = the fit file's (0.5).")
     staleness_statistic: Literal["max", "p99"] = Field(
         "max", description="Which statistic of the consumed staleness distribution is S: max (the paper's maximum "
                            "rollout lag; with gating it is the bound once the bound binds) or p99 (one straggler "
@@ -350,9 +467,14 @@ class Stability(_Section):
     @model_validator(mode="after")
     def _all_or_none(self):
         given = [name for name in ("r_batch", "g_upd", "r_crit") if getattr(self, name) is not None]
-        if self.fit is None and 0 < len(given) < 3:
-            raise ValueError(f"give all of r_batch, g_upd and r_crit (only {', '.join(given)} given), "
-                             f"or name a fit file that supplies the rest")
+        if 0 < len(given) < 3:
+            raise ValueError(f"give all of r_batch, g_upd and r_crit (only {', '.join(given)} given), or none "
+                             f"of them")
+        if self.fit is not None and (given or self.scale is not None):
+            raise ValueError("give either a fit file (fit) or the constants (r_batch, g_upd, r_crit, scale), not "
+                             "both: they are two different rules")
+        if self.collapse_probability is not None and self.fit is None:
+            raise ValueError("collapse_probability applies to a fit file (fit), and none is given")
         return self
 
 

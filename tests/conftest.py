@@ -4,6 +4,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -38,3 +39,36 @@ def tiny_trace():
     from sim.engine.pipeline import simulate
 
     return simulate(parse_config(copy.deepcopy(_SMALL_CONFIG)))
+
+
+@st.composite
+def async_pipelines(draw, batch: int, max_staleness: int = 3) -> dict:
+    """The pipeline section of an async config under any staleness-control policy (sim/engine/policies.py), with
+    random knobs: for the engines' differential and invariant tests."""
+    from sim.engine.policies import POLICIES
+
+    policy = draw(st.sampled_from(sorted(POLICIES)))
+    pl = {"mode": "async", "staleness_control": policy, "max_staleness": draw(st.integers(0, max_staleness)),
+          "interruptible": draw(st.one_of(st.none(), st.booleans())),
+          "queue_order": draw(st.sampled_from(["fifo", "freshest"])),
+          "queue_capacity": draw(st.one_of(st.none(), st.integers(batch, batch + 3)))}
+    small = st.integers(0, max_staleness)
+    if policy == "oldest_unconsumed":
+        pl["drop_stale"] = draw(st.booleans())
+    elif policy == "areal":
+        pl["areal"] = {"max_head_offpolicyness": draw(small),
+                       "max_concurrent_rollouts": draw(st.one_of(st.none(), st.integers(1, 2 * batch)))}
+    elif policy == "verl_fully_async":
+        pl["verl_fully_async"] = {"staleness_threshold": draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+                                  "trigger_parameter_sync_step": draw(st.integers(1, 3)),
+                                  "require_batches": draw(st.integers(1, 2)), "partial_rollout": draw(st.booleans())}
+    elif policy == "prime_rl":
+        pl["prime_rl"] = {"max_async_level": draw(small), "max_off_policy_steps": draw(small),
+                          "max_inflight": draw(st.one_of(st.none(), st.integers(1, 2 * batch)))}
+    elif policy == "tinker":
+        pl["tinker"] = {"sampling_steps_ahead": draw(small)}
+    elif policy == "drop":
+        pl["drop"] = {"max_inflight_tasks": draw(st.one_of(st.none(), st.integers(1, 2 * batch)))}
+    elif policy == "queue_drop":
+        pl |= {"queue_order": "fifo", "queue_capacity": None, "queue_drop": {"capacity": draw(st.integers(1, 6))}}
+    return pl

@@ -245,7 +245,7 @@ SECTIONS = [
     sim(setting("hardware.gpu", "H900"), ["hardware.gpu: unknown GPU 'H900'", "H100-SXM"], id_="unknown-gpu"),
     sim(setting("hardware", {"gpu": None}), ["hardware.gpu: required unless hardware.constant is given"],
         id_="no-costs"),
-    sim(setting("pipeline.mode", "asynch"), ["pipeline.mode: Input should be 'sync', 'one_step_off' or 'async'",
+    sim(setting("pipeline.mode", "asynch"), ["pipeline.mode: Input should be 'sync', 'one_step_off', 'fixed_lag' or 'async'",
                                              "'asynch'"], id_="unknown-mode"),
     sim(setting("real.device", "gpu"), ["real.device: Input should be 'auto', 'cpu' or 'cuda'"], id_="unknown-device"),
     sim(setting("name", ""), ["name: must be a plain name"], id_="empty-name"),

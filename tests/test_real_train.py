@@ -17,7 +17,7 @@ from real.learner import InstabilityDetector, WorkerError
 from sim.engine.buffer import Buffer
 from real.weights import SharedMemoryChannel, StaleVersionError
 from sim.engine.control import BLOCKED, DRAIN, Control, oldest_unconsumed
-from sim.config import Instability, load_config
+from sim.config import Instability, load_config, parse_config
 from sim.metrics import compute_metrics, sample_staleness
 from sim.trace import read_trace
 
@@ -28,9 +28,15 @@ EXAMPLE = load_config(TINY)
 BATCH = EXAMPLE.workload.batch_prompts * EXAMPLE.workload.group_size  # samples per learner step
 
 
-def control(mode="async", gating=True, dropping=False, interruptible=False, capacity=None, B=8, S=2):
-    lag = {"sync": 0, "one_step_off": 1}.get(mode)
-    return Control(B, S, lag, gating and lag is None, dropping and lag is None, interruptible, capacity)
+def control(mode="async", policy="oldest_unconsumed", interruptible=False, capacity=None, B=8, S=2, **pipeline):
+    """The rules of a config with these settings (sim.engine.control.Control)."""
+    pl = {"mode": mode, "max_staleness": S, **pipeline}
+    if mode == "async":
+        pl |= {"staleness_control": policy, "interruptible": interruptible, "queue_capacity": capacity}
+    return Control.from_config(parse_config({
+        "workload": {"batch_prompts": B, "group_size": 1, "prompt_len": {"kind": "constant", "value": 1},
+                     "response_len": {"kind": "constant", "value": 1}, "max_new_tokens": 1},
+        "cluster": {"rollout_workers": 1, "max_concurrency": 1}, "pipeline": pl, "run": {"steps": 1}}))
 
 
 def block(c, version=0, latest=0, n_admitted=0, live=0, buffered=0, oldest=0):
@@ -64,15 +70,16 @@ def test_async_gating_bound_uses_the_oldest_unconsumed_version():
     assert block(c, version=1, latest=1, live=24, oldest=1) is None
     assert block(c, version=0, latest=1, live=0) == DRAIN               # non-interruptible: load first
     assert block(control(interruptible=True), version=0, latest=1, live=0, oldest=0) is None
-    assert block(control(gating=False), live=10_000) is None            # drop-only / none: no gate
+    assert block(control(policy="none"), live=10_000) is None           # no gate
     assert block(control(capacity=8), buffered=8) == BLOCKED             # the buffer is full
     assert control().load_target(version=0, latest=3, n_admitted=5) == 3
 
 
 def test_drop_rule_and_oldest_unconsumed():
-    c = control(gating=False, dropping=True, S=1)
+    c = control(policy="drop", S=1)
     assert c.drop(3, 1) and not c.drop(3, 2)
-    assert not control(gating=True).drop(100, 0)                        # gating alone never drops
+    assert not control().drop(100, 0)                                   # the gate alone never drops
+    assert control(drop_stale=True, S=1).drop(3, 1)                     # ... with drop_stale it does
     assert oldest_unconsumed([0, 2, 1, 0], 0, latest=3) == 1
     assert oldest_unconsumed([0, 0, 0, 0], 0, latest=3) == 3
 

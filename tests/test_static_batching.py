@@ -46,7 +46,7 @@ def test_one_group_per_batch_is_continuous_batching():
     """With room for one group and free prefill, a static batch is what the continuous batch does: the same
     trace. (Prefill differs by design: a static batch prefills every sample's copy of the prompt, g x p
     tokens, where a continuous engine prefills a group's shared prompt once.)"""
-    gated = {"max_staleness": 2, "staleness_control": "gating", "prefill": 0.0}
+    gated = {"max_staleness": 2, "staleness_control": "oldest_unconsumed", "prefill": 0.0}
     a = simulate(cfg_of("static", concurrency=2, **gated))
     b = simulate(cfg_of("continuous", concurrency=2, **gated), engine="simpy")
     pd.testing.assert_frame_equal(a.samples, b.samples)

@@ -239,7 +239,7 @@ def test_a_single_samples_file_is_checked_too(tmp_path, parts, fmt):
 
 CONFIGS = st.fixed_dictionaries({
     "mode": st.sampled_from(["sync", "one_step_off", "async"]),
-    "control": st.sampled_from(["gating", "drop", "both", "none"]),
+    "control": st.sampled_from(["oldest_unconsumed", "drop", "areal", "prime_rl", "tinker", "none"]),
     "staleness": st.integers(0, 2), "interruptible": st.booleans(), "group": st.integers(1, 3),
     "batch": st.integers(1, 3), "workers": st.integers(1, 3), "steps": st.integers(1, 6),
     "seed": st.integers(0, 1000), "batching": st.sampled_from(["continuous", "static"]),

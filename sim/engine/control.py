@@ -1,109 +1,115 @@
-"""The mode and staleness-control rules, one implementation for the simulator and the real trainer.
+"""The mode and staleness-control rules of a run, one implementation for the simulator and the real trainer.
 
-The rules are plain functions of integers (`admission_rule`, `load_rule`, `drop_rule`, `oldest_unconsumed`) so
-that the compiled engine (`fast.py`) compiles these very functions; `Control` wraps them for Python callers.
+The rules themselves are the table of named policies in `policies.py` (pure functions of integers, compiled by the
+fast engine); `Control` builds a run's parameter array from its config and wraps the rules for Python callers (the
+SimPy engine and the real trainer's workers and learner).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from functools import cached_property
 
-BLOCKED = "blocked"  # gate, buffer capacity or the sync dispatcher: wait for the learner
+import numpy as np
+
+from sim.engine import policies as P
+from sim.engine.policies import ADMIT, FULL, GATED, MUST_DRAIN, WAIT_VERSION, oldest_unconsumed  # noqa: F401
+
+BLOCKED = "blocked"  # a bound, buffer capacity or the fixed lag: wait for the learner
 DRAIN = "drain"      # non-interruptible and newer weights exist: finish in-flight sequences, then load
 
-# admission_rule's answers. FULL, GATED and WAIT_VERSION are all BLOCKED; GATED alone is the staleness bound.
-ADMIT, FULL, GATED, WAIT_VERSION, MUST_DRAIN = range(5)
+LAGS = {"sync": 0, "one_step_off": 1}  # fixed_lag: max_staleness; async: none
 
 
-def admission_rule(batch_prompts, max_staleness, lag, gating, interruptible, capacity,
-                   version, latest, n_admitted, live, buffered, oldest):
-    """ADMIT if a worker at `version` may admit the next group (id n_admitted) now, else why not.
-    lag: -1 in async mode; capacity: -1 for none; see Control.admission_block for the counters."""
-    if capacity >= 0 and buffered >= capacity:
-        return FULL
-    if lag >= 0:
-        required = max(n_admitted // batch_prompts - lag, 0)  # batch j is generated with version j - lag
-        if version == required:
-            return ADMIT
-        return MUST_DRAIN if latest >= required else WAIT_VERSION
-    if not interruptible and latest > version:
-        return MUST_DRAIN
-    # The oldest unconsumed group's version (not the learner's) keeps the bound even when groups finish
-    # out of order: while a group of version v is outstanding at most (S+v+1)*B groups exist.
-    if gating and live >= (max_staleness + min(version, oldest) + 1) * batch_prompts:
-        return GATED
-    return ADMIT
-
-
-def load_rule(batch_prompts, lag, version, latest, n_admitted):
-    """The version an idle worker (nothing in flight) should load now, or -1."""
-    if lag >= 0:
-        required = max(n_admitted // batch_prompts - lag, 0)
-        return required if version < required <= latest else -1
-    return latest if latest > version else -1
-
-
-def drop_rule(dropping, max_staleness, learner_version, version_start):
-    """At consumption: discard a group staler than the bound (drop / both)."""
-    return dropping and learner_version - version_start > max_staleness
-
-
-def oldest_unconsumed(unconsumed, start, latest):
-    """Lowest version >= start (a version known to have none below it) and < latest with an admitted, not yet
-    consumed or dropped group; `latest` if none."""
-    v = start
-    while v < latest and unconsumed[v] == 0:
-        v += 1
-    return v
+def params(cfg) -> np.ndarray:
+    """The int64 parameter array the rules read (policies.P_*) for `cfg`."""
+    pl, B = cfg.pipeline, cfg.workload.batch_prompts
+    p = np.full(P.P_LEN, P.NO_LIMIT, np.int64)
+    p[P.P_B], p[P.P_S], p[P.P_SYNC_EVERY] = B, pl.max_staleness, 1
+    p[P.P_INTERRUPTIBLE] = pl.in_flight_updates
+    p[P.P_CAPACITY] = P.NO_LIMIT if pl.queue_capacity is None else pl.queue_capacity
+    if pl.mode != "async":
+        p[P.P_LAG] = LAGS.get(pl.mode, pl.max_staleness)
+        p[P.P_POLICY] = P.NONE
+        return p
+    name, knobs = pl.staleness_control, pl.knobs()
+    p[P.P_POLICY] = P.POLICIES[name].id
+    if name == "oldest_unconsumed" and pl.drop_stale:
+        p[P.P_DROP_S] = pl.max_staleness
+    elif name == "areal":
+        p[P.P_S] = knobs.max_head_offpolicyness
+        p[P.P_MAX_RUNNING] = P.NO_LIMIT if knobs.max_concurrent_rollouts is None else knobs.max_concurrent_rollouts
+    elif name == "verl_fully_async":
+        k = knobs.trigger_parameter_sync_step
+        p[P.P_SYNC_EVERY] = k
+        p[P.P_MAX_OUTSTANDING] = math.floor(B * knobs.require_batches * (1 + knobs.staleness_threshold) * k + 1e-9)
+    elif name == "prime_rl":
+        p[P.P_S] = knobs.max_async_level
+        p[P.P_DROP_S] = knobs.max_off_policy_steps
+        p[P.P_MAX_RUNNING] = P.NO_LIMIT if knobs.max_inflight is None else knobs.max_inflight
+    elif name == "tinker":
+        p[P.P_MAX_OUTSTANDING] = B * (knobs.sampling_steps_ahead + 1)
+    elif name == "drop":
+        p[P.P_DROP_S] = pl.max_staleness
+        p[P.P_MAX_RUNNING] = knobs.max_inflight_tasks or max(pl.max_staleness, 1) * B
+    elif name == "queue_drop":
+        p[P.P_EVICT_AT] = knobs.capacity
+    return p
 
 
 @dataclass(frozen=True)
 class Control:
-    """Staleness control and mode rules shared by workers (admission, loading) and the learner (drop)."""
-    batch_prompts: int
-    max_staleness: int
-    lag: int | None          # sync: 0, one_step_off: 1, fixed_lag: S (batch j uses version j - lag exactly); async: None
-    gating: bool
-    dropping: bool
-    interruptible: bool
-    capacity: int | None
+    """A run's rules: admission (workers), loading (idle workers), dropping at consumption (learner)."""
+    p: np.ndarray            # policies.P_* parameters
 
     @classmethod
     def from_config(cls, cfg) -> "Control":
-        pl = cfg.pipeline
-        is_async = pl.mode == "async"
-        lag = {"sync": 0, "one_step_off": 1, "fixed_lag": pl.max_staleness}.get(pl.mode)
-        return cls(cfg.workload.batch_prompts, pl.max_staleness, lag,
-                   is_async and pl.staleness_control in ("gating", "both"),
-                   is_async and pl.staleness_control in ("drop", "both"), pl.interruptible, pl.queue_capacity)
+        return cls(params(cfg))
 
-    @cached_property
-    def rule_args(self) -> tuple:
-        """The leading arguments of admission_rule for this control (None -> -1)."""
-        return (self.batch_prompts, self.max_staleness, -1 if self.lag is None else self.lag, self.gating,
-                self.interruptible, -1 if self.capacity is None else self.capacity)
+    def __hash__(self):  # frozen with an array field: hash by value
+        return hash(self.p.tobytes())
 
-    def admission_code(self, *, version: int, latest: int, n_admitted: int, live: int, buffered: int,
-                       oldest: int) -> int:
-        """admission_rule's answer (ADMIT, FULL, GATED, WAIT_VERSION or MUST_DRAIN)."""
-        return admission_rule(*self.rule_args, version, latest, n_admitted, live, buffered, oldest)
+    def __eq__(self, other):
+        return isinstance(other, Control) and np.array_equal(self.p, other.p)
 
-    def admission_block(self, *, version: int, latest: int, n_admitted: int, live: int, buffered: int,
-                        oldest: int) -> str | None:
-        """None if a worker at `version` may admit the next group now, else BLOCKED or DRAIN.
-        live = admitted - dropped groups; buffered = completed groups not yet consumed or dropped;
-        oldest = oldest_unconsumed(...)."""
-        code = self.admission_code(version=version, latest=latest, n_admitted=n_admitted, live=live,
-                                   buffered=buffered, oldest=oldest)
+    @property
+    def lag(self) -> int | None:
+        """sync: 0, one_step_off: 1, fixed_lag: S (batch j uses version j - lag exactly); async: None."""
+        return None if self.p[P.P_LAG] < 0 else int(self.p[P.P_LAG])
+
+    @property
+    def interruptible(self) -> bool:
+        return bool(self.p[P.P_INTERRUPTIBLE])
+
+    @property
+    def gating(self) -> bool:
+        """Whether the oldest unconsumed version is read (stalecast's gate)."""
+        return self.lag is None and self.p[P.P_POLICY] == P.OLDEST_UNCONSUMED
+
+    @property
+    def sync_every(self) -> int:
+        """Learner steps per published version (verl's trigger_parameter_sync_step; 1 otherwise)."""
+        return int(self.p[P.P_SYNC_EVERY])
+
+    def admission_code(self, *, version: int, latest: int, n_admitted: int, live: int, running: int = 0,
+                       buffered: int, taken: int = 0, oldest: int, since_sync: int = 0) -> int:
+        """policies.admission's answer (ADMIT, FULL, GATED, WAIT_VERSION or MUST_DRAIN)."""
+        return P.admission(self.p, version, latest, n_admitted, live, running, buffered, taken, oldest, since_sync)
+
+    def admission_block(self, **counters) -> str | None:
+        """None if a worker may admit the next group now, else BLOCKED or DRAIN (counters as admission_code)."""
+        code = self.admission_code(**counters)
         return None if code == ADMIT else DRAIN if code == MUST_DRAIN else BLOCKED
 
     def load_target(self, *, version: int, latest: int, n_admitted: int) -> int | None:
         """The version an idle worker (nothing in flight) should load now, or None."""
-        lag = -1 if self.lag is None else self.lag
-        target = load_rule(self.batch_prompts, lag, version, latest, n_admitted)
+        target = P.load_target(self.p, version, latest, n_admitted)
         return None if target < 0 else target
 
     def drop(self, learner_version: int, version_start: int) -> bool:
-        """At consumption: discard a group staler than the bound (drop / both)."""
-        return drop_rule(self.dropping, self.max_staleness, learner_version, version_start)
+        """At consumption: discard a group staler than the policy's drop bound."""
+        return bool(P.dropped(self.p, learner_version, version_start))
+
+    def evicts(self, buffered: int) -> bool:
+        """queue_drop: a completing group pushes the oldest waiting one out of a full buffer."""
+        return bool(P.evicts_oldest(self.p, buffered))

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sim.engine import control as C
 from sim.engine import kernel as K
+from sim.engine import policies as R
+from sim.engine import state as W_
 
 if TYPE_CHECKING:
     from sim.engine.pipeline import Simulation
 
 njit = K.njit(_nrt=False)
-admission_rule, load_rule, drop_rule, oldest_unconsumed = (
-    njit(f) for f in (C.admission_rule, C.load_rule, C.drop_rule, C.oldest_unconsumed))
+oldest_unconsumed = njit(R.oldest_unconsumed)
 
 # The ledger arrays the loop writes, in this order (Simulation attributes).
 LEDGER = ("g_worker", "g_prompt", "g_t_admit", "g_t_start", "g_t_consumed", "g_v_start", "g_v_consumed", "g_step",
@@ -51,14 +51,18 @@ W_PC, W_TARGET, W_LISTENING, W_WANT, W_FRESH_STEP, W_N_FRESH = range(6)
 WI_LEN = 6
 # The yield the learner waits at
 L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
-# World integers (st) and floats (ft)
-(S_EID, S_NEV, S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_OLDEST, S_BUFLEN, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST,
- S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS, S_GATED, S_ROOM) = range(19)
-ST_LEN = 19
+# World integers (st): first the counters the rules read (state.py's schema, shared with the SimPy engine), then the
+# loop's own; and floats (ft)
+(S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TAKEN, S_OLDEST, S_SINCE_SYNC, S_GATED) = (
+    W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TAKEN, W_.OLDEST,
+    W_.SINCE_SYNC, W_.GATE_REFUSALS)
+(S_EID, S_NEV, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST, S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS,
+ S_ROOM) = range(W_.N_COUNTERS, W_.N_COUNTERS + 12)
+ST_LEN = W_.N_COUNTERS + 12
 # F_QUIET: while the learner trains, the end of training: it pokes every listening worker then, and not before.
 F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET = range(4)
-# Parameters (pi)
-(P_B, P_G, P_S, P_LAG, P_GATING, P_DROPPING, P_INTERRUPTIBLE, P_CAPACITY, P_ORDER, P_STEPS, P_W, P_C) = range(12)
+# The loop's parameters (pi); the rules' are policies.P_* (pp)
+(P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY) = range(9)
 ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
 # The learner's data event: none, waited for, triggered (scheduled)
 D_NONE, D_WAIT, D_TRIGGERED = range(3)
@@ -196,8 +200,12 @@ def _until(st, ev, w, t):
 
 
 @njit
-def _group_done(pi, st, ev, q, ledger, gid):
-    """Simulation.group_done: into the buffer; the learner's data event succeeds (once)."""
+def _group_done(pi, pp, st, ev, q, ledger, unconsumed, gid):
+    """Simulation.group_done: into the buffer (queue_drop: the oldest waiting group out of a full one); the
+    learner's data event succeeds (once)."""
+    st[S_RUNNING] -= 1
+    if R.evicts_oldest(pp, st[S_BUFLEN]):
+        _retire(st, ev, ledger, unconsumed, _buf_pop(pi, st, q, st[S_STEP]), st[S_STEP], True)
     _buf_put(pi, st, q, gid, ledger[V_START][gid])
     if st[S_DATA] == D_WAIT:
         st[S_DATA] = D_TRIGGERED
@@ -205,19 +213,19 @@ def _group_done(pi, st, ev, q, ledger, gid):
 
 
 @njit
-def _commit(pi, st, ev, q, ledger, ws, xs, ys, w, until, want_free):
+def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, until, want_free):
     """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
     while True:
         flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], until, want_free, False)
         if flags & K.GROUPS_DONE:
             for i in range(ws[0][w, K.N_DONE]):
-                _group_done(pi, st, ev, q, ledger, ws[6][w, i])
+                _group_done(pi, pp, st, ev, q, ledger, unconsumed, ws[6][w, i])
         if flags == 0 or flags & K.SLOTS_FREE:
             return
 
 
 @njit
-def _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w):
+def _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w):
     """Worker._admit: admit whole groups while slots and the rules allow; returns why it stopped."""
     si = ws[0]
     g = pi[P_G]
@@ -227,14 +235,13 @@ def _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w):
         if pi[P_GATING]:  # Simulation.oldest_unconsumed
             oldest = oldest_unconsumed(unconsumed, st[S_OLDEST], st[S_LATEST])
             st[S_OLDEST] = oldest
-        code = admission_rule(pi[P_B], pi[P_S], pi[P_LAG], pi[P_GATING] != 0, pi[P_INTERRUPTIBLE] != 0,
-                              pi[P_CAPACITY], si[w, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_BUFLEN],
-                              oldest)
-        if code == C.GATED:
+        code = R.admission(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
+                           st[S_TAKEN], oldest, st[S_SINCE_SYNC])
+        if code == R.GATED:
             st[S_GATED] += 1
-        if code == C.MUST_DRAIN:
+        if code == R.MUST_DRAIN:
             return R_DRAIN
-        if code != C.ADMIT:
+        if code != R.ADMIT:
             return R_BLOCKED
         gid = st[S_NGROUPS]
         st[S_NGROUPS] += 1
@@ -249,6 +256,8 @@ def _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w):
         unconsumed[v] += 1
         st[S_OLDEST] = min(st[S_OLDEST], v)
         st[S_LIVE] += 1
+        st[S_RUNNING] += 1
+        st[S_SINCE_SYNC] += 1
     return R_SLOTS
 
 
@@ -276,30 +285,30 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
 
 
 @njit
-def _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
+def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
     """Worker.run of worker w, from the yield it waits at to its next yield."""
     si, sf = ws[0], ws[1]
     now = ev[3][F_NOW]
     pc = wi[w, W_PC]
     if pc == P_DONE:
         for i in range(si[w, K.N_DONE]):
-            _group_done(pi, st, ev, q, ledger, ws[6][w, i])
+            _group_done(pi, pp, st, ev, q, ledger, unconsumed, ws[6][w, i])
     elif pc == P_LISTEN:
         if interrupted:
-            _commit(pi, st, ev, q, ledger, ws, xs, ys, w, now, 0)
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, now, 0)
             if pi[P_INTERRUPTIBLE]:
                 _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w)
         else:
             wi[w, W_LISTENING] = 0
-            _commit(pi, st, ev, q, ledger, ws, xs, ys, w, wt[w], wi[w, W_WANT])
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, wt[w], wi[w, W_WANT])
     while True:
         if si[w, K.N_ACTIVE] == 0:
-            target = load_rule(pi[P_B], pi[P_LAG], si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
+            target = R.load_target(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
             if target >= 0:
                 K.load_now(si, sf, w, target, sync_s, now)
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
-        reason = _admit(pi, st, ev, ledger, ws, wi, fresh, unconsumed, w)
+        reason = _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w)
         want_free = pi[P_G] if reason == R_SLOTS else 0
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
         if listen and not pi[P_INTERRUPTIBLE] and ev[3][F_QUIET] > now:
@@ -346,13 +355,14 @@ def _retire(st, ev, ledger, unconsumed, gid, step, dropped):
     """Simulation._retire."""
     ledger[T_CONSUMED][gid], ledger[V_CONSUMED][gid], ledger[STEP][gid] = ev[3][F_NOW], st[S_LVER], step
     unconsumed[ledger[V_START][gid]] -= 1
+    st[S_TAKEN] += 1
     if dropped:
         ledger[DROPPED][gid] = True
         st[S_LIVE] -= 1
 
 
 @njit
-def _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s):
+def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s):
     """Simulation.learn, from the yield it waits at to its next; NEED_TRAIN_TIME when it needs the cost model."""
     now = ev[3][F_NOW]
     ev[3][F_QUIET] = now
@@ -361,13 +371,17 @@ def _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, syn
         step = st[S_STEP]
         steps_i[step, 0], steps_i[step, 1], steps_i[step, 2], steps_i[step, 3] = (
             st[S_LVER], pi[P_B] * pi[P_G], st[S_TOKENS], st[S_QLEN])
-        steps_f[step, 0], steps_f[step, 1] = ev[3][F_STEP_START], now
-        st[S_LVER] += 1
-        st[S_LATEST] = st[S_LVER]
-        _poke(st, ev, wi)
-        st[S_LPC] = L_SYNC
-        _schedule(st, ev, now + sync_s, NORMAL, EV_LEARNER << 32)
-        return 0
+        steps_f[step, 0], steps_f[step, 1], steps_f[step, 2] = ev[3][F_STEP_START], now, 0.0
+        if (step + 1) % pi[P_SYNC_EVERY] == 0:  # publish: a new version, and the weight sync
+            steps_f[step, 2] = sync_s
+            st[S_LVER] += 1
+            st[S_LATEST] = st[S_LVER]
+            st[S_SINCE_SYNC] = st[S_RUNNING] + st[S_BUFLEN]
+            _poke(st, ev, wi)
+            st[S_LPC] = L_SYNC
+            _schedule(st, ev, now + sync_s, NORMAL, EV_LEARNER << 32)
+            return 0
+        pc = L_SYNC  # no sync this step: on to the next at once
     if pc == L_SYNC:
         st[S_STEP] += 1
         pc = L_START
@@ -385,7 +399,7 @@ def _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, syn
         if gid < 0:
             st[S_DATA], st[S_LPC] = D_WAIT, L_DATA
             return 0
-        if drop_rule(pi[P_DROPPING] != 0, pi[P_S], st[S_LVER], ledger[V_START][gid]):
+        if R.dropped(pp, st[S_LVER], ledger[V_START][gid]):
             _retire(st, ev, ledger, unconsumed, gid, step, True)
             _poke(st, ev, wi)
             continue
@@ -404,7 +418,7 @@ def _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, syn
 
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
-    def loop(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
+    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
         if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
@@ -425,20 +439,20 @@ def _build_loop(digest: str):
             kind, w = what >> 32, what & 0xFFFFFFFF
             if kind == EV_WAKE:
                 if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
-                    _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
             elif kind == EV_INTERRUPT:
                 wi[w, W_TARGET] = -1
-                _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, True)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, True)
             elif kind == EV_START and w < pi[P_W]:
-                _worker(pi, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
             elif kind == EV_END:
                 return DONE
-            elif _learner(pi, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
+            elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
                 return NEED_TRAIN_TIME
     return K.njit(cache=True, _nrt=False)(loop)
 
 
-_loop = _build_loop(hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (K, C))).hexdigest())
+_loop = _build_loop(hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (K, R, W_))).hexdigest())
 
 
 # --------------------------------------------------------------------------- driving it from Python
@@ -459,9 +473,9 @@ class _Run:
         W, c = cfg.cluster.rollout_workers, cfg.cluster.max_concurrency
         order = {"fifo": ORDER_FIFO, "freshest": ORDER_FRESHEST, "batch": ORDER_BATCH}[sim.buffer.order]
         self.sim = sim
-        self.pi = np.array([sim.B, sim.group_size, ctl.max_staleness, -1 if ctl.lag is None else ctl.lag,
-                            ctl.gating, ctl.dropping, ctl.interruptible, -1 if ctl.capacity is None else ctl.capacity,
-                            order, cfg.run.steps, W, c], np.int64)
+        self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
+                            ctl.sync_every], np.int64)
+        self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)
         self.st[S_LPC] = L_START
         self.wi = np.zeros((W, WI_LEN), np.int64)
@@ -471,7 +485,7 @@ class _Run:
         self.unconsumed = np.zeros(cfg.run.steps + 2, np.int64)  # versions never pass the step count
         self.batch = np.zeros(sim.B, np.int64)
         self.steps_i = np.zeros((cfg.run.steps, 4), np.int64)  # version, samples, tokens, queue length
-        self.steps_f = np.zeros((cfg.run.steps, 2))              # t_start, t_end
+        self.steps_f = np.zeros((cfg.run.steps, 3))              # t_start, t_end, weight sync
         n_events = 4 * (W + 2)
         self.ev = (np.zeros(n_events), np.zeros(n_events, np.int64), np.zeros(n_events, np.int64), np.zeros(4))
         self.q = (np.zeros(0, np.int64),) * 4  # fifo, freshest heap, batch stack heads, batch stack links
@@ -495,7 +509,7 @@ class _Run:
     def run(self) -> None:
         sim, st, ft = self.sim, self.st, self.ev[3]
         while True:
-            code = _loop(self.pi, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
+            code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
                          self.wi, self.wt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
                          sim.decode_x, sim.decode_y, sim.sync_s)
             if code == NEED_TRAIN_TIME:
@@ -517,14 +531,12 @@ class _Run:
         """Leave the Simulation as the SimPy engine would: counters, steps, clock, buffer."""
         sim, st = self.sim, self.st
         n_steps = sim.cfg.run.steps if st[S_LPC] == L_DONE else int(st[S_STEP])
-        sim.steps = [(k, t_start, t_end, version, n_samples, tokens, queue_len, sim.sync_s)
-                     for k, ((version, n_samples, tokens, queue_len), (t_start, t_end))
+        sim.steps = [(k, t_start, t_end, version, n_samples, tokens, queue_len, sync)
+                     for k, ((version, n_samples, tokens, queue_len), (t_start, t_end, sync))
                      in enumerate(zip(self.steps_i[:n_steps].tolist(), self.steps_f[:n_steps].tolist()))]
         sim.now = float(self.ev[3][F_NOW])
-        sim.latest_version, sim.learner_version = int(st[S_LATEST]), int(st[S_LVER])
-        sim.n_groups, sim.live, sim._oldest = int(st[S_NGROUPS]), int(st[S_LIVE]), int(st[S_OLDEST])
+        sim.world.array[:] = st[:W_.N_COUNTERS]
         sim.unconsumed = self.unconsumed.tolist()
-        sim.gate_refusals = int(st[S_GATED])
         fifo, freshest, head, nxt = self.q
         waiting = fifo[st[S_FIFO_HEAD]:st[S_FIFO_TAIL]].tolist()
         waiting += [key & ((1 << _VBITS) - 1) for key in freshest[:st[S_NFRESHEST]].tolist()]

@@ -19,6 +19,7 @@ from sim.engine import fast
 from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
 from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control, oldest_unconsumed
+from sim.engine.state import World
 from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
 from sim.hardware.measured import IdleCurve, load_profile
@@ -112,16 +113,12 @@ class Simulation:
         self.sync_s = float(self.cost.sync_s())
         self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.control = Control.from_config(cfg)
-        self.lag, self.interruptible, self.capacity = self.control.lag, pl.interruptible, pl.queue_capacity
+        self.lag, self.interruptible = self.control.lag, self.control.interruptible
         self.stream = stream if stream is not None else GroupStream(cfg, np.random.SeedSequence(cfg.seed))
 
-        self.latest_version = 0      # newest weights published by the learner
-        self.learner_version = 0
-        self.n_groups = 0            # groups admitted so far (ids 0..n_groups-1)
-        self.live = 0                # admitted, not dropped: "accepted + running" of the gate
+        self.world = World()           # the counters the rules read (state.py): versions, groups admitted, ...
+        self.learner_step = 0          # the step the learner collects or trains
         self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
-        self._oldest = 0               # lowest version with unconsumed groups (or the latest version)
-        self.gate_refusals = 0         # admissions the staleness gate refused (a study's "did the bound act")
         self.now = 0.0                 # simulated time; at the end of a run, when its last step ended
         cl = cfg.cluster
         # Room for the groups a run usually admits (consumed, in flight, a few batches waiting), in whole stream
@@ -173,11 +170,21 @@ class Simulation:
 
     def next_group(self) -> int:
         """A new group's id; its ledger entries are prepared."""
-        gid = self.n_groups
+        gid = self.world.n_admitted
         if gid >= self.ready:
             self.prepare_ledger()
-        self.n_groups += 1
+        self.world.n_admitted += 1
         return gid
+
+    @property
+    def n_groups(self) -> int:
+        """Groups admitted so far (ids 0..n_groups-1)."""
+        return self.world.n_admitted
+
+    @property
+    def gate_refusals(self) -> int:
+        """Admissions a staleness bound refused (a study's "did the bound act")."""
+        return self.world.gate_refusals
 
     def group_admitted(self, gid: int, worker: Worker, t_start: float) -> None:
         v = worker.version
@@ -186,8 +193,11 @@ class Simulation:
         if v >= len(self.unconsumed):
             self.unconsumed.extend([0] * len(self.unconsumed))
         self.unconsumed[v] += 1
-        self._oldest = min(self._oldest, v)
-        self.live += 1
+        world = self.world
+        world.oldest = min(world.oldest, v)
+        world.live += 1
+        world.running += 1
+        world.since_sync += 1
 
     def restamp(self, gid: int, version: int) -> None:
         """A group whose first token comes after an immediate weight load starts at the new version."""
@@ -223,37 +233,55 @@ class Simulation:
         self.activity_event = None
 
     def group_done(self, gid: int, t: float) -> None:
+        world = self.world
+        world.running -= 1
+        if self.control.evicts(world.buffered):  # queue_drop: the oldest waiting group makes room
+            self._retire(self._take(self.learner_step), self.learner_step, dropped=True)
         self.buffer.put(gid, int(self.g_v_start[gid]))
+        world.buffered += 1
         if self.data_event is not None and not self.data_event.triggered:
             self.data_event.succeed()
 
+    def _take(self, step: int) -> int | None:
+        """The next group out of the buffer for learner step `step` (None if none waits)."""
+        gid = self.buffer.pop(step)
+        self.world.buffered -= gid is not None
+        return gid
+
     def _retire(self, gid: int, step: int, dropped: bool) -> None:
-        self.g_t_consumed[gid], self.g_v_consumed[gid], self.g_step[gid] = self.env.now, self.learner_version, step
+        """A group taken out of the buffer is consumed by the learner's step `step`, or dropped."""
+        world = self.world
+        self.g_t_consumed[gid], self.g_v_consumed[gid], self.g_step[gid] = self.env.now, world.learner_version, step
         self.unconsumed[self.g_v_start[gid]] -= 1
+        world.taken += 1
         if dropped:
             self.g_dropped[gid] = True
-            self.live -= 1
+            world.live -= 1
 
     # ------------------------------------------------------------------ admission rules
     def oldest_unconsumed(self) -> int:
-        self._oldest = oldest_unconsumed(self.unconsumed, self._oldest, self.latest_version)
-        return self._oldest
+        world = self.world
+        world.oldest = oldest_unconsumed(self.unconsumed, world.oldest, world.latest)
+        return world.oldest
 
     def admission_block(self, worker: Worker) -> str | None:
         """None if `worker` may start the next group now, else why not (control.BLOCKED or control.DRAIN)."""
-        control = self.control
-        code = control.admission_code(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups,
-                                      live=self.live, buffered=len(self.buffer),
-                                      oldest=self.oldest_unconsumed() if control.gating else 0)
+        control, world = self.control, self.world
+        code = control.admission_code(version=worker.version, latest=world.latest, n_admitted=world.n_admitted,
+                                      live=world.live, running=world.running, buffered=world.buffered,
+                                      taken=world.taken,
+                                      oldest=self.oldest_unconsumed() if control.gating else 0,
+                                      since_sync=world.since_sync)
         if code == ADMIT:
             return None
         if code == GATED:
-            self.gate_refusals += 1
+            world.gate_refusals += 1
         return DRAIN if code == MUST_DRAIN else BLOCKED
 
     def load_target(self, worker: Worker) -> int | None:
         """The version an idle worker should load now, or None."""
-        return self.control.load_target(version=worker.version, latest=self.latest_version, n_admitted=self.n_groups)
+        return self.control.load_target(version=worker.version, latest=self.world.latest,
+                                        n_admitted=self.world.n_admitted)
 
     # ------------------------------------------------------------------ the learner
     def _poke_workers(self) -> None:
@@ -261,18 +289,22 @@ class Simulation:
             w.poke()
 
     def learn(self):
-        env, B = self.env, self.B
+        """The learner: a batch of B groups per step; every `sync_every` steps (verl's trigger_parameter_sync_step,
+        else 1) it publishes a new version and pays the weight sync."""
+        env, B, world = self.env, self.B, self.world
+        sync_every = self.control.sync_every
         for step in range(self.cfg.run.steps):
+            self.learner_step = step
             batch: list[int] = []
             queue_len = len(self.buffer)
             while len(batch) < B:
-                gid = self.buffer.pop(step)
+                gid = self._take(step)
                 if gid is None:
                     self.data_event = env.event()
                     yield self.data_event
                     self.data_event = None
                     continue
-                if self.control.drop(self.learner_version, int(self.g_v_start[gid])):
+                if self.control.drop(world.learner_version, int(self.g_v_start[gid])):
                     self._retire(gid, step, dropped=True)
                     self._poke_workers()  # buffer space and gate budget just opened
                     continue
@@ -285,12 +317,15 @@ class Simulation:
             train_s = self.cost.train_s(self.train_tokens(batch))
             yield env.process(self._train(train_s)) if self.cost.train_slowdown != 1.0 else env.timeout(train_s)
             t_end = env.now
-            self.steps.append((step, t_start, t_end, self.learner_version, B * self.group_size, tokens,
-                               queue_len, self.sync_s))
-            self.learner_version += 1
-            self.latest_version = self.learner_version
-            self._poke_workers()
-            yield env.timeout(self.sync_s)
+            publish = (step + 1) % sync_every == 0
+            self.steps.append((step, t_start, t_end, world.learner_version, B * self.group_size, tokens,
+                               queue_len, self.sync_s if publish else 0.0))
+            if publish:
+                world.learner_version += 1
+                world.latest = world.learner_version
+                world.since_sync = world.running + world.buffered  # verl: the groups outstanding at the sync
+                self._poke_workers()
+                yield env.timeout(self.sync_s)
             if self.on_step is not None:
                 self.on_step(step)
 

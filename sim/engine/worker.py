@@ -119,7 +119,7 @@ class Worker:
 
     def _on_new_weights(self) -> None:
         """Interruptible: pause at the next step boundary and continue in-flight sequences with new weights."""
-        latest = self.sim.latest_version
+        latest = self.sim.world.latest
         if latest <= self.version:
             return
         if self.n_active == 0 or self.sf[K.T] >= self.env.now:
