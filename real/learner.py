@@ -183,6 +183,7 @@ class Learner:
                 self.ledger.count(rec.version_start, -1)
                 self.ledger.buffered.value -= 1
                 self.ledger.n_dropped.value += dropped
+                self.ledger.trained.value += dropped  # a dropped group will never be trained
         self.ledger.wake_workers()  # the gate and the buffer have room again
         for rec in recs:
             rec.t_consumed, rec.version_consumed, rec.step, rec.dropped = t, self.version, step, dropped
@@ -303,6 +304,8 @@ class Learner:
         t_end = self.now()
         stats["clip_frac"] = clipped / max(tokens_seen, 1.0)  # over every update's tokens: 0 with one update
 
+        with self.ledger.locked(self.health):
+            self.ledger.trained.value += len(batch)
         sync_s = 0.0
         if (step + 1) % self.control.sync_every == 0:  # a new version every sync_every steps (verl); else every step
             self.version += 1

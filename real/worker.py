@@ -73,6 +73,8 @@ class Ledger:
         self.buffered = ctx.Value("q", 0, lock=False)       # completed, not consumed or dropped (queue + buffer)
         self.running = ctx.Value("q", 0, lock=False)        # admitted, not yet generated
         self.since_sync = ctx.Value("q", 0, lock=False)     # admitted since the last weight publication (verl)
+        # trained on by a finished step, or dropped (tinker); a resumed run's retired groups count
+        self.trained = ctx.Value("q", n_admitted - len(redo), lock=False)
         self.unconsumed = ctx.Array("q", max_staleness + 2, lock=False)  # per version_start % window: not retired
         self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
         self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
@@ -96,6 +98,11 @@ class Ledger:
         """Lowest version <= latest with an admitted, not yet retired group; `latest` if none (gating only)."""
         window = len(self.unconsumed)
         return oldest_unconsumed(_Ring(self.unconsumed), max(latest - window + 1, 0), latest)
+
+    def not_outstanding(self) -> int:
+        """Groups trained on or dropped, and ids waiting to be redone (not admitted again yet): what n_admitted less
+        this leaves is what a resumed run has started and not trained."""
+        return self.trained.value + (self.n_redo - self.redo_next.value)
 
     def live(self) -> int:
         """Groups admitted and not dropped (the gate's "accepted + running"); ids waiting to be redone are not."""
@@ -231,7 +238,8 @@ class RolloutWorker:
                 latest = self.channel.latest_version()
                 block = self.control.admission_block(
                     version=self.version, latest=latest, n_admitted=L.n_admitted.value, live=L.live(),
-                    running=L.running.value, buffered=L.buffered.value, oldest=L.oldest(latest),
+                    running=L.running.value, buffered=L.buffered.value, trained=L.not_outstanding(),
+                    oldest=L.oldest(latest),
                     since_sync=L.since_sync.value)
                 if block is not None:
                     break

@@ -797,10 +797,10 @@ def config_help() -> str:
 
     def walk(model: type[BaseModel], indent: str) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
             lines.append(f"{indent}{name}: {field.description or ''}")
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, indent + "  ")
+            section = _section_model(field.annotation)  # a section, or an optional one (a policy's knobs)
+            if section is not None and section not in _DIST_KINDS.values():
+                walk(section, indent + "  ")
 
     walk(RunConfig, "")
     lines.append("length distributions (workload.prompt_len / response_len), by kind:")

@@ -138,7 +138,7 @@ def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
         starts = ws[new]
         ends = we[np.r_[np.flatnonzero(new)[1:] - 1, len(ws) - 1]]
         busy += float(np.sum(ends - starts))
-    return busy / (n_workers * wall)
+    return min(1.0, busy / (n_workers * wall))  # workers busy throughout: 1, not 1 + rounding
 
 
 def rollout_idle(trace: Trace) -> float:

@@ -27,8 +27,9 @@ from rich.console import Console
 from rich.markdown import Markdown
 
 from sim.cli import positive_int
-from sim.config import ConfigError, RunConfig, load_config
+from sim.config import POLICY_KNOBS, ConfigError, RunConfig, load_config
 from sim.outputs import check_out, claim
+from sim.engine.policies import POLICIES
 from sim.hardware.specs import MODELS
 from studies import plots
 from studies.sweep import (Backend, Sweep, SweepResult, aggregate, describe_failures, run_sweep, status_line,
@@ -319,7 +320,89 @@ class SyncVsAsyncStudy(Study):
                 f"Largest: {best['speedup/vs_sync']:.2f}x for {best['hardware.model']} on {best['gpus']:.0f} GPUs."]
 
 
-STUDIES: dict[str, type[Study]] = {cls.name: cls for cls in (RatioStudy, BoundStudy, TailStudy, SyncVsAsyncStudy)}
+# The knob that carries a policy's staleness bound (oldest_unconsumed and drop use pipeline.max_staleness itself).
+BOUND_KNOBS = {"areal": "max_head_offpolicyness", "prime_rl": "max_async_level", "tinker": "sampling_steps_ahead",
+               "verl_fully_async": "staleness_threshold"}
+
+
+def bound_overrides(name: str, knobs, bound: int, batch: int) -> dict:
+    """Overrides that set staleness bound `bound` in policy `name`'s own knob, its other knobs as in `knobs` (its
+    knob section, or None for its defaults): the bound itself where the policy has one (oldest_unconsumed, drop:
+    max_staleness; areal: max_head_offpolicyness; prime_rl: max_async_level; tinker: sampling_steps_ahead); verl:
+    staleness_threshold = bound (up to `bound` extra syncs' worth of groups admitted per sync); queue_drop: a buffer
+    of (bound + 1) batches; none: no knob."""
+    out: dict = {"pipeline.max_staleness": bound}
+    if name in BOUND_KNOBS:
+        values = knobs.model_dump() if knobs is not None else {}
+        out[f"pipeline.{name}"] = {**values, BOUND_KNOBS[name]: float(bound) if name == "verl_fully_async" else bound}
+    elif name == "queue_drop":
+        out["pipeline.queue_drop"] = {"capacity": (bound + 1) * batch}
+    return out
+
+
+def matched_policy(name: str, bound: int, batch: int) -> dict:
+    """Overrides that run policy `name`, at its defaults, at staleness bound `bound` (`bound_overrides`); workers
+    take weights in flight as the system does (pipeline.interruptible left to the policy)."""
+    return {"pipeline.staleness_control": name, "pipeline.interruptible": None, "pipeline.drop_stale": False,
+            **{f"pipeline.{other}": None for other in POLICY_KNOBS}, **bound_overrides(name, None, bound, batch)}
+
+
+@dataclass
+class PoliciesStudy(Study):
+    """The same workload and hardware under every staleness-control policy at matched bounds: what each system's
+    rule costs in throughput, staleness, idle time and dropped work."""
+    name: ClassVar[str] = "policies"
+    bounds: list[int] = field(default_factory=lambda: [1, 4], metadata={
+        "help": "staleness bounds S to match the policies at (each in its own knob)", "min": 0})
+    policies: list[str] = field(default_factory=lambda: list(POLICIES), metadata={
+        "help": f"policies to compare ({', '.join(POLICIES)})", "choices": tuple(POLICIES)})
+
+    def grid(self, cfg):
+        if cfg.pipeline.mode != "async":
+            raise ConfigError("the policies study compares staleness control, which only async mode uses "
+                              f"(pipeline.mode is {cfg.pipeline.mode})")
+        if cfg.pipeline.queue_capacity is not None:  # queue_drop's buffer replaces a blocking one
+            cfg = cfg.with_overrides({"pipeline.queue_capacity": None})
+        B = cfg.workload.batch_prompts
+        points = [matched_policy(p, s, B) for p in self.policies for s in self.bounds]
+        labels = [{"policy": p, "bound": s} for p in self.policies for s in self.bounds]
+        return cfg, points, labels
+
+    def figures(self, table, cfg, out):
+        import seaborn as sns
+
+        data = table[table["status"] == "ok"].assign(bound=lambda d: [f"S={b}" for b in d["bound"]])
+        fig, axes = plots.panels(6, f"{cfg.name}: staleness-control policies at matched bounds", width=5.2)
+        for ax, metric in zip(axes, ("throughput/samples_per_s", "staleness/mean", "staleness/p99", "staleness/max",
+                                     "idle/trainer", "dropped/groups")):
+            sns.barplot(data=data, x="policy", y=metric, hue="bound", errorbar=plots.band, ax=ax,
+                        palette=plots.PALETTE, order=self.policies)
+            ax.set(xlabel="", ylabel=plots.LABELS.get(metric, metric))
+            ax.tick_params(axis="x", rotation=45)
+        plots.one_legend(axes)
+        return plots.save(fig, out, "policies")
+
+    def summary(self, table, cfg):
+        means = _means(table, ["policy", "bound"])
+        means = means.set_index("policy").loc[[p for p in self.policies if p in set(means["policy"])]].reset_index()
+        rows = pd.DataFrame({
+            "policy": means["policy"], "bound": means["bound"],
+            "samples/s": means["throughput/samples_per_s"], "mean staleness": means["staleness/mean"],
+            "p99 staleness": means["staleness/p99"], "max staleness": means["staleness/max"],
+            "learner idle": means["idle/trainer"], "rollout idle": means["idle/rollout"],
+            "dropped groups": means["dropped/groups"], "speedup vs sync": means["speedup/vs_sync"]})
+        lines = [*_md_table(rows), ""]
+        for bound, part in means.groupby("bound"):
+            top = part.loc[part["throughput/samples_per_s"].idxmax()]
+            lines.append(f"At S={bound}: fastest {top['policy']} ({top['throughput/samples_per_s']:.1f} samples/s, "
+                         f"mean staleness {top['staleness/mean']:.2f}, max {top['staleness/max']:.0f}).")
+        lines.append("Matched bounds: each policy's own knob set to S (`studies.named.matched_policy`); their "
+                     "guarantees differ (docs/policies-sources.md): a max staleness above S is the rule's doing.")
+        return lines
+
+
+STUDIES: dict[str, type[Study]] = {cls.name: cls for cls in (RatioStudy, BoundStudy, TailStudy, SyncVsAsyncStudy,
+                                                              PoliciesStudy)}
 
 
 # --------------------------------------------------------------------------- running a study

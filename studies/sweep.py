@@ -36,13 +36,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sim.config import ConfigError, RunConfig
+from sim.config import POLICY_KNOBS, ConfigError, RunConfig
 from studies import runner
 
 RECORD_FORMAT = "stalecast.study-run/1"  # part of every key: a new record format never reads old files
 # A sync run never consults these, so they are pinned to one value to share its baseline across them.
 SYNC_PINNED = {"pipeline.mode": "sync", "pipeline.interruptible": False, "pipeline.max_staleness": 0,
-               "pipeline.staleness_control": "none", "pipeline.queue_order": "fifo"}
+               "pipeline.staleness_control": "none", "pipeline.drop_stale": False, "pipeline.queue_order": "fifo",
+               **{f"pipeline.{name}": None for name in POLICY_KNOBS}}
 
 
 def grid(axes: dict[str, list]) -> list[dict]:

@@ -244,8 +244,10 @@ def check_policy_guarantee(cfg, trace, sim) -> None:
         # a worker admits only at the newest version, while accepted + running < (S + v + 1) B: id // B - v <= S
         ids = groups.index.to_numpy()
         assert (ids // B - groups.v_start.to_numpy() <= knobs.max_head_offpolicyness).all()
-    elif policy == "tinker":  # started and not yet trained
-        assert _at_most_at_admissions(groups, groups.t_consumed, B * (knobs.sampling_steps_ahead + 1))
+    elif policy == "tinker":  # started and not yet trained (until the end of the step that trained it)
+        step_end = trace.steps.set_index("step").t_end
+        trained_at = groups.t_consumed.where(groups.dropped, s.groupby("group_id").learner_step.first().map(step_end))
+        assert _at_most_at_admissions(groups, trained_at, B * (knobs.sampling_steps_ahead + 1))
     elif policy == "verl_fully_async":  # admitted between two weight syncs: at most M
         limit = int(B * knobs.require_batches * (1 + knobs.staleness_threshold) * knobs.trigger_parameter_sync_step
                     + 1e-9)

@@ -216,7 +216,7 @@ def async_run(tmp_path_factory):
     from real.trainer import Trainer
 
     """The example in async mode with gating, shortened: bounds and accounting do not need the full run."""
-    cfg = load_config(TINY, {"pipeline.mode": "async", "pipeline.staleness_control": "gating", "run.steps": 30,
+    cfg = load_config(TINY, {"pipeline.mode": "async", "pipeline.staleness_control": "oldest_unconsumed", "run.steps": 30,
                              "real.warm_start_steps": 5})
     return Trainer(cfg, tmp_path_factory.mktemp("async") / "run", timeout_s=600).run()
 

@@ -2,6 +2,7 @@
 line, and the planner checked against exhaustive simulation. Small analytic configs keep it quick."""
 
 import copy
+import json
 import math
 
 import pandas as pd
@@ -47,7 +48,7 @@ def same(a, b) -> bool:
 @pytest.mark.parametrize("overrides", [
     {}, {"pipeline.interruptible": True}, {"pipeline.mode": "sync"},
     {"pipeline.staleness_control": "drop", "pipeline.max_staleness": 0, "cluster.rollout_workers": 4},
-], ids=["gating", "interruptible", "sync", "drop"])
+], ids=["oldest_unconsumed", "interruptible", "sync", "drop"])
 def test_run_metrics_equal_compute_metrics(overrides):
     cfg = small(**overrides, **{"run.steps": 12})
     expected = compute_metrics(Simulation(cfg).run())
@@ -180,6 +181,7 @@ STUDY_RUNS = [
     ("bound", ["--bounds", "0,2,8"], "bound", 3),
     ("tail", ["--tail-ratios", "2,8"], "tail", 2 * 2),
     ("sync-vs-async", ["--models", "qwen2.5-0.5b,qwen2.5-1.5b", "--scales", "0.5,1"], "sync_vs_async", 2 * 2),
+    ("policies", ["--bounds", "1,2"], "policies", 8 * 2),
 ]
 
 
@@ -239,3 +241,20 @@ def test_plan_recommends_the_best_feasible_split(tmp_path, small_yaml, capsys, b
         assert len(plan) < 3 * (budget - 1)  # the search skipped splits
     expected = brute_force_best(tmp_path / "brute", budget, [1, 2, 4], 10, 1.5)
     assert (int(top["rollout_workers"]), int(top["bound"])) == expected
+
+
+def test_policies_study_runs_every_policy_at_its_matched_knob(tmp_path, small_yaml):
+    """Each policy's own knob carries the bound, every run has its sync baseline (the baseline forgets the policy),
+    and the policies whose bound is on admissions only show their guarantee or its absence: oldest_unconsumed and
+    drop never consume a group staler than S."""
+    from sim.engine.policies import POLICIES
+
+    out = tmp_path / "out"
+    assert main(["study", "policies", str(small_yaml), "--out", str(out), "--steps", "10", "--reps", "1",
+                 "--bounds", "1", "--jobs", "1"]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert sorted(table["policy"]) == sorted(POLICIES) and (table["status"] == "ok").all()
+    assert table["speedup/vs_sync"].notna().all() and (table["idle/rollout"] >= 0).all()
+    by = table.set_index("policy")
+    assert by.loc["oldest_unconsumed", "staleness/max"] <= 1 and by.loc["drop", "staleness/max"] <= 1
+    assert json.loads(by.loc["areal", "pipeline.areal"]) == {"max_head_offpolicyness": 1}

@@ -92,9 +92,9 @@ class Control:
         return int(self.p[P.P_SYNC_EVERY])
 
     def admission_code(self, *, version: int, latest: int, n_admitted: int, live: int, running: int = 0,
-                       buffered: int, taken: int = 0, oldest: int, since_sync: int = 0) -> int:
+                       buffered: int, trained: int = 0, oldest: int, since_sync: int = 0) -> int:
         """policies.admission's answer (ADMIT, FULL, GATED, WAIT_VERSION or MUST_DRAIN)."""
-        return P.admission(self.p, version, latest, n_admitted, live, running, buffered, taken, oldest, since_sync)
+        return P.admission(self.p, version, latest, n_admitted, live, running, buffered, trained, oldest, since_sync)
 
     def admission_block(self, **counters) -> str | None:
         """None if a worker may admit the next group now, else BLOCKED or DRAIN (counters as admission_code)."""

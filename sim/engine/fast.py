@@ -53,8 +53,8 @@ WI_LEN = 6
 L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
 # World integers (st): first the counters the rules read (state.py's schema, shared with the SimPy engine), then the
 # loop's own; and floats (ft)
-(S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TAKEN, S_OLDEST, S_SINCE_SYNC, S_GATED) = (
-    W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TAKEN, W_.OLDEST,
+(S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TRAINED, S_OLDEST, S_SINCE_SYNC, S_GATED) = (
+    W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TRAINED, W_.OLDEST,
     W_.SINCE_SYNC, W_.GATE_REFUSALS)
 (S_EID, S_NEV, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST, S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS,
  S_ROOM) = range(W_.N_COUNTERS, W_.N_COUNTERS + 12)
@@ -236,7 +236,7 @@ def _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w):
             oldest = oldest_unconsumed(unconsumed, st[S_OLDEST], st[S_LATEST])
             st[S_OLDEST] = oldest
         code = R.admission(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
-                           st[S_TAKEN], oldest, st[S_SINCE_SYNC])
+                           st[S_TRAINED], oldest, st[S_SINCE_SYNC])
         if code == R.GATED:
             st[S_GATED] += 1
         if code == R.MUST_DRAIN:
@@ -296,6 +296,7 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sy
     elif pc == P_LISTEN:
         if interrupted:
             _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, now, 0)
+            K.catch_up(ws[0], ws[1], ws[2], ws[3], w, xs, ys, now)
             if pi[P_INTERRUPTIBLE]:
                 _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w)
         else:
@@ -355,10 +356,10 @@ def _retire(st, ev, ledger, unconsumed, gid, step, dropped):
     """Simulation._retire."""
     ledger[T_CONSUMED][gid], ledger[V_CONSUMED][gid], ledger[STEP][gid] = ev[3][F_NOW], st[S_LVER], step
     unconsumed[ledger[V_START][gid]] -= 1
-    st[S_TAKEN] += 1
     if dropped:
         ledger[DROPPED][gid] = True
         st[S_LIVE] -= 1
+        st[S_TRAINED] += 1  # never to be trained
 
 
 @njit
@@ -372,6 +373,7 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
         steps_i[step, 0], steps_i[step, 1], steps_i[step, 2], steps_i[step, 3] = (
             st[S_LVER], pi[P_B] * pi[P_G], st[S_TOKENS], st[S_QLEN])
         steps_f[step, 0], steps_f[step, 1], steps_f[step, 2] = ev[3][F_STEP_START], now, 0.0
+        st[S_TRAINED] += pi[P_B]
         if (step + 1) % pi[P_SYNC_EVERY] == 0:  # publish: a new version, and the weight sync
             steps_f[step, 2] = sync_s
             st[S_LVER] += 1

@@ -187,6 +187,35 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
 
 
 @njit(cache=True, _nrt=False)
+def catch_up(si, sf, cal, slot, w, xs, ys, now):
+    """Commit worker w's batch, committed at its last event, up to `now` in whole decode steps: to the first step
+    boundary at or after now, so that a group admitted (or weights loaded) now joins at the next step while the
+    sequences in flight keep the steps they decoded meanwhile. It stops short of the next completion (an event of
+    its own) and of a pending pause; a group admitted there waits for the remaining part of a step."""
+    n = si[w, N_ACTIVE]
+    if n == 0 or sf[w, T] >= now:
+        return
+    k, ksum, t = si[w, K_STEP], si[w, KSUM], sf[w, T]
+    limit = _next_end(si, cal, slot, w, k) - 1
+    if si[w, PAUSE_STEP] >= 0:
+        limit = min(limit, si[w, PAUSE_STEP])
+    if limit <= k:
+        return
+    if t + span_time(xs, ys, n, n, ksum, k, limit) < now:
+        lo = limit  # every step before the limit ends before now
+    else:  # the smallest k' in (k, limit] whose boundary is at or after now
+        lo, hi = k + 1, limit
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if t + span_time(xs, ys, n, n, ksum, k, mid) >= now:
+                hi = mid
+            else:
+                lo = mid + 1
+    sf[w, T] = t + span_time(xs, ys, n, n, ksum, k, lo)
+    si[w, K_STEP] = lo
+
+
+@njit(cache=True, _nrt=False)
 def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_len, now, prefill_s):
     """Add group gid to worker w's batch: group_size samples sharing a prompt, sample ids gid*group_size + j,
     response lengths lens[sample id]. Returns its start time."""

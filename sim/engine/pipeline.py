@@ -253,8 +253,8 @@ class Simulation:
         world = self.world
         self.g_t_consumed[gid], self.g_v_consumed[gid], self.g_step[gid] = self.env.now, world.learner_version, step
         self.unconsumed[self.g_v_start[gid]] -= 1
-        world.taken += 1
         if dropped:
+            world.trained += 1  # never to be trained
             self.g_dropped[gid] = True
             world.live -= 1
 
@@ -269,7 +269,7 @@ class Simulation:
         control, world = self.control, self.world
         code = control.admission_code(version=worker.version, latest=world.latest, n_admitted=world.n_admitted,
                                       live=world.live, running=world.running, buffered=world.buffered,
-                                      taken=world.taken,
+                                      trained=world.trained,
                                       oldest=self.oldest_unconsumed() if control.gating else 0,
                                       since_sync=world.since_sync)
         if code == ADMIT:
@@ -317,6 +317,7 @@ class Simulation:
             train_s = self.cost.train_s(self.train_tokens(batch))
             yield env.process(self._train(train_s)) if self.cost.train_slowdown != 1.0 else env.timeout(train_s)
             t_end = env.now
+            world.trained += B
             publish = (step + 1) % sync_every == 0
             self.steps.append((step, t_start, t_end, world.learner_version, B * self.group_size, tokens,
                                queue_len, self.sync_s if publish else 0.0))

@@ -15,7 +15,7 @@ Counters (B = batch_prompts, groups per learner step; v = a version):
   version     the admitting worker's weights        latest      the newest published version
   n_admitted  group ids handed out so far            live        admitted and not dropped ("accepted + running")
   running     admitted, not yet generated            buffered    generated, waiting in the buffer
-  taken       taken by the learner for a batch, or dropped
+  trained     trained on by a finished learner step, or dropped
   oldest      the oldest version with a group admitted and not taken (under the gate's bound)
   since_sync  groups admitted since the last weight sync (verl), as verl resets it: the groups outstanding then
 """
@@ -84,10 +84,10 @@ def _admit_prime_rl(p, live, latest, running):
 
 
 @rule
-def _admit_tinker(p, n_admitted, taken):
+def _admit_tinker(p, n_admitted, trained):
     """Tinker cookbook's async RL (sampling_steps_ahead K): at most groups_per_step x (K + 1) groups started and
-    not yet taken for training (generating, waiting, or in a batch still being collected)."""
-    return GATED if n_admitted - taken >= p[P_MAX_OUTSTANDING] else ADMIT
+    not yet trained (generating, waiting, or in the batch being trained): K = 0 is synchronous."""
+    return GATED if n_admitted - trained >= p[P_MAX_OUTSTANDING] else ADMIT
 
 
 @rule
@@ -99,7 +99,7 @@ def _admit_drop(p, running):
 
 
 @rule
-def admission(p, version, latest, n_admitted, live, running, buffered, taken, oldest, since_sync):
+def admission(p, version, latest, n_admitted, live, running, buffered, trained, oldest, since_sync):
     """ADMIT if a worker at `version` may admit the next group (id n_admitted) now, else why not."""
     if p[P_CAPACITY] >= 0 and buffered >= p[P_CAPACITY]:
         return FULL
@@ -121,7 +121,7 @@ def admission(p, version, latest, n_admitted, live, running, buffered, taken, ol
     if policy == PRIME_RL:
         return _admit_prime_rl(p, live, latest, running)
     if policy == TINKER:
-        return _admit_tinker(p, n_admitted, taken)
+        return _admit_tinker(p, n_admitted, trained)
     if policy == DROP:
         return _admit_drop(p, running)
     return ADMIT  # QUEUE_DROP and NONE admit whenever a worker has room

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 # The counters, in array order.
-COUNTERS = ("latest", "learner_version", "n_admitted", "live", "running", "buffered", "taken", "oldest", "since_sync",
-            "gate_refusals")
-(LATEST, LEARNER_VERSION, N_ADMITTED, LIVE, RUNNING, BUFFERED, TAKEN, OLDEST, SINCE_SYNC, GATE_REFUSALS) = range(
+COUNTERS = ("latest", "learner_version", "n_admitted", "live", "running", "buffered", "trained", "oldest",
+            "since_sync", "gate_refusals")
+(LATEST, LEARNER_VERSION, N_ADMITTED, LIVE, RUNNING, BUFFERED, TRAINED, OLDEST, SINCE_SYNC, GATE_REFUSALS) = range(
     len(COUNTERS))
 N_COUNTERS = len(COUNTERS)
 
@@ -24,7 +24,7 @@ _MEANING = {
     "live": "groups admitted and not dropped (AReaL's accepted + running)",
     "running": "groups admitted and not yet generated",
     "buffered": "groups generated and waiting in the buffer",
-    "taken": "groups the learner took (for a completed batch) or dropped",
+    "trained": "groups a finished learner step trained on, and groups dropped (never to be trained)",
     "oldest": "the oldest version with a group admitted and not yet taken (kept up to date under the gate)",
     "since_sync": "groups admitted since the last weight sync (verl's staleness_samples)",
     "gate_refusals": "admissions a staleness bound refused (did the bound act?)",

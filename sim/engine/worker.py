@@ -167,6 +167,7 @@ class Worker:
                 yield self._until(t_event) if math.isfinite(t_event) else env.event()
             except simpy.Interrupt:
                 self._commit(env.now, 0)
+                K.catch_up(*self.state[:4], self.worker_id, sim.decode_x, sim.decode_y, env.now)
                 if interruptible:
                     self._on_new_weights()
                 continue
