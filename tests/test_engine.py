@@ -251,7 +251,8 @@ def check_policy_guarantee(cfg, trace, sim) -> None:
     elif policy == "verl_fully_async":  # admitted between two weight syncs: at most M
         limit = int(B * knobs.require_batches * (1 + knobs.staleness_threshold) * knobs.trigger_parameter_sync_step
                     + 1e-9)
-        syncs = np.r_[0.0, (trace.steps.t_end[trace.steps.weight_sync_s > 0]).to_numpy(), np.inf]
+        published = (trace.steps.step + 1) % knobs.trigger_parameter_sync_step == 0  # a sync, even a free one
+        syncs = np.r_[0.0, trace.steps.t_end[published].to_numpy(), np.inf]
         for lo, hi in zip(syncs[:-1], syncs[1:]):
             assert ((groups.t_admit > lo) & (groups.t_admit < hi)).sum() <= limit
     elif policy == "queue_drop":
