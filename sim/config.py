@@ -149,6 +149,11 @@ class Cluster(_Section):
                                   "SGLang). static: a worker admits a batch only when its last one has ended, and "
                                   "the batch's groups reach the learner together at its end, with one prefill "
                                   "call for the batch (stalecast train's workers; runs on the SimPy engine).")
+    router: Literal["least_loaded", "round_robin", "fill_first"] = Field(
+        "least_loaded", description="Which worker the next group goes to, among those that could take it now "
+                                    "(sim/engine/routers.py): least_loaded, the most free slots (SGLang's and vLLM's "
+                                    "routers); round_robin; fill_first, the lowest id (one engine filled before the "
+                                    "next).")
     learner_gpus: Int = Field(1, ge=1, description="GPUs the learner trains on (L).")
     colocated: Bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
                                                "the hardware colocation slowdowns apply while both run.")

@@ -16,6 +16,7 @@ from conftest import async_pipelines
 from sim.config import load_config, parse_config
 from sim.engine.kernel import span_time
 from sim.engine.policies import P_CAPACITY
+from sim.engine.routers import ROUTERS
 from sim.engine.pipeline import ENGINES, Simulation, settled_cost_model, simulate
 from sim.hardware.cost import build_cost_model
 from sim.hardware.measured import Colocation, IdleCurve, MeasuredProfile, save_profile
@@ -185,6 +186,9 @@ lengths = st.one_of(
 )
 
 
+routers = st.sampled_from(sorted(ROUTERS))
+
+
 @st.composite
 def configs(draw):
     mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async"]))
@@ -199,7 +203,7 @@ def configs(draw):
         "seed": draw(st.integers(0, 2**16)),
         "workload": {"batch_prompts": batch, "group_size": group,
                      "prompt_len": draw(lengths), "response_len": draw(lengths), "max_new_tokens": 50},
-        "cluster": {"rollout_workers": draw(st.integers(1, 3)),
+        "cluster": {"rollout_workers": draw(st.integers(1, 3)), "router": draw(routers),
                     "max_concurrency": group * draw(st.integers(1, 4)) + draw(st.integers(0, 2))},
         "pipeline": pipeline,
         "hardware": {"constant": {"decode_step_s": draw(st.floats(0.001, 0.02)),
@@ -383,6 +387,7 @@ def larger_configs(draw):
         "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": draw(lengths),
                      "response_len": draw(lengths), "max_new_tokens": draw(st.sampled_from([20, 50, 4000]))},
         "cluster": {"rollout_workers": draw(st.integers(1, 8)), "learner_gpus": draw(st.integers(1, 8)),
+                    "router": draw(routers),
                     "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
         "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},
     })

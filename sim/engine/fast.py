@@ -25,6 +25,7 @@ import numpy as np
 
 from sim.engine import kernel as K
 from sim.engine import policies as R
+from sim.engine import routers as RT
 from sim.engine import state as W_
 
 if TYPE_CHECKING:
@@ -53,16 +54,16 @@ WI_LEN = 6
 L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
 # World integers (st): first the counters the rules read (state.py's schema, shared with the SimPy engine), then the
 # loop's own; and floats (ft)
-(S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TRAINED, S_OLDEST, S_SINCE_SYNC, S_GATED) = (
-    W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TRAINED, W_.OLDEST,
-    W_.SINCE_SYNC, W_.GATE_REFUSALS)
+(S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TRAINED, S_OLDEST, S_SINCE_SYNC, S_GATED,
+ S_ROUTED) = (W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TRAINED, W_.OLDEST,
+              W_.SINCE_SYNC, W_.GATE_REFUSALS, W_.ROUTED_TO)
 (S_EID, S_NEV, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST, S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS,
  S_ROOM) = range(W_.N_COUNTERS, W_.N_COUNTERS + 12)
 ST_LEN = W_.N_COUNTERS + 12
 # F_QUIET: while the learner trains, the end of training: it pokes every listening worker then, and not before.
 F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET = range(4)
 # The loop's parameters (pi); the rules' are policies.P_* (pp)
-(P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY) = range(9)
+(P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY, P_ROUTER) = range(10)
 ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
 # The learner's data event: none, waited for, triggered (scheduled)
 D_NONE, D_WAIT, D_TRIGGERED = range(3)
@@ -225,8 +226,36 @@ def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, until, want_fr
 
 
 @njit
-def _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w):
-    """Worker._admit: admit whole groups while slots and the rules allow; returns why it stopped."""
+def _route(pi, pp, st, ws, wi, rt, w, oldest, asking_may):
+    """Simulation.route: the worker the next group goes to among those that could take it now (-1: none)."""
+    si, (free, eligible) = ws[0], rt
+    for v in range(pi[P_W]):
+        free[v] = si[v, K.N_FREE]
+        if v == w:
+            eligible[v] = asking_may
+        else:
+            coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
+            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and R.admission(
+                pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
+                st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
+    return RT.choose(pi[P_ROUTER], free, eligible, st[S_ROUTED])
+
+
+@njit
+def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
+    """Worker._admit: the groups the router sends here, then wake the router's choice for the next one."""
+    reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w)
+    chosen = _route(pi, pp, st, ws, wi, rt, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
+    if chosen >= 0 and wi[chosen, W_LISTENING]:  # Worker.poke
+        wi[chosen, W_LISTENING] = 0
+        _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_INTERRUPT << 32) | chosen)
+    return reason
+
+
+@njit
+def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
+    """Worker._admit_groups: admit whole groups while slots, the rules and the router allow; returns why it
+    stopped."""
     si = ws[0]
     g = pi[P_G]
     now = ev[3][F_NOW]
@@ -243,8 +272,11 @@ def _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w):
             return R_DRAIN
         if code != R.ADMIT:
             return R_BLOCKED
+        if _route(pi, pp, st, ws, wi, rt, w, oldest, True) != w:  # another worker's turn: listen for ours
+            return R_BLOCKED
         gid = st[S_NGROUPS]
         st[S_NGROUPS] += 1
+        st[S_ROUTED] = w
         if wi[w, W_FRESH_STEP] != si[w, K.K_STEP]:
             wi[w, W_FRESH_STEP], wi[w, W_N_FRESH] = si[w, K.K_STEP], 0
         fresh[w, wi[w, W_N_FRESH]] = gid
@@ -285,7 +317,7 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
 
 
 @njit
-def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
+def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
     """Worker.run of worker w, from the yield it waits at to its next yield."""
     si, sf = ws[0], ws[1]
     now = ev[3][F_NOW]
@@ -309,15 +341,15 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sy
                 K.load_now(si, sf, w, target, sync_s, now)
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
-        reason = _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, w)
+        reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w)
         want_free = pi[P_G] if reason == R_SLOTS else 0
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
-        if listen and not pi[P_INTERRUPTIBLE] and ev[3][F_QUIET] > now:
+        if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now:
             # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
-            # one while it trains, and pokes every listener when it is done. Decoding for real up to then
-            # changes nothing anyone sees before the event or the poke, whose commit would decode the same
-            # steps: if the event comes first, the worker waits for it as a non-listening one would (no poke can
-            # come first); else it peeks at the event from there.
+            # one while it trains, and pokes every listener when it is done (and a worker alone has no peer to
+            # route a group to it). Decoding for real up to then changes nothing anyone sees before the event or
+            # the poke, whose commit would decode the same steps: if the event comes first, the worker waits for
+            # it as a non-listening one would (no poke can come first); else it peeks at the event from there.
             flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN],
                               np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
             if flags:
@@ -420,7 +452,7 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
 
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
-    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
+    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
         if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
@@ -441,12 +473,12 @@ def _build_loop(digest: str):
             kind, w = what >> 32, what & 0xFFFFFFFF
             if kind == EV_WAKE:
                 if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
-                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, False)
             elif kind == EV_INTERRUPT:
                 wi[w, W_TARGET] = -1
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, True)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, True)
             elif kind == EV_START and w < pi[P_W]:
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, False)
             elif kind == EV_END:
                 return DONE
             elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
@@ -454,7 +486,7 @@ def _build_loop(digest: str):
     return K.njit(cache=True, _nrt=False)(loop)
 
 
-_loop = _build_loop(hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (K, R, W_))).hexdigest())
+_loop = _build_loop(hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (K, R, RT, W_))).hexdigest())
 
 
 # --------------------------------------------------------------------------- driving it from Python
@@ -476,9 +508,11 @@ class _Run:
         order = {"fifo": ORDER_FIFO, "freshest": ORDER_FRESHEST, "batch": ORDER_BATCH}[sim.buffer.order]
         self.sim = sim
         self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
-                            ctl.sync_every], np.int64)
+                            ctl.sync_every, sim.router], np.int64)
+        self.rt = (np.zeros(W, np.int64), np.zeros(W, np.int64))  # the router's scratch: free slots, eligible
         self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)
+        self.st[:W_.N_COUNTERS] = sim.world.array
         self.st[S_LPC] = L_START
         self.wi = np.zeros((W, WI_LEN), np.int64)
         self.wi[:, W_FRESH_STEP] = -1
@@ -512,7 +546,7 @@ class _Run:
         sim, st, ft = self.sim, self.st, self.ev[3]
         while True:
             code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
-                         self.wi, self.wt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
+                         self.wi, self.wt, self.rt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
                          sim.decode_x, sim.decode_y, sim.sync_s)
             if code == NEED_TRAIN_TIME:
                 ft[F_TRAIN_S] = sim.cost.train_s(sim.train_tokens(self.batch))

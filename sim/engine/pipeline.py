@@ -19,6 +19,7 @@ from sim.engine import fast
 from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
 from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control, oldest_unconsumed
+from sim.engine.routers import ROUTERS, choose
 from sim.engine.state import World
 from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
@@ -113,6 +114,7 @@ class Simulation:
         self.sync_s = float(self.cost.sync_s())
         self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.control = Control.from_config(cfg)
+        self.router = ROUTERS[cfg.cluster.router]
         self.lag, self.interruptible = self.control.lag, self.control.interruptible
         self.stream = stream if stream is not None else GroupStream(cfg, np.random.SeedSequence(cfg.seed))
 
@@ -264,19 +266,36 @@ class Simulation:
         world.oldest = oldest_unconsumed(self.unconsumed, world.oldest, world.latest)
         return world.oldest
 
+    def _admission_code(self, worker: Worker) -> int:
+        control, world = self.control, self.world
+        return control.admission_code(version=worker.version, latest=world.latest, n_admitted=world.n_admitted,
+                                      live=world.live, running=world.running, buffered=world.buffered,
+                                      trained=world.trained, oldest=world.oldest, since_sync=world.since_sync)
+
     def admission_block(self, worker: Worker) -> str | None:
         """None if `worker` may start the next group now, else why not (control.BLOCKED or control.DRAIN)."""
-        control, world = self.control, self.world
-        code = control.admission_code(version=worker.version, latest=world.latest, n_admitted=world.n_admitted,
-                                      live=world.live, running=world.running, buffered=world.buffered,
-                                      trained=world.trained,
-                                      oldest=self.oldest_unconsumed() if control.gating else 0,
-                                      since_sync=world.since_sync)
+        if self.control.gating:
+            self.oldest_unconsumed()
+        code = self._admission_code(worker)
         if code == ADMIT:
             return None
         if code == GATED:
-            world.gate_refusals += 1
+            self.world.gate_refusals += 1
         return DRAIN if code == MUST_DRAIN else BLOCKED
+
+    def route(self, asking: Worker, asking_may: bool) -> Worker | None:
+        """The worker the next group goes to (routers.choose) among those that could take it now, `asking` among
+        them if `asking_may`; None if no one can. A worker could if it is listening (its batch committed up to now)
+        or coming (not started yet, or loading weights: it admits when it comes), has room (a static worker: its
+        batch ended), and the rules admit at its version. A worker waiting for its next event without listening
+        has committed its batch up to then: it admits then, by itself."""
+        g = self.group_size
+        free = self.worker_state[0][:, K.N_FREE]
+        eligible = np.array([asking_may if w is asking else (
+            (w.listening or w.coming) and free[w.worker_id] >= g and not (w.static and w.n_active > 0)
+            and self._admission_code(w) == ADMIT) for w in self.workers], np.int64)
+        chosen = choose(self.router, free, eligible, self.world.routed_to)
+        return self.workers[chosen] if chosen >= 0 else None
 
     def load_target(self, worker: Worker) -> int | None:
         """The version an idle worker should load now, or None."""

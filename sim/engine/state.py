@@ -12,9 +12,9 @@ import numpy as np
 
 # The counters, in array order.
 COUNTERS = ("latest", "learner_version", "n_admitted", "live", "running", "buffered", "trained", "oldest",
-            "since_sync", "gate_refusals")
-(LATEST, LEARNER_VERSION, N_ADMITTED, LIVE, RUNNING, BUFFERED, TRAINED, OLDEST, SINCE_SYNC, GATE_REFUSALS) = range(
-    len(COUNTERS))
+            "since_sync", "gate_refusals", "routed_to")
+(LATEST, LEARNER_VERSION, N_ADMITTED, LIVE, RUNNING, BUFFERED, TRAINED, OLDEST, SINCE_SYNC, GATE_REFUSALS,
+ ROUTED_TO) = range(len(COUNTERS))
 N_COUNTERS = len(COUNTERS)
 
 _MEANING = {
@@ -28,6 +28,7 @@ _MEANING = {
     "oldest": "the oldest version with a group admitted and not yet taken (kept up to date under the gate)",
     "since_sync": "groups admitted since the last weight sync (verl's staleness_samples)",
     "gate_refusals": "admissions a staleness bound refused (did the bound act?)",
+    "routed_to": "the worker the last group went to (round_robin goes on from it; -1 before the first)",
 }
 
 
@@ -36,7 +37,10 @@ class World:
     __slots__ = ("array",)
 
     def __init__(self, array: np.ndarray | None = None):
-        self.array = np.zeros(N_COUNTERS, np.int64) if array is None else array
+        if array is None:
+            array = np.zeros(N_COUNTERS, np.int64)
+            array[ROUTED_TO] = -1
+        self.array = array
 
 
 def _counter(index: int, name: str) -> property:

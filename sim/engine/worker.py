@@ -30,6 +30,7 @@ class Worker:
         self.state = sim.worker_state  # every worker's kernel state; this one's is index worker_id
         self.si, self.sf, self.done = (sim.worker_state[i][worker_id] for i in (0, 1, 6))  # this one's rows
         self.listening = False
+        self.coming = True  # not started yet, or loading weights: it tries to admit when it comes
         self.fresh: list[int] = []  # groups admitted at the current step boundary, no token generated yet
         self.fresh_step = -1
         # Static batching (`cluster.batching`): a batch is admitted only when the last one has ended, and its
@@ -95,6 +96,15 @@ class Worker:
             self.sim.activity_changed()
 
     def _admit(self) -> str:
+        """Admit the groups the router sends here; then, if the next group may start on another worker, wake the
+        router's choice for it (a worker waiting its turn listens: no one else would wake it)."""
+        reason = self._admit_groups()
+        chosen = self.sim.route(self, asking_may=False)
+        if chosen is not None:
+            chosen.poke()
+        return reason
+
+    def _admit_groups(self) -> str:
         sim, g = self.sim, self.sim.group_size
         if self.static and self.n_active > 0:
             return SLOTS  # the running batch goes on to its end
@@ -103,7 +113,10 @@ class Worker:
             blocked = sim.admission_block(self)
             if blocked:
                 return blocked
+            if sim.route(self, asking_may=True) is not self:  # another worker's turn: listen for ours
+                return BLOCKED
             gid = sim.next_group()
+            sim.world.routed_to = self.worker_id
             if self.fresh_step != self.si[K.K_STEP]:
                 self.fresh, self.fresh_step = [], int(self.si[K.K_STEP])
             self.fresh.append(gid)
@@ -138,10 +151,12 @@ class Worker:
         env, sim = self.env, self.sim
         interruptible = sim.interruptible
         while True:
+            self.coming = False
             # Drained and due for new weights: load them (the worker is busy meanwhile).
             target = sim.load_target(self) if self.n_active == 0 else None
             if target is not None:
                 K.load_now(*self.state[:2], self.worker_id, target, sim.sync_s, env.now)
+                self.coming = True
                 yield self._until(float(self.sf[K.T]))
                 continue
             reason = self._admit()
