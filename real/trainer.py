@@ -87,6 +87,7 @@ class Trainer:
         self.log = log or (lambda message: None)  # start-up milestones, for logs of runs without a terminal
         self.force = force
         self.checkpoint: dict | None = None  # where a resumed run starts (the checkpoint's state.json)
+        self.segments: list[dict] = []      # one per process that ran this run's steps (a resumed run has several)
         self.startup_s: dict[str, float] = {}
         self.workers: list = []
         self.steps_done = 0
@@ -113,7 +114,7 @@ class Trainer:
                               f"to train it further")
         trainer = cls(cfg, out_dir, **kwargs)
         trainer.checkpoint = state
-        trainer.history = summary.get("segments", [])
+        trainer.segments = summary.get("segments", [])
         return trainer
 
     # ------------------------------------------------------------------ worker health and stop requests
@@ -193,7 +194,7 @@ class Trainer:
         self.steps_done = self.checkpointed_at = start
         self.first_new_id = ckpt["n_admitted"] if start else 0
         self.retired = {int(g): bool(d) for g, d in kept.groupby("group_id")["dropped"].first().items()}
-        self.segments = [*getattr(self, "history", []), {"from_step": start, "pid": os.getpid()}]
+        self.segments.append({"from_step": start, "pid": os.getpid()})
         self.folder.write_summary({"status": RUNNING, "steps_done": start, "steps": cfg.run.steps,
                                    "segments": self.segments, **provenance("real")})
         previous_handlers = self._handle_signals()
