@@ -33,6 +33,10 @@ EXTERNAL_COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("studies.named:add_parser", "run a named what-if study (ratio, bound, tail, sync-vs-async; stability on "
                                           "the real trainer)"),
     "plan": ("studies.plan:add_parser", "recommend a rollout/learner split, staleness bound and concurrency"),
+    "calibrate": ("sim.calibrate.cli:add_parser", "fit a measured profile to a run you already have (its per-step "
+                                                  "log: verl, AReaL, prime-rl, TRL, stalecast)"),
+    "whatif": ("studies.whatif:add_parser", "from a calibrated run: async step time, speedup, staleness and idle per "
+                                            "rollout/learner split and bound"),
 }
 
 

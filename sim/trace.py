@@ -344,14 +344,24 @@ def read_any_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path}: no such trace file or folder")
     if path.suffix not in (".parquet", ".csv"):
         raise TraceError(f"{path}: expected a .parquet or .csv samples file, or a trace folder")
-    samples = _samples(*_load(path), path, (*SAMPLE_REQUIRED, "learner_step", "prompt_len"))
+    raw, present = _load(path)
+    return trace_from_samples(raw, present, path, (*SAMPLE_REQUIRED, "learner_step", "prompt_len"),
+                              f"external: {path}", path)
+
+
+def trace_from_samples(raw: pd.DataFrame, present: set, path: Path, required: tuple[str, ...], source: str,
+                       where) -> Trace:
+    """A checked trace from one table of samples read from `path` (`present`: the columns the file had; the
+    schema's defaults fill the others), its learner-step rows derived from the samples (`steps_from_samples`).
+    `where` names the samples in errors."""
+    samples = _samples(raw, present, path, required)
     try:
         derived = steps_from_samples(samples)
     except TraceError as exc:
         raise TraceError(f"{path}: {exc}") from None
     steps = _frame({c: derived[c].to_numpy() for c in derived.columns}, len(derived), STEP_COLUMNS)
-    trace = Trace(samples, steps, {"source": f"external: {path}"})
-    check_trace(trace, path, f"{path} (learner steps derived from its samples)")
+    trace = Trace(samples, steps, {"source": source})
+    check_trace(trace, where, f"{path} (learner steps derived from its samples)")
     return trace
 
 

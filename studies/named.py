@@ -77,7 +77,7 @@ def _half_ci(table: pd.DataFrame, by: list[str], metric: str) -> np.ndarray:
     return (agg["ci95_high"] - agg["mean"]).to_numpy()
 
 
-def _md_table(frame: pd.DataFrame) -> list[str]:
+def md_table(frame: pd.DataFrame) -> list[str]:
     def cell(v):
         if isinstance(v, (float, np.floating)):
             return "n/a" if np.isnan(v) else f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
@@ -145,7 +145,7 @@ class RatioStudy(Study):
         cl = cfg.cluster
         current = means[(means["rollout_gpus"] == cl.rollout_workers * cl.gpus_per_worker)
                         & (means["pipeline.max_staleness"] == cfg.pipeline.max_staleness)]
-        lines = ["Best split per staleness bound (mean over replications):", "", *_md_table(rows), "",
+        lines = ["Best split per staleness bound (mean over replications):", "", *md_table(rows), "",
                  f"Fastest overall: {top['rollout_gpus']:.0f} rollout GPUs and {top['cluster.learner_gpus']:.0f} "
                  f"learner GPUs at S={top['pipeline.max_staleness']:.0f}: {top['throughput/samples_per_s']:.1f} "
                  f"samples/s, mean staleness {top['staleness/mean']:.2f}."]
@@ -192,7 +192,7 @@ class BoundStudy(Study):
             "learner idle": means["idle/trainer"], "speedup vs sync": means["speedup/vs_sync"]})
         peak = means["throughput/samples_per_s"].max()
         enough = means[means["throughput/samples_per_s"] >= 0.95 * peak].iloc[0]
-        return [*_md_table(rows), "",
+        return [*md_table(rows), "",
                 f"The smallest bound within 5 % of the best throughput ({peak:.1f} samples/s) is "
                 f"S={enough['pipeline.max_staleness']:.0f}: {enough['throughput/samples_per_s']:.1f} samples/s at mean "
                 f"staleness {enough['staleness/mean']:.2f} (p99 {enough['staleness/p99']:.0f})."]
@@ -266,7 +266,7 @@ class TailStudy(Study):
                    f"Interruptible workers do not raise throughput here ({gain.min():+.1f} to {gain.max():+.1f} %); "
                    f"without them the learner waits for data {wide[('idle/trainer', False)].mean():.0%} of the time "
                    f"and workers are idle {wide[('idle/rollout', False)].mean():.0%} of theirs.")
-        return [*_md_table(rows), "", verdict,
+        return [*md_table(rows), "", verdict,
                 f"Responses are capped at max_new_tokens = {cfg.workload.max_new_tokens}, which clips the widest tails."]
 
 
@@ -316,7 +316,7 @@ class SyncVsAsyncStudy(Study):
         rows = wide.reset_index().rename(columns={"hardware.model": "model"})
         rows.columns = ["model", *(f"{g} GPUs" for g in wide.columns)]
         best = means.loc[means["speedup/vs_sync"].idxmax()]
-        return ["Speedup over sync (mean over replications), model by cluster size:", "", *_md_table(rows), "",
+        return ["Speedup over sync (mean over replications), model by cluster size:", "", *md_table(rows), "",
                 f"Largest: {best['speedup/vs_sync']:.2f}x for {best['hardware.model']} on {best['gpus']:.0f} GPUs."]
 
 
@@ -391,7 +391,7 @@ class PoliciesStudy(Study):
             "p99 staleness": means["staleness/p99"], "max staleness": means["staleness/max"],
             "learner idle": means["idle/trainer"], "rollout idle": means["idle/rollout"],
             "dropped groups": means["dropped/groups"], "speedup vs sync": means["speedup/vs_sync"]})
-        lines = [*_md_table(rows), ""]
+        lines = [*md_table(rows), ""]
         for bound, part in means.groupby("bound"):
             top = part.loc[part["throughput/samples_per_s"].idxmax()]
             lines.append(f"At S={bound}: fastest {top['policy']} ({top['throughput/samples_per_s']:.1f} samples/s, "

@@ -12,8 +12,8 @@ from rich.table import Table
 from sim.config import load_config
 from sim.cli import add_out_options, positive_int
 from sim.outputs import staged
-from sim.trace import read_any_trace
 from validate.compare import FAIL, INCOMPLETE, PASS, Tolerances, compare, not_judged, verdict
+from validate.importers import FORMATS as TRACE_FORMATS, read_trace_as
 from validate.report import write_report
 
 EXIT_CODES = {PASS: 0, FAIL: 1, INCOMPLETE: 3}
@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
                    "version_consumed, learner_step (optional: version_end, version_mean, dropped)")
     p.add_argument("--sync-trace", help="with --trace: measured sync-mode trace of the same config, to check "
                                         "speedup/vs_sync")
+    p.add_argument("--trace-format", choices=TRACE_FORMATS, default="stalecast",
+                   help="with --trace: whose per-sample dump it is; another system's is mapped onto the trace "
+                        "schema (validate/importers.py; a dump lacking a column is an error naming it)")
     p.add_argument("--profile", help="loop: a measured profile YAML to predict with (default: measure one first)")
     p.add_argument("--lengths", choices=("config", "pilot"), default="pilot",
                    help="loop: where the prediction's prompt/response lengths come from: the config's "
@@ -137,8 +140,8 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
 def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     from sim.cli import run_simulation
 
-    measured = read_any_trace(args.trace)
-    measured_sync = read_any_trace(args.sync_trace) if args.sync_trace else None
+    measured = read_trace_as(args.trace, args.trace_format)
+    measured_sync = read_trace_as(args.sync_trace, args.trace_format) if args.sync_trace else None
     # The prediction runs as many learner steps as the measurement holds.
     cfg = cfg.with_overrides({"run.steps": len(measured.steps)})
     predicted, _ = run_simulation(cfg, console, "predicting")
