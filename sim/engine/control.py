@@ -7,7 +7,6 @@ SimPy engine and the real trainer's workers and learner).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,28 +31,9 @@ def params(cfg) -> np.ndarray:
         p[P.P_LAG] = LAGS.get(pl.mode, pl.max_staleness)
         p[P.P_POLICY] = P.NONE
         return p
-    name, knobs = pl.staleness_control, pl.knobs()
-    p[P.P_POLICY] = P.POLICIES[name].id
-    if name == "oldest_unconsumed" and pl.drop_stale:
-        p[P.P_DROP_S] = pl.max_staleness
-    elif name == "areal":
-        p[P.P_S] = knobs.max_head_offpolicyness
-        p[P.P_MAX_RUNNING] = P.NO_LIMIT if knobs.max_concurrent_rollouts is None else knobs.max_concurrent_rollouts
-    elif name == "verl_fully_async":
-        k = knobs.trigger_parameter_sync_step
-        p[P.P_SYNC_EVERY] = k
-        p[P.P_MAX_OUTSTANDING] = math.floor(B * knobs.require_batches * (1 + knobs.staleness_threshold) * k + 1e-9)
-    elif name == "prime_rl":
-        p[P.P_S] = knobs.max_async_level
-        p[P.P_DROP_S] = knobs.max_off_policy_steps
-        p[P.P_MAX_RUNNING] = P.NO_LIMIT if knobs.max_inflight is None else knobs.max_inflight
-    elif name == "tinker":
-        p[P.P_MAX_OUTSTANDING] = B * (knobs.sampling_steps_ahead + 1)
-    elif name == "drop":
-        p[P.P_DROP_S] = pl.max_staleness
-        p[P.P_MAX_RUNNING] = knobs.max_inflight_tasks or max(pl.max_staleness, 1) * B
-    elif name == "queue_drop":
-        p[P.P_EVICT_AT] = knobs.capacity
+    spec = P.POLICIES[pl.staleness_control]
+    p[P.P_POLICY] = spec.id
+    spec.fill(p, pl, pl.knobs(), B)
     return p
 
 

@@ -9,7 +9,8 @@ float knobs are turned into integer group counts when the parameters are built, 
 The table (`POLICIES`): each policy with its knobs (the names its system uses, its defaults), the guarantee it gives
 and where its semantics come from (docs/policies-sources.md has the details, file by file). To add a policy: a
 `_admit_NAME` rule (and a drop rule if it drops), its id and a branch in `admission` / `dropped`, an entry in
-`POLICIES`, its knobs in `sim.config.Pipeline`, and its tests (tests/test_policies.py): this file and its tests.
+`POLICIES` with the function that turns its knobs into the rules' parameters, its knob section in `sim.config`
+(`POLICY_KNOBS`), and its tests (tests/test_policies.py, tests/conftest.py: async_pipelines).
 
 Counters (B = batch_prompts, groups per learner step; v = a version):
   version     the admitting worker's weights        latest      the newest published version
@@ -162,49 +163,97 @@ def evicts_oldest(p, buffered):
 
 
 # --------------------------------------------------------------------------- the table
+def _limit(value) -> int:
+    return NO_LIMIT if value is None else value
+
+
+# How each policy's knobs (its config section, sim.config.POLICY_KNOBS) set the parameters its rules read:
+# fill(p, pipeline, knobs, B), p already holding B, S = max_staleness and no limits.
+def _fill_oldest_unconsumed(p, pipeline, knobs, B):
+    if pipeline.drop_stale:
+        p[P_DROP_S] = pipeline.max_staleness
+
+
+def _fill_areal(p, pipeline, knobs, B):
+    p[P_S] = knobs.max_head_offpolicyness
+    p[P_MAX_RUNNING] = _limit(knobs.max_concurrent_rollouts)
+
+
+def _fill_verl(p, pipeline, knobs, B):
+    k = knobs.trigger_parameter_sync_step
+    p[P_SYNC_EVERY] = k
+    p[P_MAX_OUTSTANDING] = int(B * knobs.require_batches * (1 + knobs.staleness_threshold) * k + 1e-9)
+
+
+def _fill_prime_rl(p, pipeline, knobs, B):
+    p[P_S] = knobs.max_async_level
+    p[P_DROP_S] = knobs.max_off_policy_steps
+    p[P_MAX_RUNNING] = _limit(knobs.max_inflight)
+
+
+def _fill_tinker(p, pipeline, knobs, B):
+    p[P_MAX_OUTSTANDING] = B * (knobs.sampling_steps_ahead + 1)
+
+
+def _fill_drop(p, pipeline, knobs, B):
+    p[P_DROP_S] = pipeline.max_staleness
+    p[P_MAX_RUNNING] = knobs.max_inflight_tasks or max(pipeline.max_staleness, 1) * B
+
+
+def _fill_queue_drop(p, pipeline, knobs, B):
+    p[P_EVICT_AT] = knobs.capacity
+
+
+def _fill_nothing(p, pipeline, knobs, B):
+    return None
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """A named policy: its id, its knobs (config section pipeline.NAME, with its system's names and defaults), the
-    guarantee it gives, whether its workers take new weights in flight by default, and its source."""
+    guarantee it gives, whether its workers take new weights in flight by default, its source, and how its knobs set
+    the parameters its rules read (`fill`)."""
     name: str
     id: int
     knobs: dict = field(default_factory=dict)
     guarantee: str = ""
     interrupts: bool = False
     source: str = ""
+    fill: object = _fill_nothing
 
 
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("oldest_unconsumed", OLDEST_UNCONSUMED, {}, "no consumed group is staler than max_staleness, even "
                "when groups finish out of order (gate on the oldest unconsumed group's version)", False,
-               "stalecast"),
+               "stalecast", _fill_oldest_unconsumed),
     PolicySpec("areal", AREAL, {"max_head_offpolicyness": 0, "max_concurrent_rollouts": None},
                "admissions are bounded by the learner's version; a group that finishes late can be consumed "
                "staler than max_head_offpolicyness (no bound on the maximum)", True,
                "inclusionAI/AReaL areal/infra/staleness_manager.py (StalenessManager.get_capacity); in-flight "
-               "requests are aborted and resumed at a weight update (areal/infra/workflow_executor.py)"),
+               "requests are aborted and resumed at a weight update (areal/infra/workflow_executor.py)", _fill_areal),
     PolicySpec("verl_fully_async", VERL_FULLY_ASYNC, {"staleness_threshold": 0.1, "trigger_parameter_sync_step": 4,
                                                       "require_batches": 1, "partial_rollout": True},
                "at most M groups admitted per weight sync beyond those outstanding at the sync; no bound on the "
                "maximum staleness", True,
                "volcengine/verl verl/experimental/fully_async_policy/fully_async_rollouter.py (staleness_samples, "
                "max_required_samples), fully_async_trainer.py (a weight sync every trigger_parameter_sync_step "
-               "updates)"),
+               "updates)", _fill_verl),
     PolicySpec("prime_rl", PRIME_RL, {"max_async_level": 1, "max_off_policy_steps": 8, "max_inflight": None},
                "a batch is generated at most max_async_level versions ahead; groups staler than "
                "max_off_policy_steps are dropped, so none consumed is staler", True,
                "PrimeIntellect-ai/prime-rl src/prime_rl/orchestrator/scheduler.py (max_async_level), "
-               "orchestrator.py (max_off_policy_steps); weight updates pause and keep in-flight requests"),
+               "orchestrator.py (max_off_policy_steps); weight updates pause and keep in-flight requests",
+               _fill_prime_rl),
     PolicySpec("tinker", TINKER, {"sampling_steps_ahead": 1},
                "at most groups_per_step x (K + 1) groups started and not yet trained; no bound on the maximum "
-               "staleness", True, "thinking-machines-lab/tinker-cookbook docs, rl/async (AsyncConfig)"),
+               "staleness", True, "thinking-machines-lab/tinker-cookbook docs, rl/async (AsyncConfig)", _fill_tinker),
     PolicySpec("drop", DROP, {"max_inflight_tasks": None},
                "no consumed group is staler than max_staleness (staler ones are dropped and counted)", True,
                "huggingface/trl trl/experimental/async_grpo/async_grpo_trainer.py (max_staleness, "
-               "max_inflight_tasks)"),
+               "max_inflight_tasks)", _fill_drop),
     PolicySpec("queue_drop", QUEUE_DROP, {"capacity": None},
                "none on staleness: a bounded buffer that discards its oldest group when full (the assumption of "
                "Applied Compute's closed-form staleness model; PipelineRL's default ring buffer)", False,
-               "ServiceNow/PipelineRL (bounded buffers, oldest dropped)"),
+               "ServiceNow/PipelineRL (bounded buffers, oldest dropped)", _fill_queue_drop),
     PolicySpec("none", NONE, {}, "none", False, "stalecast"),
 )}
