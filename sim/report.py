@@ -75,25 +75,34 @@ def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], cons
 
 
 def print_stability(stability: ConfigPrediction, console: Console) -> None:
-    """The stability rule at this configuration's staleness: both bounds, the margin, the verdict."""
+    """The stability rule at this configuration's staleness: the rule, the largest stable lr, the margin, the
+    verdict, and where the prediction leaves what the rule was fitted on."""
     p = stability.prediction
-    table = Table(title="stability rule", caption="stable while lr < scale x min(R_batch/(S G_upd), R_crit/(T G_upd))",
-                  show_edge=False)
+    fitted = p.binding.startswith("fit")
+    caption = stability.rule.describe()
+    table = Table(title="stability rule", caption=caption, show_edge=False)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for name, value in (
-            (f"S ({stability.statistic} consumed staleness)", f"{p.staleness:g} versions"),
+    rows = [(f"S ({stability.statistic} consumed staleness)", f"{p.staleness:g} versions"),
             ("T (horizon)", f"{p.horizon:,} steps"),
-            (f"lr ({stability.schedule_note})", f"{p.lr:.3g}"),
-            ("largest stable lr, staleness term", f"{p.staleness_lr:.3g}"),
-            ("largest stable lr, horizon term", f"{p.horizon_lr:.3g}"),
-            ("largest stable lr",
-             f"{p.max_stable_lr:.3g}" + ("" if p.binding == "none" else f" ({p.binding} term binds)")),
-            ("margin (largest stable lr / lr)", f"{p.margin:.2f}")):
+            (f"lr ({stability.schedule_note})", f"{p.lr:.3g}")]
+    if fitted:
+        rows += [("fitted collapse probability at this lr", f"{p.collapse_probability:.2f}"),
+                 ("largest stable lr" + (" (without S: no S effect measured)" if p.binding == "fit without S" else ""),
+                  f"{p.max_stable_lr:.3g}")]
+    else:
+        rows += [("largest stable lr, staleness term", f"{p.staleness_lr:.3g}"),
+                 ("largest stable lr, horizon term", f"{p.horizon_lr:.3g}"),
+                 ("largest stable lr",
+                  f"{p.max_stable_lr:.3g}" + ("" if p.binding == "none" else f" ({p.binding} term binds)"))]
+    rows.append(("margin (largest stable lr / lr)", f"{p.margin:.2f}"))
+    for name, value in rows:
         table.add_row(name, value)
     console.print(table)
     verdict = "[green]stable[/]" if p.stable else "[red]predicted unstable[/]"
     console.print(f"stability: {verdict} at lr {p.lr:.3g} (margin {p.margin:.2f})")
+    for note in p.notes:
+        console.print(f"  note: {note}", highlight=False)
 
 
 # The sample columns staleness_figure reads.

@@ -28,9 +28,9 @@ from rich.table import Table
 
 from sim.config import ConfigError, RunConfig, load_config
 from sim.outputs import check_out, claim
-from sim.stability import constants_from_config, horizon_of, predict, read_fit
+from sim.stability import StabilityFit, horizon_of, read_fit, rule_from_config
 from studies import plots
-from studies.named import add_backend_options, add_spec_options, add_study_out_options, check_spec
+from studies.named import add_backend_options, add_spec_options, add_study_out_options, bound_overrides, check_spec
 from studies.sweep import Backend, Sweep, run_sweep
 
 THROUGHPUT, MEAN, P99 = "throughput/samples_per_s", "staleness/mean", "staleness/p99"
@@ -46,7 +46,7 @@ class PlanSpec:
                                                                             "(versions)", "min": 0})
     lr: float | None = field(default=None, metadata={
         "help": "learning rate the run will use: configurations the stability rule predicts unstable at it are "
-                "excluded (needs the rule's constants: --stability-fit or the config's stability section)",
+                "excluded (needs the rule: --stability-fit or the config's stability section)",
         "gt": 0})
     stability_fit: str | None = field(default=None, metadata={
         "help": "fit.json from `stalecast study stability`, for --lr (default: the config's stability section)"})
@@ -95,7 +95,9 @@ class _Search:
             raise ConfigError("plan splits GPUs between workers and learner: the config is colocated")
         self.spec, self.cfg, self.out, self.backend, self.console = spec, cfg, out, backend, console
         self.budget = spec.gpus or cl.total_gpus
-        self.bounds = spec.bounds if cfg.pipeline.mode == "async" else [cfg.pipeline.max_staleness]
+        # a bound axis where the policy has a bound (`studies.named.bound_overrides` sets it in the policy's knob)
+        has_bound = cfg.pipeline.mode == "async" and cfg.pipeline.staleness_control != "none"
+        self.bounds = spec.bounds if has_bound else [cfg.pipeline.max_staleness]
         tps = [tp for tp in (spec.tp or [cl.gpus_per_worker]) if self.budget - tp >= 1]
         if not tps:
             raise ConfigError(f"a budget of {self.budget} GPUs leaves no GPU for the learner")
@@ -106,19 +108,20 @@ class _Search:
         self.horizon = horizon_of(cfg)
 
     def prediction(self, row: dict):
-        """The stability rule at the plan's lr and this configuration's simulated staleness (None without --lr)."""
+        """The stability rule at the plan's lr, this configuration's simulated staleness (the rule's statistic, the
+        maximum by default) and the config's horizon (None without --lr)."""
         if self.rule is None or row["status"] != "ok":
             return None
-        constants, statistic = self.rule
-        return predict(constants, self.spec.lr, row[f"staleness/{statistic}"], self.horizon)
+        return self.rule.predict(self.spec.lr, row[f"staleness/{self.rule.statistic}"], self.horizon)
 
     def max_workers(self, tp: int) -> int:
         return (self.budget - 1) // tp
 
     def overrides(self, tp: int, conc: int, bound: int, workers: int) -> dict:
+        pl = self.cfg.pipeline
         return {"cluster.gpus_per_worker": tp, "cluster.rollout_workers": workers,
                 "cluster.learner_gpus": self.budget - workers * tp, "cluster.max_concurrency": conc,
-                "pipeline.max_staleness": bound}
+                **bound_overrides(pl.staleness_control, pl.knobs(), bound, self.cfg.workload.batch_prompts)}
 
     def evaluate(self, keys: list[tuple], label: str, sync: bool = False) -> None:
         points = [self.overrides(*k) for k in keys]
@@ -188,16 +191,20 @@ class _Search:
 
 
 def stability_rule(spec: PlanSpec, cfg: RunConfig):
-    """(constants, staleness statistic) for --lr: from --stability-fit, else the config's stability section."""
+    """The rule for --lr (a `StabilityFit` or `StabilityConstants`): --stability-fit, else the config's stability
+    section."""
     try:
-        known = read_fit(spec.stability_fit) if spec.stability_fit else constants_from_config(cfg)
+        if spec.stability_fit:
+            rule = read_fit(spec.stability_fit).with_probability(cfg.stability.collapse_probability)
+        else:
+            rule = rule_from_config(cfg)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if known is None:
-        raise ConfigError(f"--lr {spec.lr:g}: excluding configurations unstable at it needs the stability rule's "
-                          f"constants: pass --stability-fit FILE (fit.json of `stalecast study stability`) or set "
-                          f"the config's stability section (r_batch, g_upd, r_crit, or fit)")
-    return known
+    if rule is None:
+        raise ConfigError(f"--lr {spec.lr:g}: excluding configurations unstable at it needs the stability rule: "
+                          f"pass --stability-fit FILE (fit.json of `stalecast study stability`) or set the config's "
+                          f"stability section (fit, or r_batch, g_upd and r_crit)")
+    return rule
 
 
 def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: Console | None = None,
@@ -214,6 +221,7 @@ def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: C
         predictions = [search.prediction(row) for row in search.rows.values()]
         table["max_stable_lr"] = [p.max_stable_lr if p else None for p in predictions]
         table["stable_at_lr"] = [p.stable if p else None for p in predictions]
+        table["collapse_probability"] = [p.collapse_probability if p else None for p in predictions]
     table["feasible"] = [search.feasible(row) for row in search.rows.values()]
     order = {k: i + 1 for i, k in enumerate(ranked)}
     table["rank"] = [order.get(k) for k in search.rows]
@@ -285,18 +293,30 @@ def explain(table: pd.DataFrame, best: pd.Series | None, spec: PlanSpec, search:
 
 
 def stability_note(table: pd.DataFrame, spec: PlanSpec, search: _Search) -> str:
-    """How many configurations the rule excluded at the plan's lr, and the largest stable lr per bound."""
-    constants, statistic = search.rule
+    """How many configurations the rule excluded at the plan's lr, and the largest stable lr per bound (one bound
+    for all when the fit found no S dependence)."""
+    rule = search.rule
     ok = table[table["status"] == "ok"]
     unstable = ok[~ok["stable_at_lr"].astype(bool)]
-    per_bound = ", ".join(f"S={bound:.0f}: {group['max_stable_lr'].min():.3g}"
-                          for bound, group in ok.groupby("bound"))
     excluded = (f"{len(unstable)} of {len(ok)} configurations are predicted unstable at it and excluded "
                 f"(bounds {', '.join(f'{b:.0f}' for b in sorted(unstable['bound'].unique()))})"
                 if len(unstable) else f"none of the {len(ok)} configurations is predicted unstable at it")
-    return (f"Stability at learning rate {spec.lr:g} (rule: lr < {constants.scale:.3g} x min(R_batch/(S G_upd), "
-            f"R_crit/(T G_upd)); S = {statistic} simulated staleness, T = {search.horizon} steps): {excluded}. "
-            f"Largest stable learning rate by bound: {per_bound}.")
+    where = f"S = {rule.statistic} simulated staleness, T = {search.horizon} steps"
+    if isinstance(rule, StabilityFit) and not rule.staleness_effect:
+        k, lo, hi = rule.exponent
+        limit = ok["max_stable_lr"].min() if len(ok) else float("nan")
+        text = (f"Stability at learning rate {spec.lr:g}: the stability fit found no S dependence (its S exponent "
+                f"{k:.2f}, 95 % interval [{lo:.2f}, {hi:.2f}], contains 0), so the lr bound is applied without S: "
+                f"largest stable learning rate {limit:.3g} at T = {search.horizon} steps, for every bound; {excluded}.")
+    else:
+        per_bound = ", ".join(f"S={bound:.0f}: {group['max_stable_lr'].min():.3g}"
+                              for bound, group in ok.groupby("bound"))
+        text = (f"Stability at learning rate {spec.lr:g} ({rule.describe()}; {where}): {excluded}. "
+                f"Largest stable learning rate by bound: {per_bound}.")
+    caveats = sorted({n for row in search.rows.values() if (p := search.prediction(row)) for n in p.notes})
+    if caveats:
+        text += " Caveats: " + "; ".join(caveats) + "."
+    return text
 
 
 # --------------------------------------------------------------------------- output

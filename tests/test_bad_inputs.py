@@ -509,8 +509,8 @@ OPTIONS = [
          ["--lrs 0.001,nan: each value must be a finite number"]),
     case("stability-bound-negative", "study stability {cfg} --out {out} --bounds 0,-1",
          ["--bounds 0,-1: each value must be at least 0"]),
-    case("stability-schedule", "study stability {cfg} --out {out} --schedules constant,cosine",
-         ["--schedules: unknown schedule(s) cosine"]),
+    case("stability-schedule", "study stability {cfg} --out {out} --schedule cosine",
+         ["--schedule cosine: unknown 'cosine'"]),
     case("stability-reps-0", "study stability {cfg} --out {out} --reps 0", ["--reps 0: must be at least 1"]),
     case("stability-steps-0", "study stability {cfg} --out {out} --steps 0", ["--steps 0: must be at least 1"]),
     case("stability-timeout-0", "study stability {cfg} --out {out} --timeout 0", ["--timeout 0.0: must be greater "
@@ -544,8 +544,8 @@ OUT = [
          change=setting("pipeline.mode", "sync")),
     case("plan-colocated-config", "plan {cfg} --out {out}", ["the config is colocated"],
          change=setting("cluster.colocated", True)),
-    case("stability-config-it-cannot-vary", "study stability {cfg} --out {out} --bounds 1",
-         ["only async mode uses"], change=setting("pipeline.mode", "sync")),
+    case("stability-horizon-lag-not-run", "study stability {cfg} --out {out} --bounds 1 --horizon-bounds 1,8",
+         ["--horizon-bounds 1,8: 8 is not one of --bounds"]),
 ]
 
 TRAIN = [

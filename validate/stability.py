@@ -1,240 +1,290 @@
-"""Does the stability rule predict what real training did? The constants' fit, held-out agreement, and the
-paper's reverse test (does the largest stable learning rate scale like 1/S where the staleness term binds?).
+"""Does staleness move the edge of stability, and by the exponent the rule says? The analysis of a stability study.
 
-Input: the stability study's table (one row per real run, see `studies.stability`) with the rule's inputs per
-run — `S` (the configured statistic of its consumed staleness), `lr/applied` (mean applied learning rate up to
-the collapse or the end), `steps` (its horizon T) — and what was measured, `collapse_step` (NaN when stable),
-plus each run's per-step metric rows (for G_upd and R_batch).
+Input: one row per observation (a run's outcome within a horizon T: the run's first T steps), with columns
+`run` (the training run: a run trained to 120 steps gives its 30- and 60-step horizons too), `seed`, `S` (the
+lag, >= 1: the sync baseline is not in the fit), `lr`, `T` and `collapsed`.
 
-Held-out agreement: every cell is predicted by a fit that did not see it, in two schemes: leave one run out,
-and leave one staleness bound out (all runs of that bound at once: the rule must extrapolate in S).
+- **The fit**: P(collapse) = σ(c0 + c_η log η + c_S log S + c_T log T) (log T only where T varies), by
+  `sim.stability.fit_logistic`. The largest stable lr (P = 1/2) is η* ∝ S^k T^k_T with k = -c_S/c_η and
+  k_T = -c_T/c_η; the rule predicts k = -1 where staleness binds (and k_T = -1 where the horizon binds).
+- **The interval**: a bootstrap over training runs (resampled with replacement, a run's horizons together),
+  percentile 95 % interval.
+- **The verdict**: "consistent with the rule" only if k's interval excludes 0 and contains -1; "no measurable S
+  effect" if it contains 0; otherwise S matters with another exponent.
+- **Baselines on the same held-out splits** (leave one seed out; leave one S out): the majority class, lr only,
+  S only, and, where T varies, lr and T without S, beside the full fit; accuracy (P >= 1/2 predicts a collapse)
+  and log-loss of each.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from sim.stability import (Estimate, RuleFit, StabilityConstants, constants_from_fit, fit_clip_radius, fit_rule,
-                           fit_update_norm, predict)
+from sim.stability import FEATURES, RIDGE, LogisticFit, fit_logistic, log_loss, logit
 
-SCHEMES = {"run": "leave one run out", "bound": "leave one staleness bound out"}
-LABELS = ("stable", "collapsed")
-
-
-@dataclass(frozen=True)
-class ScalingCheck:
-    """The largest stable lr against S for one schedule, where the staleness term binds."""
-    schedule: str
-    brackets: pd.DataFrame        # per S: largest stable lr below the first collapse, smallest collapsed lr
-    slope: float | None           # least-squares slope of log(bracket midpoint) on log S
-    slope_ci: tuple[float, float] | None
-    consistent: bool | None       # does some c/S pass through every bracket? None: fewer than 2 bracketed
-    note: str
+SPLITS = {"seed": "Leave one seed out", "S": "Leave one S out"}
+RULE = "rule fit"
 
 
-@dataclass
-class Analysis:
-    fit: RuleFit
-    g_upd: Estimate | None
-    r_batch: Estimate | None
-    constants: StabilityConstants
-    units: str
-    heldout: dict[str, pd.DataFrame] = field(default_factory=dict)   # scheme -> cells with their predictions
-    scaling: list[ScalingCheck] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- predictions
-def _fit(cells: pd.DataFrame, early_step: int, n_boot: int = 0, seed: int = 0) -> RuleFit:
-    return fit_rule(cells["S"], cells["lr/applied"], cells["steps"], cells["collapse_step"], early_step,
-                    n_boot=n_boot, seed=seed)
-
-
-def predictions(cells: pd.DataFrame, rule: RuleFit) -> pd.DataFrame:
-    """cells plus `predicted_collapse`, `max_stable_lr` and `binding` under a fitted rule."""
-    constants = rule.as_constants()
-    preds = [predict(constants, lr, s, t) for s, lr, t in zip(cells["S"], cells["lr/applied"], cells["steps"])]
-    return cells.assign(predicted_collapse=[not p.stable for p in preds],
-                        max_stable_lr=[p.max_stable_lr for p in preds], binding=[p.binding for p in preds])
-
-
-def heldout(cells: pd.DataFrame, early_step: int, scheme: str) -> pd.DataFrame:
-    """Every cell predicted by a fit on the others (scheme "run") or on the other bounds (scheme "bound")."""
-    groups = np.arange(len(cells)) if scheme == "run" else cells["pipeline.max_staleness"].to_numpy()
-    parts = []
-    for g in pd.unique(groups):
-        train, test = cells[groups != g], cells[groups == g]
-        if train.empty:
-            continue
-        parts.append(predictions(test, _fit(train, early_step)))
-    return pd.concat(parts).loc[cells.index] if parts else cells.iloc[:0]
-
-
-def confusion(pred: pd.DataFrame) -> pd.DataFrame:
-    """2 x 2 counts: rows predicted, columns measured (stable / collapsed)."""
-    measured = pred["collapse_step"].notna().map({False: "stable", True: "collapsed"})
-    predicted = pred["predicted_collapse"].map({False: "stable", True: "collapsed"})
-    table = pd.crosstab(predicted, measured).reindex(index=list(LABELS), columns=list(LABELS), fill_value=0)
-    table.index.name, table.columns.name = "predicted", "measured"
-    return table
-
-
-def agreement(pred: pd.DataFrame) -> float:
-    return float((pred["predicted_collapse"] == pred["collapse_step"].notna()).mean()) if len(pred) else math.nan
-
-
-# --------------------------------------------------------------------------- the 1/S test
-def scaling_checks(cells: pd.DataFrame, rule: RuleFit) -> list[ScalingCheck]:
-    """Per schedule: for each bound S > 0 the bracket of the largest stable applied lr (largest stable lr
-    below the smallest collapsed one, where half or more of a cell's replications collapsed), kept where the
-    fitted staleness term binds at that S; then whether a c/S curve passes through every bracket, and the
-    least-squares slope of log(midpoint) on log S (-1 under the rule)."""
-    a, b = rule.staleness_threshold.value, rule.drift_threshold.value
-    out = []
-    for schedule, group in cells[cells["pipeline.max_staleness"] > 0].groupby("optim.schedule", sort=False):
-        rows = []
-        for bound, per_bound in group.groupby("pipeline.max_staleness"):
-            per_lr = per_bound.groupby("optim.lr").agg(lr=("lr/applied", "mean"), S=("S", "median"),
-                                                       T=("steps", "median"),
-                                                       collapsed=("collapse_step", lambda c: c.notna().mean() >= 0.5))
-            per_lr = per_lr.sort_values("lr")
-            first = per_lr[per_lr["collapsed"]]
-            hi = float(first["lr"].iloc[0]) if len(first) else math.inf
-            below = per_lr[(per_lr["lr"] < hi) & ~per_lr["collapsed"]]
-            lo = float(below["lr"].iloc[-1]) if len(below) else 0.0
-            s, t = float(per_lr["S"].median()), float(per_lr["T"].median())
-            staleness_binds = s > 0 and a / s < b / t
-            rows.append({"bound": int(bound), "S": s, "largest stable lr": lo, "smallest collapsed lr": hi,
-                         "staleness term binds": staleness_binds})
-        brackets = pd.DataFrame(rows)
-        out.append(_scaling_verdict(str(schedule), brackets))
+def models(horizon_varied: bool) -> dict[str, tuple[str, ...]]:
+    """The compared models: name -> features (the majority class has none)."""
+    out = {"majority class": (), "lr only": ("log_lr",), "S only": ("log_S",)}
+    if horizon_varied:
+        out["lr and T, no S"] = ("log_lr", "log_T")
+    out[RULE] = ("log_lr", "log_S", "log_T") if horizon_varied else ("log_lr", "log_S")
     return out
 
 
-def _scaling_verdict(schedule: str, brackets: pd.DataFrame) -> ScalingCheck:
-    bracketed = brackets[(brackets["largest stable lr"] > 0) & np.isfinite(brackets["smallest collapsed lr"])]
-    usable = bracketed[bracketed["staleness term binds"]]
-    scope = "bounds where the fitted staleness term binds"
-    if len(usable) < 2:  # the fit gives S no role: test the brackets themselves, or the fit could hide a failure
-        usable, scope = bracketed, "every bracketed bound (the fitted staleness term binds at fewer than 2)"
-    if len(usable) < 2:
-        return ScalingCheck(schedule, brackets, None, None, None,
-                            f"cannot be tested: {len(usable)} bound(s) where the grid brackets the largest stable lr "
-                            f"(a stable and a collapsed lr); 2 or more are needed")
-    s = usable["S"].to_numpy()
-    lo, hi = usable["largest stable lr"].to_numpy(), usable["smallest collapsed lr"].to_numpy()
-    # c/S passes through [lo, hi] at every S iff the intervals [lo·S, hi·S] of c overlap.
-    consistent = bool((lo * s).max() <= (hi * s).min())
-    x, y = np.log(s), 0.5 * (np.log(lo) + np.log(hi))
-    slope, intercept = np.polyfit(x, y, 1)
-    ci = None
-    if len(usable) >= 3:
-        from scipy import stats
+def features(obs: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"log_lr": np.log(obs["lr"].to_numpy(float)), "log_S": np.log(obs["S"].to_numpy(float)),
+                         "log_T": np.log(obs["T"].to_numpy(float))}, index=obs.index)
 
-        resid = y - (slope * x + intercept)
-        se = math.sqrt(float(resid @ resid) / (len(x) - 2) / float(((x - x.mean()) ** 2).sum()))
-        half = float(stats.t.ppf(0.975, len(x) - 2)) * se
-        ci = (float(slope - half), float(slope + half))
-    verdict = (f"over {scope}: " + ("consistent with 1/S, one c/S curve passes through every bracket" if consistent
-                                     else "not consistent with 1/S at this grid's resolution, no c/S curve passes "
-                                          "through every bracket"))
-    return ScalingCheck(schedule, brackets, float(slope), ci, consistent, verdict)
+
+def fit(obs: pd.DataFrame, names: tuple[str, ...], ridge: float = RIDGE) -> LogisticFit:
+    """The logistic fit on the named features (none: the collapse rate, as a constant model)."""
+    y = obs["collapsed"].to_numpy(float)
+    if not names:
+        return fit_logistic(np.zeros((len(obs), 0)), y, (), ridge)
+    return fit_logistic(features(obs)[list(names)].to_numpy(), y, names, ridge)
+
+
+def proba(model: LogisticFit, obs: pd.DataFrame) -> np.ndarray:
+    if not model.features:
+        return np.full(len(obs), float(1 / (1 + math.exp(-model.intercept))))
+    return model.proba(features(obs)[list(model.features)].to_numpy())
+
+
+# --------------------------------------------------------------------------- held out
+def heldout(obs: pd.DataFrame, split: str, horizon_varied: bool, ridge: float = RIDGE) -> pd.DataFrame:
+    """Every observation's collapse probability under each model fitted without its group (its seed, or its S);
+    columns "p/<model>". A group whose held-out fit has no data left is skipped (its rows stay NaN)."""
+    out = obs.copy()
+    compared = models(horizon_varied)
+    for name in compared:
+        out[f"p/{name}"] = np.nan
+    for g in pd.unique(obs[split]):
+        train, test = obs[obs[split] != g], obs[obs[split] == g]
+        if train.empty:
+            continue
+        for name, names in compared.items():
+            out.loc[test.index, f"p/{name}"] = proba(fit(train, names, ridge), test)
+    return out
+
+
+def scores(pred: pd.DataFrame, horizon_varied: bool) -> pd.DataFrame:
+    """Accuracy and log-loss of each model over the predicted observations."""
+    rows = []
+    y = pred["collapsed"].to_numpy(float)
+    for name in models(horizon_varied):
+        p = pred[f"p/{name}"].to_numpy(float)
+        ok = ~np.isnan(p)
+        rows.append({"model": name, "n": int(ok.sum()),
+                     "accuracy": float(((p[ok] >= 0.5) == (y[ok] == 1)).mean()) if ok.any() else math.nan,
+                     "log_loss": log_loss(y[ok], p[ok]) if ok.any() else math.nan})
+    return pd.DataFrame(rows).set_index("model")
+
+
+# --------------------------------------------------------------------------- exponent and its interval
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def text(self) -> str:
+        return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def exponents(model: LogisticFit) -> tuple[float, float]:
+    """(k, k_T) = (-c_S/c_η, -c_T/c_η) of a fit (NaN where c_η is 0 or negative: no lr edge)."""
+    eta = model.get("log_lr")
+    if not eta > 0:
+        return math.nan, math.nan
+    return -model.get("log_S") / eta, -model.get("log_T") / eta
+
+
+def bootstrap(obs: pd.DataFrame, names: tuple[str, ...], n_boot: int, seed: int, ridge: float = RIDGE
+              ) -> np.ndarray:
+    """Coefficient draws [n_boot, 1 + len(names)] (intercept first): the training runs resampled with
+    replacement (a pairs bootstrap; a run's horizons travel together, as they are one run's prefixes)."""
+    rng = np.random.default_rng(seed)
+    runs = list(obs.groupby("run", sort=False).indices.values())   # row positions of each run
+    X = features(obs)[list(names)].to_numpy()
+    y = obs["collapsed"].to_numpy(float)
+    draws = np.empty((n_boot, 1 + len(names)))
+    for b in range(n_boot):
+        rows = np.concatenate([runs[i] for i in rng.integers(0, len(runs), len(runs))])
+        m = fit_logistic(X[rows], y[rows], names, ridge)
+        draws[b] = (m.intercept, *m.coef)
+    return draws
+
+
+def interval(values: np.ndarray, point: float) -> Interval:
+    """Percentile 95 % interval of draws; a draw that is NaN (no lr edge in that resample) counts as unbounded on
+    both sides, so that a fit without an lr edge in over 2.5 % of resamples has an unbounded interval."""
+    v = np.asarray(values, dtype=np.float64)
+    bad = np.isnan(v)
+    v = np.concatenate([v[~bad], np.full(bad.sum(), -np.inf)])
+    low = float(np.quantile(v, 0.025, method="inverted_cdf"))
+    v[np.isinf(v)] = np.inf
+    high = float(np.quantile(v, 0.975, method="inverted_cdf"))
+    return Interval(point, low, high)
+
+
+VERDICTS = {"rule": "consistent with the rule", "none": "no measurable S effect", "other": "S matters, not as 1/S",
+            "undetermined": "undetermined"}
+
+
+def verdict(k: Interval) -> tuple[str, str]:
+    """(kind, sentence): kind "rule" (the interval excludes 0 and contains -1), "none" (it contains 0), "other"
+    (it excludes both), or "undetermined" (no lr edge, or no interval)."""
+    if not math.isfinite(k.value):
+        return "undetermined", "undetermined: the fit's collapse probability does not rise with the lr (no lr edge)"
+    if math.isnan(k.low) or math.isnan(k.high):
+        return "undetermined", "undetermined: no bootstrap interval"
+    if k.contains(0.0):
+        return "none", ("S has no measurable effect at this scale: the exponent's interval contains 0 (the lr bound "
+                        "is applied without S)")
+    if k.contains(-1.0):
+        return "rule", "consistent with the rule: the exponent's interval excludes 0 and contains -1"
+    if k.high < 0 and k.low > -1:
+        return "other", ("S matters, but less than the rule says: the interval excludes 0 and -1 (the largest stable "
+                         "lr falls more slowly than 1/S)")
+    if k.high < -1:
+        return "other", ("S matters more than the rule says: the interval excludes 0 and -1 (the largest stable lr "
+                         "falls faster than 1/S)")
+    return "other", "S matters with the wrong sign: the largest stable lr rises with S (the interval excludes 0 and -1)"
 
 
 # --------------------------------------------------------------------------- the whole analysis
-def analyse(cells: pd.DataFrame, step_rows: Sequence[Sequence[Mapping]], clip_eps: float, early_step: int,
-            n_boot: int = 200, seed: int = 0) -> Analysis:
-    """Fit on every cell (with bootstrap intervals), measure G_upd and R_batch from the runs' pre-collapse
-    rows, derive the constants, predict held-out cells in both schemes, and run the 1/S test."""
-    rule = _fit(cells, early_step, n_boot, seed)
-    g_upd = fit_update_norm(step_rows, seed=seed)
-    r_batch = fit_clip_radius(step_rows, clip_eps, g_upd.value if g_upd is not None else 1.0, seed=seed)
-    constants, units = constants_from_fit(rule, g_upd, r_batch)
-    analysis = Analysis(rule, g_upd, r_batch, constants, units)
-    for scheme in SCHEMES:  # a held-out cell needs other cells (other bounds) to fit on
-        if len(cells) < 2 or (scheme == "bound" and cells["pipeline.max_staleness"].nunique() < 2):
+@dataclass
+class Analysis:
+    obs: pd.DataFrame                # the fitted observations (S >= 1)
+    horizon_varied: bool
+    rule: LogisticFit                # the full fit on every observation
+    no_s: LogisticFit                # log lr (and log T) only: what predictions use when S has no effect
+    k: Interval                      # S exponent of the largest stable lr
+    k_T: Interval | None             # T exponent, where T varies
+    verdict: str
+    verdict_kind: str                # see `verdict`
+    n_boot: int
+    draws: np.ndarray                # bootstrap coefficient draws of the rule fit
+    heldout: dict[str, pd.DataFrame] = field(default_factory=dict)   # split -> predictions
+    scores: dict[str, pd.DataFrame] = field(default_factory=dict)    # split -> per-model accuracy and log-loss
+    ridge: float = RIDGE
+
+    @property
+    def staleness_effect(self) -> bool:
+        """S moves the edge measurably (the exponent's interval excludes 0): predictions use the fit with S."""
+        return self.verdict_kind in ("rule", "other")
+
+    def max_stable_lr(self, S: float, T: float, coef: np.ndarray | None = None, probability: float = 0.5) -> float:
+        """η* at (S, T) under the rule fit (or one bootstrap draw's coefficients)."""
+        c = np.asarray((self.rule.intercept, *self.rule.coef) if coef is None else coef, dtype=np.float64)
+        names = self.rule.features
+        get = lambda f: c[1 + names.index(f)] if f in names else 0.0  # noqa: E731
+        if not get("log_lr") > 0:
+            return math.inf
+        rest = c[0] + get("log_S") * math.log(S) + get("log_T") * math.log(T)
+        return math.exp((logit(probability) - rest) / get("log_lr"))
+
+    def max_stable_band(self, S: float, T: float) -> tuple[float, float]:
+        values = np.array([self.max_stable_lr(S, T, d) for d in self.draws])
+        return (float(np.quantile(values, 0.025, method="inverted_cdf")),
+                float(np.quantile(values, 0.975, method="inverted_cdf")))
+
+
+def analyse(obs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ridge: float = RIDGE) -> Analysis:
+    """Fit, interval, verdict and held-out comparison of the observations with S >= 1."""
+    obs = obs[obs["S"] >= 1].reset_index(drop=True)
+    if obs.empty:
+        raise ValueError("no runs with S >= 1 to fit")
+    horizon_varied = obs["T"].nunique() > 1
+    compared = models(horizon_varied)
+    names = compared[RULE]
+    rule = fit(obs, names, ridge)
+    no_s = fit(obs, compared["lr and T, no S"] if horizon_varied else compared["lr only"], ridge)
+    draws = bootstrap(obs, names, n_boot, seed, ridge) if n_boot else np.empty((0, 1 + len(names)))
+    k_point, kt_point = exponents(rule)
+    eta = draws[:, 1 + names.index("log_lr")] if len(draws) else np.empty(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = eta > 0
+        k_draws = np.where(ok, -draws[:, 1 + names.index("log_S")] / np.where(ok, eta, 1.0), np.nan) if len(draws) \
+            else np.empty(0)
+        kt_draws = (np.where(ok, -draws[:, 1 + names.index("log_T")] / np.where(ok, eta, 1.0), np.nan)
+                    if horizon_varied and len(draws) else None)
+    k = interval(k_draws, k_point) if len(k_draws) else Interval(k_point, math.nan, math.nan)
+    k_T = interval(kt_draws, kt_point) if kt_draws is not None else None
+    kind, text = verdict(k)
+    analysis = Analysis(obs, horizon_varied, rule, no_s, k, k_T, text, kind, n_boot, draws, ridge=ridge)
+    for split in SPLITS:
+        if obs[split].nunique() < 2:
             continue
-        analysis.heldout[scheme] = heldout(cells, early_step, scheme)
-    analysis.scaling = scaling_checks(cells, rule)
+        pred = heldout(obs, split, horizon_varied, ridge)
+        analysis.heldout[split] = pred
+        analysis.scores[split] = scores(pred, horizon_varied)
     return analysis
 
 
-def fit_payload(analysis: Analysis, statistic: str, source: str) -> dict:
-    """What fit.json holds (see `sim.stability.read_fit`)."""
-    def est(e: Estimate | None):
-        return None if e is None else {"value": e.value, "low": e.low, "high": e.high, "n": e.n, "method": e.method}
-    c = analysis.constants
-    return {"source": source, "staleness_statistic": statistic, "units": analysis.units,
-            "constants": {"r_batch": c.r_batch, "g_upd": c.g_upd, "r_crit": c.r_crit, "scale": c.scale},
-            "thresholds": {"staleness": est(analysis.fit.staleness_threshold),
-                           "drift": est(analysis.fit.drift_threshold)},
-            "measured": {"g_upd": est(analysis.g_upd), "r_batch": est(analysis.r_batch)},
-            "training_errors": analysis.fit.errors, "cells": analysis.fit.n,
-            "heldout_agreement": {s: agreement(p) for s, p in analysis.heldout.items()}}
+def fit_payload(analysis: Analysis, probability: float = 0.5) -> dict:
+    """The "rule" part of fit.json (see `sim.stability.read_fit`)."""
+    obs, r, n = analysis.obs, analysis.rule, analysis.no_s
+    coef = {"intercept": r.intercept, **{f: r.get(f) if f in r.features else None for f in FEATURES}}
+    return {
+        "model": "logistic: P(collapse) = sigmoid(intercept + log_lr*ln(lr) + log_S*ln(S) + log_T*ln(T))",
+        "coefficients": coef,
+        "standard_errors": r.standard_errors(),
+        "coefficients_without_S": {"intercept": n.intercept, "log_lr": n.get("log_lr"),
+                                   "log_T": n.get("log_T") if "log_T" in n.features else None},
+        "ridge": analysis.ridge,
+        "probability": probability,
+        "staleness_exponent": {"value": analysis.k.value, "low": analysis.k.low, "high": analysis.k.high,
+                               "method": f"k = -log_S/log_lr; 95 % percentile interval of {analysis.n_boot} bootstrap "
+                                         f"resamples of the training runs (a run's horizons together)"},
+        "horizon_exponent": None if analysis.k_T is None else {
+            "value": analysis.k_T.value, "low": analysis.k_T.low, "high": analysis.k_T.high},
+        "staleness_effect": analysis.staleness_effect,
+        "verdict": analysis.verdict, "verdict_kind": analysis.verdict_kind,
+        "range": {"lr": [float(obs["lr"].min()), float(obs["lr"].max())],
+                  "S": [float(obs["S"].min()), float(obs["S"].max())],
+                  "T": [int(obs["T"].min()), int(obs["T"].max())]},
+        "observations": len(obs), "runs": int(obs["run"].nunique()), "seeds": int(obs["seed"].nunique()),
+        "heldout": {split: {m: {"accuracy": row["accuracy"], "log_loss": row["log_loss"], "n": int(row["n"])}
+                            for m, row in table.iterrows()} for split, table in analysis.scores.items()},
+    }
 
 
 # --------------------------------------------------------------------------- Markdown
-def _g(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return "no limit seen" if math.isinf(x) else f"{x:.3g}"
-
-
-def _interval(e: Estimate | None) -> str:
-    if e is None:
-        return "not measured"
-    return f"{_g(e.value)} [{_g(e.low)}, {_g(e.high)}]"
-
-
-def markdown(analysis: Analysis, statistic: str) -> list[str]:
-    f, c = analysis.fit, analysis.constants
-    lines = ["## Fitted constants", "",
-             f"S is the {statistic} of each run's consumed staleness; η its mean applied learning rate up to the "
-             f"collapse (or the end); T its steps. Values with 95 % bootstrap intervals; constants in "
-             f"{analysis.units}.",
-             "", "| quantity | estimate [95 % interval] | how |", "|---|---|---|",
-             f"| a = scale·R_batch/G_upd (largest stable S·η) | {_interval(f.staleness_threshold)} | "
-             f"{f.staleness_threshold.method} |",
-             f"| b = scale·R_crit/G_upd (largest stable T·η) | {_interval(f.drift_threshold)} | "
-             f"{f.drift_threshold.method} |",
-             f"| G_upd | {_interval(analysis.g_upd)} | "
-             f"{analysis.g_upd.method if analysis.g_upd else 'needs update_norm in metrics.jsonl'} |",
-             f"| R_batch (measured) | {_interval(analysis.r_batch)} | "
-             f"{analysis.r_batch.method if analysis.r_batch else 'needs stale samples'} |",
-             f"| scale | {_g(c.scale)} | a·G_upd/R_batch (1 where R_batch is not measured or a is unbounded) |",
-             f"| R_crit | {_g(c.r_crit)} | b·G_upd/scale |", "",
-             f"On the {f.n} runs it was fitted to, the rule labels {f.n - f.errors} correctly "
-             f"({f.errors} wrong).", "", "## Prediction check (held out)", ""]
-    for scheme, pred in analysis.heldout.items():
-        table = confusion(pred)
-        lines += [f"{SCHEMES[scheme].capitalize()}: **{agreement(pred):.0%}** of {len(pred)} runs agree.", "",
-                  "| predicted \\ measured | stable | collapsed |", "|---|---|---|",
-                  *(f"| {p} | {table.loc[p, 'stable']} | {table.loc[p, 'collapsed']} |" for p in LABELS), ""]
-        wrong = pred[pred["predicted_collapse"] != pred["collapse_step"].notna()]
-        for _, r in wrong.iterrows():
-            measured = f"collapsed at step {r['collapse_step']:.0f}" if pd.notna(r["collapse_step"]) else "stable"
-            schedule = "sync" if r["pipeline.max_staleness"] == 0 else r["optim.schedule"]
-            why = ("the fit saw no limit" if r["binding"] == "none" else
-                   f"{r['binding']} term, largest stable lr {_g(r['max_stable_lr'])}")
-            lines.append(f"- wrong: S={r['S']:g} (bound {r['pipeline.max_staleness']:.0f}), {schedule}, "
-                         f"lr {r['optim.lr']:.3g} (applied {r['lr/applied']:.3g}): predicted "
-                         f"{'collapse' if r['predicted_collapse'] else 'stable'} ({why}), measured {measured}")
-        if len(wrong):
-            lines.append("")
-    lines += ["## Does the largest stable learning rate scale like 1/S?", ""]
-    for check in analysis.scaling:
-        lines.append(f"**{check.schedule}**: {check.note}"
-                     + (f"; log-log slope {check.slope:.2f}" if check.slope is not None else "")
-                     + (f" (95 % CI {check.slope_ci[0]:.2f} to {check.slope_ci[1]:.2f})" if check.slope_ci else "")
-                     + " (the rule says -1).")
-        lines += ["", "| bound | S | largest stable lr | smallest collapsed lr | staleness term binds |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['bound']} | {r['S']:g} | {_g(r['largest stable lr']) if r['largest stable lr'] else 'none'} | "
-                  f"{_g(r['smallest collapsed lr']) if np.isfinite(r['smallest collapsed lr']) else 'none'} | "
-                  f"{'yes' if r['staleness term binds'] else 'no'} |" for _, r in check.brackets.iterrows()]
-        lines.append("")
+def markdown(analysis: Analysis) -> list[str]:
+    a, r = analysis, analysis.rule
+    se = r.standard_errors()
+    terms = ["log_lr", "log_S"] + (["log_T"] if a.horizon_varied else [])
+    obs = a.obs
+    lines = ["## The fit", "",
+             f"Logistic regression of collapse on {', '.join(terms)} over {len(obs)} observations "
+             f"({obs['run'].nunique()} runs with S >= 1, {obs['seed'].nunique()} seeds; ridge {a.ridge:g} on the "
+             f"standardised coefficients):", "",
+             "| term | coefficient | s.e. |", "|---|---|---|",
+             f"| intercept | {r.intercept:.3g} | {se.get('intercept', math.nan):.2g} |",
+             *(f"| {t} | {r.get(t):.3g} | {se.get(t, math.nan):.2g} |" for t in terms), "",
+             f"The rule predicts equal coefficients on log lr and log S (k = -1). **S exponent of the largest stable "
+             f"lr: k = -c_S/c_lr = {a.k.text()}** (95 % interval: {a.n_boot} bootstrap resamples of the training runs, "
+             f"a run's horizons together)."]
+    if a.k_T is not None:
+        lines.append(f"Horizon exponent k_T = -c_T/c_lr = {a.k_T.text()} (the rule: -1 where the horizon binds).")
+    lines += ["", f"**Verdict: {a.verdict}.**", "", "## Held out: the fit against baselines", ""]
+    for split, table in a.scores.items():
+        n = int(table["n"].max())
+        lines += [f"{SPLITS[split]} ({n} observations, each predicted by fits that did not see its "
+                  f"{'seed' if split == 'seed' else 'S'}):", "",
+                  "| model | accuracy | log-loss |", "|---|---|---|",
+                  *(f"| {m}{' (log lr, log S' + (', log T' if a.horizon_varied else '') + ')' if m == RULE else ''} "
+                    f"| {row['accuracy']:.1%} | {row['log_loss']:.3f} |" for m, row in table.iterrows()), ""]
     return lines
