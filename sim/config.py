@@ -148,7 +148,7 @@ class Cluster(_Section):
         "continuous", description="continuous: a freed slot takes a new group at the next decode step (vLLM, "
                                   "SGLang). static: a worker admits a batch only when its last one has ended, and "
                                   "the batch's groups reach the learner together at its end, with one prefill "
-                                  "call for the batch (stalecast train's workers; runs on the SimPy engine).")
+                                  "call for the batch (stalecast train's workers).")
     router: Literal["least_loaded", "round_robin", "fill_first"] = Field(
         "least_loaded", description="Which worker the next group goes to, among those that could take it now "
                                     "(sim/engine/routers.py): least_loaded, the most free slots (SGLang's and vLLM's "

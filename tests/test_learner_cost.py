@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sim.config import parse_config
-from sim.engine.pipeline import Simulation, simulate
+from sim.engine.pipeline import ENGINES, Simulation, simulate
 from sim.hardware.cost import build_cost_model
 from sim.hardware.measured import Colocation, MeasuredProfile
 
@@ -54,23 +54,18 @@ def one_step_off(slowdown: float):
     return cfg, build_cost_model(cfg, MeasuredProfile(colocation=Colocation(1.0, slowdown)))
 
 
-def test_a_colocated_learner_is_slowed_only_while_the_worker_generates():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_colocated_learner_is_slowed_only_while_the_worker_generates(engine):
     """One step off: step k trains while the worker generates group k+1 (0.3 s, starting with the step), so
     0.3 s of the step run at 1/3 speed: a step lasts 0.3 + (1 - 0.3/3) = 1.2 s, not 3 s."""
     cfg, cost = one_step_off(3.0)
-    sim = Simulation(cfg, cost)
-    assert sim.engine == "simpy"
+    sim = Simulation(cfg, cost, engine=engine)
     steps = sim.run().steps
     np.testing.assert_allclose(steps["t_end"] - steps["t_start"], 1.2, rtol=1e-9)
     assert steps["t_start"].iloc[0] == pytest.approx(0.3)  # the first group, generated alone
     cfg, cost = one_step_off(1.0)
-    np.testing.assert_allclose(np.diff(simulate(cfg, cost).steps[["t_start", "t_end"]].to_numpy()), 1.0)
-
-
-def test_a_slowed_learner_runs_on_the_simpy_engine():
-    cfg, cost = one_step_off(2.0)
-    with pytest.raises(ValueError, match="co-located learner"):
-        Simulation(cfg, cost, engine="fast")
+    np.testing.assert_allclose(np.diff(Simulation(cfg, cost, engine=engine).run().steps[["t_start", "t_end"]]
+                                       .to_numpy()), 1.0)
 
 
 def test_groups_keep_their_lengths_together_and_in_order():

@@ -53,7 +53,13 @@ def test_one_group_per_batch_is_continuous_batching():
     pd.testing.assert_frame_equal(a.steps, b.steps)
 
 
-def test_static_batching_runs_on_the_simpy_engine():
-    assert Simulation(cfg_of("static")).engine == "simpy"
-    with pytest.raises(ValueError, match="static batching"):
-        Simulation(cfg_of("static"), engine="fast")
+def test_static_batching_runs_on_the_compiled_engine_as_on_simpy():
+    """The compiled loop models static batching: the same trace as the SimPy engine, bit for bit, with one worker
+    and with several that a router shares the batches among."""
+    for cfg in (cfg_of("static"), cfg_of("static", concurrency=6, prefill=0.0004).with_overrides(
+            {"cluster.rollout_workers": 3, "pipeline.staleness_control": "oldest_unconsumed",
+             "pipeline.max_staleness": 1})):
+        assert Simulation(cfg).engine == "fast"
+        fast, ref = simulate(cfg, engine="fast"), simulate(cfg, engine="simpy")
+        pd.testing.assert_frame_equal(fast.samples, ref.samples, check_exact=True)
+        pd.testing.assert_frame_equal(fast.steps, ref.steps, check_exact=True)

@@ -41,15 +41,19 @@ LEDGER = ("g_worker", "g_prompt", "g_t_admit", "g_t_start", "g_t_consumed", "g_v
  V_END, V_MEAN, PREFILL) = range(len(LEDGER))
 # Events: what = kind << 32 | actor (worker id; the learner is actor W at its start)
 URGENT, NORMAL = 0, 1
-EV_START, EV_WAKE, EV_INTERRUPT, EV_LEARNER, EV_END = range(5)
+EV_START, EV_WAKE, EV_INTERRUPT, EV_LEARNER, EV_END, EV_TRAIN = range(6)
+# A co-located learner's step (Simulation._train, a process of its own): its start, its timeout, the event that the
+# number of generating workers changed, and the condition (either of the two) it waits on
+T_INIT, T_TIMEOUT, T_ACTIVITY, T_COND = range(4)
 # Why a worker stopped admitting (Worker._admit's answer)
 R_SLOTS, R_BLOCKED, R_DRAIN = range(3)
 # The yield a worker waits at
 P_START, P_LOAD, P_DONE, P_FREE, P_LISTEN = range(5)
 # Per-worker integers (wi): the yield it waits at, the id of the timeout it waits for (-1: none), listening,
-# want_free of its pending commit, the step its fresh groups (no token yet) were admitted at, how many.
-W_PC, W_TARGET, W_LISTENING, W_WANT, W_FRESH_STEP, W_N_FRESH = range(6)
-WI_LEN = 6
+# want_free of its pending commit, the step its fresh groups (no token yet) were admitted at, how many, and how many
+# completed groups of its static batch it holds (Worker.held), whether it generates (Worker.generating).
+W_PC, W_TARGET, W_LISTENING, W_WANT, W_FRESH_STEP, W_N_FRESH, W_N_HELD, W_GEN = range(8)
+WI_LEN = 8
 # The yield the learner waits at
 L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
 # World integers (st): first the counters the rules read (state.py's schema, shared with the SimPy engine), then the
@@ -57,13 +61,18 @@ L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
 (S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TRAINED, S_OLDEST, S_SINCE_SYNC, S_GATED,
  S_ROUTED) = (W_.LATEST, W_.LEARNER_VERSION, W_.N_ADMITTED, W_.LIVE, W_.RUNNING, W_.BUFFERED, W_.TRAINED, W_.OLDEST,
               W_.SINCE_SYNC, W_.GATE_REFUSALS, W_.ROUTED_TO)
+# A co-located learner's step: the id of its current timeout, whether that timeout has been processed, its activity
+# event (0: none, 1: waiting, 2: triggered), whether its condition has been triggered.
 (S_EID, S_NEV, S_FIFO_HEAD, S_FIFO_TAIL, S_NFRESHEST, S_LPC, S_STEP, S_NBATCH, S_QLEN, S_DATA, S_TOKENS,
- S_ROOM) = range(W_.N_COUNTERS, W_.N_COUNTERS + 12)
-ST_LEN = W_.N_COUNTERS + 12
+ S_ROOM, S_TIMEOUT_EID, S_END_DONE, S_ACTIVITY, S_COND) = range(W_.N_COUNTERS, W_.N_COUNTERS + 16)
+ST_LEN = W_.N_COUNTERS + 16
 # F_QUIET: while the learner trains, the end of training: it pokes every listening worker then, and not before.
-F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET = range(4)
+# A co-located learner's step: train_slowdown - 1, the seconds left at full speed, when the current wait began,
+# the slowdown it runs at.
+F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET, F_EXTRA, F_REMAIN, F_T0, F_SLOW = range(8)
 # The loop's parameters (pi); the rules' are policies.P_* (pp)
-(P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY, P_ROUTER) = range(10)
+(P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY, P_ROUTER, P_STATIC,
+ P_SHARED) = range(12)
 ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
 # The learner's data event: none, waited for, triggered (scheduled)
 D_NONE, D_WAIT, D_TRIGGERED = range(3)
@@ -214,13 +223,43 @@ def _group_done(pi, pp, st, ev, q, ledger, unconsumed, gid):
 
 
 @njit
-def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, until, want_free):
+def _set_generating(st, ev, wi, w, on):
+    """Worker._set_generating: a co-located learner's step waiting on the workers' activity wakes."""
+    if wi[w, W_GEN] != on:
+        wi[w, W_GEN] = on
+        if st[S_ACTIVITY] == 1:  # Simulation.activity_changed
+            st[S_ACTIVITY] = 2
+            _schedule(st, ev, ev[3][F_NOW], NORMAL, (EV_TRAIN << 32) | T_ACTIVITY)
+
+
+@njit
+def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
+    """Worker._completed: the groups the kernel just completed go to the buffer (static: once their whole batch
+    has ended, in the order they completed)."""
+    done = ws[6]
+    if ws[0][w, K.N_ACTIVE] == 0:
+        _set_generating(st, ev, wi, w, 0)
+    if not pi[P_STATIC]:
+        for i in range(ws[0][w, K.N_DONE]):
+            _group_done(pi, pp, st, ev, q, ledger, unconsumed, done[w, i])
+        return
+    for i in range(ws[0][w, K.N_DONE]):
+        held[w, wi[w, W_N_HELD]] = done[w, i]
+        wi[w, W_N_HELD] += 1
+    if ws[0][w, K.N_ACTIVE] > 0:
+        return
+    for i in range(wi[w, W_N_HELD]):
+        _group_done(pi, pp, st, ev, q, ledger, unconsumed, held[w, i])
+    wi[w, W_N_HELD] = 0
+
+
+@njit
+def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, until, want_free):
     """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
     while True:
         flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], until, want_free, False)
         if flags & K.GROUPS_DONE:
-            for i in range(ws[0][w, K.N_DONE]):
-                _group_done(pi, pp, st, ev, q, ledger, unconsumed, ws[6][w, i])
+            _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
         if flags == 0 or flags & K.SLOTS_FREE:
             return
 
@@ -235,16 +274,17 @@ def _route(pi, pp, st, ws, wi, rt, w, oldest, asking_may):
             eligible[v] = asking_may
         else:
             coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
-            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and R.admission(
+            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and not (
+                pi[P_STATIC] and si[v, K.N_ACTIVE] > 0) and R.admission(
                 pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
                 st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
     return RT.choose(pi[P_ROUTER], free, eligible, st[S_ROUTED])
 
 
 @njit
-def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
+def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
     """Worker._admit: the groups the router sends here, then wake the router's choice for the next one."""
-    reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w)
+    reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
     chosen = _route(pi, pp, st, ws, wi, rt, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
     if chosen >= 0 and wi[chosen, W_LISTENING]:  # Worker.poke
         wi[chosen, W_LISTENING] = 0
@@ -253,12 +293,16 @@ def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
 
 
 @njit
-def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
+def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
     """Worker._admit_groups: admit whole groups while slots, the rules and the router allow; returns why it
     stopped."""
     si = ws[0]
     g = pi[P_G]
     now = ev[3][F_NOW]
+    static = pi[P_STATIC] != 0
+    if static and si[w, K.N_ACTIVE] > 0:
+        return R_SLOTS  # the running batch goes on to its end
+    batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
     while si[w, K.N_FREE] >= g:
         oldest = 0
         if pi[P_GATING]:  # Simulation.oldest_unconsumed
@@ -281,8 +325,14 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
             wi[w, W_FRESH_STEP], wi[w, W_N_FRESH] = si[w, K.K_STEP], 0
         fresh[w, wi[w, W_N_FRESH]] = gid
         wi[w, W_N_FRESH] += 1
+        prefill = ledger[PREFILL][gid]
+        if static:  # one prefill call for the batch: each group adds its share of the call's time
+            before = batch_tokens
+            batch_tokens += g * ledger[PROMPT][gid]
+            prefill = K.prefill_time(pre[0], pre[1], pre[2], batch_tokens) - (
+                K.prefill_time(pre[0], pre[1], pre[2], before) if before else 0.0)
         t_start = K.admit(ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], w, gid, g, ledger[RESPONSE_LEN],
-                          ledger[PROMPT][gid], now, ledger[PREFILL][gid])
+                          ledger[PROMPT][gid], now, prefill)
         v = si[w, K.VER]  # Simulation.group_admitted
         ledger[WORKER][gid], ledger[T_ADMIT][gid], ledger[T_START][gid], ledger[V_START][gid] = w, now, t_start, v
         unconsumed[v] += 1
@@ -290,6 +340,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w):
         st[S_LIVE] += 1
         st[S_RUNNING] += 1
         st[S_SINCE_SYNC] += 1
+        _set_generating(st, ev, wi, w, 1)
     return R_SLOTS
 
 
@@ -317,23 +368,23 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
 
 
 @njit
-def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, interrupted):
+def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+            interrupted):
     """Worker.run of worker w, from the yield it waits at to its next yield."""
     si, sf = ws[0], ws[1]
     now = ev[3][F_NOW]
     pc = wi[w, W_PC]
     if pc == P_DONE:
-        for i in range(si[w, K.N_DONE]):
-            _group_done(pi, pp, st, ev, q, ledger, unconsumed, ws[6][w, i])
+        _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
     elif pc == P_LISTEN:
         if interrupted:
-            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, now, 0)
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, now, 0)
             K.catch_up(ws[0], ws[1], ws[2], ws[3], w, xs, ys, now)
             if pi[P_INTERRUPTIBLE]:
                 _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w)
         else:
             wi[w, W_LISTENING] = 0
-            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, xs, ys, w, wt[w], wi[w, W_WANT])
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, wt[w], wi[w, W_WANT])
     while True:
         if si[w, K.N_ACTIVE] == 0:
             target = R.load_target(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
@@ -341,8 +392,8 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys
                 K.load_now(si, sf, w, target, sync_s, now)
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
-        reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, w)
-        want_free = pi[P_G] if reason == R_SLOTS else 0
+        reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
+        want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_G]
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
         if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now:
             # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
@@ -381,6 +432,44 @@ def _poke(st, ev, wi):
         if wi[w, W_LISTENING]:
             wi[w, W_LISTENING] = 0
             _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_INTERRUPT << 32) | w)
+
+
+@njit
+def _train_wait(pi, st, ev, wi):
+    """Simulation._train, one turn of its loop: the seconds left, slowed by 1 + extra·k/W while k of the W workers
+    generate, until that ends or k changes."""
+    ft = ev[3]
+    k = 0
+    for w in range(pi[P_W]):
+        k += wi[w, W_GEN]
+    ft[F_SLOW] = 1.0 + ft[F_EXTRA] * k / pi[P_W]
+    ft[F_T0] = ft[F_NOW]
+    st[S_ACTIVITY], st[S_COND], st[S_END_DONE] = 1, 0, 0
+    st[S_TIMEOUT_EID] = _schedule(st, ev, ft[F_NOW] + ft[F_REMAIN] * ft[F_SLOW], NORMAL, (EV_TRAIN << 32) | T_TIMEOUT)
+
+
+@njit
+def _train_event(pi, st, ev, wi, sub, eid):
+    """A co-located learner's step, event by event as SimPy runs Simulation._train: its process starts; its
+    timeout or its activity event triggers the condition it waits on (once); the condition, processed, ends the
+    step if the timeout has been processed by then (the process ends: the learner resumes), else it waits again
+    for the rest. A timeout of an earlier turn does nothing."""
+    now = ev[3][F_NOW]
+    if sub == T_INIT:
+        _train_wait(pi, st, ev, wi)
+    elif sub == T_COND:
+        if st[S_END_DONE]:
+            st[S_ACTIVITY] = 0
+            _schedule(st, ev, now, NORMAL, EV_LEARNER << 32)
+        else:
+            ev[3][F_REMAIN] = max(0.0, ev[3][F_REMAIN] - (now - ev[3][F_T0]) / ev[3][F_SLOW])
+            _train_wait(pi, st, ev, wi)
+    elif sub == T_ACTIVITY or eid == st[S_TIMEOUT_EID]:
+        if sub == T_TIMEOUT:
+            st[S_END_DONE] = 1
+        if st[S_COND] == 0:
+            st[S_COND] = 1
+            _schedule(st, ev, now, NORMAL, (EV_TRAIN << 32) | T_COND)
 
 
 @njit
@@ -452,7 +541,8 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
 
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
-    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, batch, steps_i, steps_f, xs, ys, sync_s):
+    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, batch, steps_i, steps_f, pre, xs, ys,
+             sync_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
         if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
@@ -460,11 +550,15 @@ def _build_loop(digest: str):
                 _schedule(st, ev, 0.0, URGENT, (EV_START << 32) | w)
         if st[S_LPC] == L_TRAIN_TIME:  # back with the step time: the learner yields its timeout
             st[S_LPC] = L_TRAIN
-            ev[3][F_QUIET] = ev[3][F_NOW] + ev[3][F_TRAIN_S]
-            _schedule(st, ev, ev[3][F_QUIET], NORMAL, EV_LEARNER << 32)
+            if pi[P_SHARED]:  # or a process of its own, whose end comes back as a learner event
+                ev[3][F_REMAIN] = ev[3][F_TRAIN_S]
+                _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_TRAIN << 32) | T_INIT)
+            else:
+                ev[3][F_QUIET] = ev[3][F_NOW] + ev[3][F_TRAIN_S]
+                _schedule(st, ev, ev[3][F_QUIET], NORMAL, EV_LEARNER << 32)
         while True:
-            # One event schedules at most W interrupts and two more events, and admits at most c // g groups.
-            if st[S_NGROUPS] > st[S_ROOM] or st[S_NEV] + pi[P_W] + 2 > ev[0].shape[0]:
+            # One event schedules at most W interrupts and three more events, and admits at most c // g groups.
+            if st[S_NGROUPS] > st[S_ROOM] or st[S_NEV] + pi[P_W] + 3 > ev[0].shape[0]:
                 return NEED_ROOM
             if st[S_NEV] == 0:
                 return STALLED
@@ -473,14 +567,18 @@ def _build_loop(digest: str):
             kind, w = what >> 32, what & 0xFFFFFFFF
             if kind == EV_WAKE:
                 if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
-                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+                            False)
             elif kind == EV_INTERRUPT:
                 wi[w, W_TARGET] = -1
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, True)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w, True)
             elif kind == EV_START and w < pi[P_W]:
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, unconsumed, xs, ys, sync_s, w, False)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+                            False)
             elif kind == EV_END:
                 return DONE
+            elif kind == EV_TRAIN:
+                _train_event(pi, st, ev, wi, w, eid)
             elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
                 return NEED_TRAIN_TIME
     return K.njit(cache=True, _nrt=False)(loop)
@@ -508,7 +606,8 @@ class _Run:
         order = {"fifo": ORDER_FIFO, "freshest": ORDER_FRESHEST, "batch": ORDER_BATCH}[sim.buffer.order]
         self.sim = sim
         self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
-                            ctl.sync_every, sim.router], np.int64)
+                            ctl.sync_every, sim.router, cfg.cluster.batching == "static",
+                            sim.cost.train_slowdown != 1.0], np.int64)
         self.rt = (np.zeros(W, np.int64), np.zeros(W, np.int64))  # the router's scratch: free slots, eligible
         self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)
@@ -518,12 +617,14 @@ class _Run:
         self.wi[:, W_FRESH_STEP] = -1
         self.wt = np.zeros(W)  # the event time a listening worker's pending commit runs to
         self.fresh = np.zeros((W, c // sim.group_size), np.int64)
+        self.held = np.zeros((W, c // sim.group_size), np.int64)  # static: a batch's completed groups
         self.unconsumed = np.zeros(cfg.run.steps + 2, np.int64)  # versions never pass the step count
         self.batch = np.zeros(sim.B, np.int64)
         self.steps_i = np.zeros((cfg.run.steps, 4), np.int64)  # version, samples, tokens, queue length
         self.steps_f = np.zeros((cfg.run.steps, 3))              # t_start, t_end, weight sync
-        n_events = 4 * (W + 2)
-        self.ev = (np.zeros(n_events), np.zeros(n_events, np.int64), np.zeros(n_events, np.int64), np.zeros(4))
+        n_events = 4 * (W + 3)
+        self.ev = (np.zeros(n_events), np.zeros(n_events, np.int64), np.zeros(n_events, np.int64), np.zeros(8))
+        self.ev[3][F_EXTRA] = sim.cost.train_slowdown - 1.0
         self.q = (np.zeros(0, np.int64),) * 4  # fifo, freshest heap, batch stack heads, batch stack links
         self._make_room()
 
@@ -531,7 +632,7 @@ class _Run:
         """Room for the loop to go on: in the event queue, and prepared ledger entries (and buffer room) for
         more groups than one worker wake admits (c // g)."""
         sim, st = self.sim, self.st
-        if st[S_NEV] + sim.cfg.cluster.rollout_workers + 2 > len(self.ev[0]):
+        if st[S_NEV] + sim.cfg.cluster.rollout_workers + 3 > len(self.ev[0]):
             n = 2 * len(self.ev[0])
             self.ev = (*(_extend(a, n) for a in self.ev[:3]), self.ev[3])
         wake = sim.cfg.cluster.max_concurrency // sim.group_size
@@ -546,8 +647,8 @@ class _Run:
         sim, st, ft = self.sim, self.st, self.ev[3]
         while True:
             code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
-                         self.wi, self.wt, self.rt, self.fresh, self.unconsumed, self.batch, self.steps_i, self.steps_f,
-                         sim.decode_x, sim.decode_y, sim.sync_s)
+                         self.wi, self.wt, self.rt, self.fresh, self.held, self.unconsumed, self.batch, self.steps_i,
+                         self.steps_f, sim.cost.prefill_table(), sim.decode_x, sim.decode_y, sim.sync_s)
             if code == NEED_TRAIN_TIME:
                 ft[F_TRAIN_S] = sim.cost.train_s(sim.train_tokens(self.batch))
                 # Progress callbacks run here, after the previous step's sync: they change nothing simulated.

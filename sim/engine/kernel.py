@@ -260,3 +260,26 @@ def load_now(si, sf, w, version, pause_s, now):
     si[w, VBASE_STEP] = si[w, K_STEP]
     si[w, VER] = version
     sf[w, T] = max(sf[w, T], now) + pause_s
+
+
+# Prefill parameters (pf): seconds = (LINEAR·p + QUADRATIC·p(p+1)/2) / RATE, or the measured curve when it has points,
+# times SLOWDOWN (the generation co-location factor)
+PF_LINEAR, PF_QUADRATIC, PF_RATE, PF_SLOWDOWN = range(4)
+
+
+@njit(cache=True, _nrt=False)
+def prefill_time(pf, xs, ys, tokens):
+    """Seconds to prefill `tokens` prompt tokens (cost.PrefillCurve): one compiled function, so that the SimPy
+    engine (through CostModel.prefill_s) and the compiled loop charge the same float. A measured curve (xs, ys) is
+    piecewise-linear, extended linearly beyond both ends (measured.interp_linear) and floored at 0."""
+    p = float(tokens)
+    n = xs.shape[0]
+    if n == 0:
+        s = (pf[PF_LINEAR] * p + pf[PF_QUADRATIC] * p * (p + 1.0) / 2.0) / pf[PF_RATE]
+    else:
+        i = 1
+        while i < n - 1 and xs[i] < p:  # the first point at or above p, kept within the end segments
+            i += 1
+        t = (p - xs[i - 1]) / (xs[i] - xs[i - 1])
+        s = max(0.0, ys[i - 1] + t * (ys[i] - ys[i - 1]))
+    return s * pf[PF_SLOWDOWN]

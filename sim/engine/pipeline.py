@@ -3,8 +3,7 @@
 `simulate(cfg)` runs one replication and returns its trace. The `Simulation` object is the shared world
 the actors consult: versions published, the admission rules of each mode, the group ledger. It runs the
 SimPy processes below (worker.py, `learn`) with engine="simpy"; by default, where numba is installed, it
-runs the same model compiled (fast.py: the same events in the same order, the same trace, about 10x faster),
-except static batching and a co-located learner whose speed follows the workers', which run on SimPy.
+runs the same model compiled (fast.py: the same events in the same order, the same trace, about 10x faster).
 """
 
 from __future__ import annotations
@@ -101,12 +100,7 @@ class Simulation:
             raise ValueError(f"trace_columns: not sample columns: {', '.join(unknown)}")
         check_simulation_memory(cfg, self.trace_columns)
         self.cost = cost if cost is not None else settled_cost_model(cfg, engine, stream)
-        static = cfg.cluster.batching == "static"
-        shared = self.cost.train_slowdown != 1.0  # the learner's speed follows the workers': SimPy only
-        if engine == "fast" and (static or shared):
-            raise ValueError("the fast engine batches continuously and trains at one speed; static batching and "
-                             "a co-located learner slowed while workers generate run on engine='simpy'")
-        self.engine = engine or ("fast" if K.COMPILED and not (static or shared) else "simpy")
+        self.engine = engine or ("fast" if K.COMPILED else "simpy")
         self.cfg = cfg
         wl, pl = cfg.workload, cfg.pipeline
         self.env = simpy.Environment()

@@ -23,19 +23,33 @@ fraction it is built for, and `sim.engine.pipeline.settled_cost_model` finds the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from sim.engine import kernel as K
 from sim.hardware.measured import DecodeGrid, IdleCurve, MeasuredProfile, interp_linear, load_profile, slowdown_at
 from sim.hardware.specs import GPUS, resolve_model
+
+
+@dataclass(frozen=True)
+class PrefillCurve:
+    """Prefill seconds against prompt tokens p: (linear·p + quadratic·p(p+1)/2) / rate, or, when `tokens` is
+    given, the measured curve through (tokens, seconds). Plain numbers, evaluated by one compiled function
+    (kernel.prefill_time) for both engines."""
+    linear: float = 0.0
+    quadratic: float = 0.0
+    rate: float = 1.0
+    tokens: tuple[float, ...] = ()
+    seconds: tuple[float, ...] = ()
 
 
 class CostModel:
     """Costs of one run's workers and learner. Built by `build_cost_model`; no I/O."""
 
     def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
-                 prefill: Callable[[float], float], train: Callable[[float], float], sync_s: float,
+                 prefill: PrefillCurve, train: Callable[[float], float], sync_s: float,
                  gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None,
                  worker_idle: float | None = None):
         self.max_n = max_n
@@ -45,7 +59,9 @@ class CostModel:
         self._x = np.ascontiguousarray(decode_x, dtype=np.float64)
         self._y = np.ascontiguousarray(decode_y * gen_slowdown, dtype=np.float64)
         self._x.flags.writeable = self._y.flags.writeable = False  # shared by every caller
-        self._prefill, self._train, self._sync = prefill, train, sync_s
+        self._pf = np.array([prefill.linear, prefill.quadratic, prefill.rate, gen_slowdown], np.float64)
+        self._pxs, self._pys = (np.ascontiguousarray(a, dtype=np.float64) for a in (prefill.tokens, prefill.seconds))
+        self._train, self._sync = train, sync_s
 
     def decode_table(self) -> tuple[np.ndarray, np.ndarray]:
         """X, Y of shape (max_n + 1, M): row n gives one decode step's seconds (Y) against the total
@@ -62,8 +78,12 @@ class CostModel:
         return float(ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
 
     def prefill_s(self, prompt_tokens: int) -> float:
-        """Prefill of one group's prompt, shared by the group's samples."""
-        return self._prefill(prompt_tokens) * self.gen_slowdown
+        """Prefill of one group's prompt, shared by the group's samples (or of a static batch's prompts)."""
+        return float(K.prefill_time(self._pf, self._pxs, self._pys, prompt_tokens))
+
+    def prefill_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(parameters, curve tokens, curve seconds) of kernel.prefill_time: prefill_s for compiled code."""
+        return self._pf, self._pxs, self._pys
 
     def train_s(self, tokens: int) -> float:
         """One learner step over `tokens` (hardware.train_tokens: packed or padded), with no worker generating
@@ -129,7 +149,7 @@ def cost_model_for(cfg, worker_idle: float | None = None) -> CostModel:
 def _constant_parts(c, max_n: int) -> dict:
     x = np.tile([0.0, 1.0, 2.0], (max_n + 1, 1))
     return {"decode": (x, np.full_like(x, c.decode_step_s)),
-            "prefill": lambda p: c.prefill_s_per_token * p,
+            "prefill": PrefillCurve(linear=c.prefill_s_per_token),
             "train": lambda t: c.train_step_s + c.train_s_per_token * t,
             "sync": c.sync_s}
 
@@ -156,7 +176,7 @@ def _analytic_parts(cfg) -> dict:
     train_rate = cl.learner_gpus * peak * eff.train_mfu
     link = gpu.intra_node_gbps if cl.colocated or cl.total_gpus <= 8 else gpu.inter_node_gbps
     return {"decode": (x, y),
-            "prefill": lambda p: (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / prefill_rate,
+            "prefill": PrefillCurve(2.0 * m.params, float(m.attn_flops_per_ctx_token), prefill_rate),
             "train": lambda t: 6 * m.params * t / train_rate + eff.train_step_overhead_s,
             "sync": m.weight_bytes() / (link * 1e9 * eff.network) + eff.sync_latency_s}
 
@@ -166,7 +186,7 @@ def _measured_parts(profile: MeasuredProfile, max_n: int) -> dict:
     if profile.decode is not None:
         parts["decode"] = _measured_decode(profile.decode, max_n)
     if profile.prefill is not None:
-        parts["prefill"] = profile.prefill
+        parts["prefill"] = PrefillCurve(tokens=profile.prefill.tokens, seconds=profile.prefill.seconds)
     if profile.train is not None:
         parts["train"] = profile.train
     if profile.sync_s is not None:
