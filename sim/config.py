@@ -213,6 +213,23 @@ class QueueDropKnobs(_Section):
                                             "buffer pushes the oldest waiting one out (counted as dropped).")
 
 
+class WeightSync(_Section):
+    """A weight sync in three phases (docs/design.md): the rollout side pauses, the weights transfer, the rollout
+    side resumes. Waiting for in-flight requests to finish (a draining worker) is simulated, not part of pause_s."""
+    pause_s: Float = Field(0.0, ge=0, description="Seconds the rollout side takes to pause for a sync (abort in-flight "
+                                                  "requests and keep their state, or stop the engine after a drain; "
+                                                  "free its cache): the learner waits for it before the transfer, "
+                                                  "and each worker is busy with it. Not charged in sync mode, where "
+                                                  "generation has ended when the learner publishes.")
+    transfer_s: Float | None = Field(None, ge=0, description="Seconds of the transfer (NCCL broadcast, or through "
+                                                             "host memory), on both sides; null: the cost model's "
+                                                             "(weight bytes / link bandwidth + latency, or a "
+                                                             "profile's sync_s).")
+    resume_s: Float = Field(0.0, ge=0, description="Seconds a worker takes after the transfer before it decodes "
+                                                   "again (load into the engine, rebuild caches and CUDA graphs); "
+                                                   "the learner does not wait for it.")
+
+
 POLICY_KNOBS = {"areal": AReaLKnobs, "verl_fully_async": VerlKnobs, "prime_rl": PrimeRLKnobs, "tinker": TinkerKnobs,
                 "drop": DropKnobs, "queue_drop": QueueDropKnobs}
 _RENAMED_CONTROLS = {"gating": "oldest_unconsumed", "both": "oldest_unconsumed with drop_stale: true"}
@@ -258,6 +275,8 @@ class Pipeline(_Section):
     drop: DropKnobs | None = Field(None, description="Knobs of staleness_control: drop.")
     queue_drop: QueueDropKnobs | None = Field(None, description="Knobs of staleness_control: queue_drop (capacity "
                                                                 "is required).")
+    weight_sync: WeightSync = Field(default_factory=WeightSync, description="A weight sync's phases: pause, "
+                                                                            "transfer, resume.")
 
     @model_validator(mode="before")
     @classmethod

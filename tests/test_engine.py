@@ -366,9 +366,9 @@ def run_both(cfg):
 @st.composite
 def larger_configs(draw):
     """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
-    times), every staleness control, router, batching mode, buffer order and capacity, co-location (a learner whose
-    speed follows the workers'), responses short and long against max_new_tokens (one or many decode steps per
-    calendar bucket)."""
+    times), every staleness control, router, batching mode, weight-sync phases, buffer order and capacity,
+    co-location (a learner whose speed follows the workers'), responses short and long against max_new_tokens (one
+    or many decode steps per calendar bucket)."""
     mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async", "async"]))
     group = draw(st.integers(1, 4))
     batch = draw(st.integers(1, 8))
@@ -377,6 +377,8 @@ def larger_configs(draw):
         pipeline["max_staleness"] = draw(st.integers(0, 6))
     if mode == "async":
         pipeline = draw(async_pipelines(batch, max_staleness=4))
+    pipeline["weight_sync"] = draw(st.sampled_from([{}, {"pause_s": 0.05, "resume_s": 0.02},
+                                                    {"pause_s": 0.3, "transfer_s": 0.0, "resume_s": 0.1}]))
     hardware = draw(st.one_of(
         st.just({"gpu": "H100-SXM", "model": "qwen2.5-0.5b"}),
         st.builds(lambda d, p, t, s: {"constant": {"decode_step_s": d, "prefill_s_per_token": p, "train_step_s": t,

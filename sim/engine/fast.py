@@ -345,7 +345,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
 
 
 @njit
-def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
+def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, load_s, w):
     """Worker._on_new_weights (interruptible): load now at a step boundary, or pause at the next one."""
     si, sf = ws[0], ws[1]
     latest = st[S_LATEST]
@@ -353,7 +353,7 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
         return
     now = ev[3][F_NOW]
     if si[w, K.N_ACTIVE] == 0 or sf[w, K.T] >= now:
-        K.load_now(si, sf, w, latest, sync_s, now)
+        K.load_now(si, sf, w, latest, load_s, now)
         si[w, K.PAUSE_STEP] = -1
         if wi[w, W_FRESH_STEP] == si[w, K.K_STEP]:
             for i in range(wi[w, W_N_FRESH]):  # Simulation.restamp
@@ -364,11 +364,11 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w):
     else:
         si[w, K.PAUSE_STEP] = si[w, K.K_STEP] + 1
         si[w, K.PAUSE_VER] = latest
-        sf[w, K.PAUSE_S] = sync_s
+        sf[w, K.PAUSE_S] = load_s
 
 
 @njit
-def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
             interrupted):
     """Worker.run of worker w, from the yield it waits at to its next yield."""
     si, sf = ws[0], ws[1]
@@ -381,7 +381,7 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
             _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, now, 0)
             K.catch_up(ws[0], ws[1], ws[2], ws[3], w, xs, ys, now)
             if pi[P_INTERRUPTIBLE]:
-                _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, sync_s, w)
+                _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, load_s, w)
         else:
             wi[w, W_LISTENING] = 0
             _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, wt[w], wi[w, W_WANT])
@@ -389,7 +389,7 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
         if si[w, K.N_ACTIVE] == 0:
             target = R.load_target(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
             if target >= 0:
-                K.load_now(si, sf, w, target, sync_s, now)
+                K.load_now(si, sf, w, target, load_s, now)
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
         reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
@@ -484,7 +484,7 @@ def _retire(st, ev, ledger, unconsumed, gid, step, dropped):
 
 
 @njit
-def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s):
+def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, publish_s):
     """Simulation.learn, from the yield it waits at to its next; NEED_TRAIN_TIME when it needs the cost model."""
     now = ev[3][F_NOW]
     ev[3][F_QUIET] = now
@@ -496,13 +496,13 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
         steps_f[step, 0], steps_f[step, 1], steps_f[step, 2] = ev[3][F_STEP_START], now, 0.0
         st[S_TRAINED] += pi[P_B]
         if (step + 1) % pi[P_SYNC_EVERY] == 0:  # publish: a new version, and the weight sync
-            steps_f[step, 2] = sync_s
+            steps_f[step, 2] = publish_s
             st[S_LVER] += 1
             st[S_LATEST] = st[S_LVER]
             st[S_SINCE_SYNC] = st[S_RUNNING] + st[S_BUFLEN]
             _poke(st, ev, wi)
             st[S_LPC] = L_SYNC
-            _schedule(st, ev, now + sync_s, NORMAL, EV_LEARNER << 32)
+            _schedule(st, ev, now + publish_s, NORMAL, EV_LEARNER << 32)
             return 0
         pc = L_SYNC  # no sync this step: on to the next at once
     if pc == L_SYNC:
@@ -542,7 +542,7 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
     def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, batch, steps_i, steps_f, pre, xs, ys,
-             sync_s):
+             publish_s, load_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
         if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
@@ -567,19 +567,21 @@ def _build_loop(digest: str):
             kind, w = what >> 32, what & 0xFFFFFFFF
             if kind == EV_WAKE:
                 if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
-                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
                             False)
             elif kind == EV_INTERRUPT:
                 wi[w, W_TARGET] = -1
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w, True)
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
+                        True)
             elif kind == EV_START and w < pi[P_W]:
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, sync_s, w,
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
                             False)
             elif kind == EV_END:
                 return DONE
             elif kind == EV_TRAIN:
                 _train_event(pi, st, ev, wi, w, eid)
-            elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, sync_s) == NEED_TRAIN_TIME:
+            elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
+                          publish_s) == NEED_TRAIN_TIME:
                 return NEED_TRAIN_TIME
     return K.njit(cache=True, _nrt=False)(loop)
 
@@ -646,9 +648,10 @@ class _Run:
     def run(self) -> None:
         sim, st, ft = self.sim, self.st, self.ev[3]
         while True:
-            code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER), sim.worker_state,
-                         self.wi, self.wt, self.rt, self.fresh, self.held, self.unconsumed, self.batch, self.steps_i,
-                         self.steps_f, sim.cost.prefill_table(), sim.decode_x, sim.decode_y, sim.sync_s)
+            code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER),
+                         sim.worker_state, self.wi, self.wt, self.rt, self.fresh, self.held, self.unconsumed,
+                         self.batch, self.steps_i, self.steps_f, sim.cost.prefill_table(), sim.decode_x, sim.decode_y,
+                         sim.publish_s, sim.load_s)
             if code == NEED_TRAIN_TIME:
                 ft[F_TRAIN_S] = sim.cost.train_s(sim.train_tokens(self.batch))
                 # Progress callbacks run here, after the previous step's sync: they change nothing simulated.

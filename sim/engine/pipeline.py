@@ -105,7 +105,12 @@ class Simulation:
         wl, pl = cfg.workload, cfg.pipeline
         self.env = simpy.Environment()
         self.decode_x, self.decode_y = (np.ascontiguousarray(a, dtype=np.float64) for a in self.cost.decode_table())
-        self.sync_s = float(self.cost.sync_s())
+        # A weight sync's phases (config.WeightSync): the learner waits for the pause and the transfer, a worker
+        # loading new weights is busy with all three
+        ws = cfg.pipeline.weight_sync
+        pause = ws.pause_s if cfg.pipeline.mode != "sync" else 0.0
+        transfer = ws.transfer_s if ws.transfer_s is not None else float(self.cost.sync_s())
+        self.publish_s, self.load_s = pause + transfer, pause + transfer + ws.resume_s
         self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.control = Control.from_config(cfg)
         self.router = ROUTERS[cfg.cluster.router]
@@ -333,13 +338,13 @@ class Simulation:
             world.trained += B
             publish = (step + 1) % sync_every == 0
             self.steps.append((step, t_start, t_end, world.learner_version, B * self.group_size, tokens,
-                               queue_len, self.sync_s if publish else 0.0))
+                               queue_len, self.publish_s if publish else 0.0))
             if publish:
                 world.learner_version += 1
                 world.latest = world.learner_version
                 world.since_sync = world.running + world.buffered  # verl: the groups outstanding at the sync
                 self._poke_workers()
-                yield env.timeout(self.sync_s)
+                yield env.timeout(self.publish_s)
             if self.on_step is not None:
                 self.on_step(step)
 

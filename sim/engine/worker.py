@@ -136,7 +136,7 @@ class Worker:
         if latest <= self.version:
             return
         if self.n_active == 0 or self.sf[K.T] >= self.env.now:
-            K.load_now(*self.state[:2], self.worker_id, latest, self.sim.sync_s, self.env.now)
+            K.load_now(*self.state[:2], self.worker_id, latest, self.sim.load_s, self.env.now)
             self.si[K.PAUSE_STEP] = -1
             if self.fresh_step == self.si[K.K_STEP]:
                 for gid in self.fresh:
@@ -144,7 +144,7 @@ class Worker:
         else:
             self.si[K.PAUSE_STEP] = self.si[K.K_STEP] + 1
             self.si[K.PAUSE_VER] = latest
-            self.sf[K.PAUSE_S] = self.sim.sync_s
+            self.sf[K.PAUSE_S] = self.sim.load_s
 
     # ------------------------------------------------------------------ the actor
     def run(self):
@@ -155,7 +155,7 @@ class Worker:
             # Drained and due for new weights: load them (the worker is busy meanwhile).
             target = sim.load_target(self) if self.n_active == 0 else None
             if target is not None:
-                K.load_now(*self.state[:2], self.worker_id, target, sim.sync_s, env.now)
+                K.load_now(*self.state[:2], self.worker_id, target, sim.load_s, env.now)
                 self.coming = True
                 yield self._until(float(self.sf[K.T]))
                 continue
