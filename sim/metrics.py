@@ -108,8 +108,8 @@ def learner_wait_s(steps: pd.DataFrame) -> np.ndarray:
     return np.maximum(steps["t_start"].to_numpy() - prev_free, 0.0)
 
 
-def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(worker, start, end) per started group; end is NaN while any of its samples is still generating."""
+def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(worker, start, end, group id) per started group; end is NaN while any of its samples is still generating."""
     gid = samples["group_id"].to_numpy()
     order = None if np.all(gid[1:] >= gid[:-1]) else np.argsort(gid, kind="stable")
     pick = (lambda name: samples[name].to_numpy()) if order is None else (lambda name: samples[name].to_numpy()[order])
@@ -119,14 +119,18 @@ def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.n
     end[np.add.reduceat(np.isnan(t_end), first) > 0] = np.nan
     start = pick("t_start")[first]
     keep = ~np.isnan(start)
-    return pick("worker_id")[first][keep], start[keep], end[keep]
+    return pick("worker_id")[first][keep], start[keep], end[keep], gid[first][keep]
 
 
-def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, n_workers: int, wall: float) -> float:
-    """Fraction of worker-time with at least one sequence in flight (union of intervals per worker)."""
+def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, n_workers: int, wall: float,
+                  until: np.ndarray | float | None = None) -> float:
+    """Fraction of worker-time with at least one sequence in flight (union of intervals per worker). Each interval
+    counts up to `until`, the end of its run (default the wall time); one still open (end NaN) runs to it."""
     if len(t_start) == 0 or wall <= 0:
         return 0.0
-    t_end = np.where(np.isnan(t_end), wall, np.minimum(t_end, wall))
+    until = wall if until is None else until
+    t_start = np.minimum(t_start, until)  # a group started after its run's last step ended adds nothing
+    t_end = np.where(np.isnan(t_end), until, np.minimum(t_end, until))
     order = np.lexsort((t_start, worker_id))
     w, s, e = worker_id[order], t_start[order], t_end[order]
     busy = 0.0
@@ -142,8 +146,16 @@ def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
 
 
 def rollout_idle(trace: Trace) -> float:
-    """Fraction of worker-time with nothing in flight, over the run's wall time (the `idle/rollout` metric)."""
-    return 1.0 - busy_fraction(*group_intervals(trace.samples), trace.n_workers, run_wall_s(trace.steps))
+    """Fraction of worker-time with nothing in flight, over the run's wall time (the `idle/rollout` metric). In runs
+    laid end to end (validate's repeats; header `runs_laid_end_to_end`), a group counts within its own run: one
+    still generating when its run ended was busy until that run's end, not the last run's."""
+    worker, start, end, group = group_intervals(trace.samples)
+    runs = trace.header.get("runs_laid_end_to_end")  # {"first_group": [...], "end": [...]}
+    until = None
+    if runs:
+        run_of = np.searchsorted(np.asarray(runs["first_group"]), group, side="right") - 1
+        until = np.asarray(runs["end"], dtype=np.float64)[run_of]
+    return 1.0 - busy_fraction(worker, start, end, trace.n_workers, run_wall_s(trace.steps), until)
 
 
 def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:

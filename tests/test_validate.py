@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,25 @@ def test_runs_laid_end_to_end_pool_samples_and_time(config_data):
     assert in_flight.any()
     assert (second["version_consumed"].to_numpy()[in_flight] == -1).all()   # missing stays missing
     assert end_to_end([a]) is a
+
+
+def test_runs_laid_end_to_end_keep_each_runs_rollout_idle(config_data):
+    """A group still generating when its run ended was busy until that run's end, not the last run's: the idle
+    fraction of runs laid end to end is their idle fractions weighted by their wall times. (Read as open until the
+    end of all runs, one in-flight group at the end of the first run made the worker look busy throughout the
+    others.)"""
+    from sim.config import load_config
+    from sim.metrics import group_intervals, rollout_idle, run_wall_s
+    from validate.loop import end_to_end
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+    runs = [simulate(load_config(tiny, {"seed": seed, "run.steps": steps, "pipeline.staleness_control": "areal",
+                                        "pipeline.interruptible": None}))  # AReaL's gate: groups run ahead
+            for seed, steps in ((0, 16), (7, 12), (3, 14))]
+    assert all(np.isnan(group_intervals(r.samples)[2]).any() for r in runs[:2])  # open groups at the ends
+    walls = np.array([run_wall_s(r.steps) for r in runs])
+    expected = float(np.dot([rollout_idle(r) for r in runs], walls) / walls.sum())
+    assert rollout_idle(end_to_end(runs)) == pytest.approx(expected, rel=1e-9)
 
 
 def test_validate_rejects_a_non_positive_repeat_count(tmp_path, config_data, capsys):

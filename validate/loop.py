@@ -57,9 +57,10 @@ def end_to_end(traces: list[Trace]) -> Trace:
 
     if len(traces) == 1:
         return traces[0]
-    samples, steps = [], []
+    samples, steps, first_groups = [], [], []
     t0 = step0 = group0 = sample0 = 0
     for tr in traces:
+        first_groups.append(group0)
         s, st = tr.samples.copy(), tr.steps.copy()
         for col in ("t_admit", "t_start", "t_end", "t_consumed"):
             s[col] += t0
@@ -77,7 +78,10 @@ def end_to_end(traces: list[Trace]) -> Trace:
         step0 += len(tr.steps)
         group0 += int(tr.samples["group_id"].max()) + 1
         sample0 += int(tr.samples["sample_id"].max()) + 1
-    return Trace(pd.concat(samples, ignore_index=True), pd.concat(steps, ignore_index=True), dict(traces[0].header))
+    # each run's first group and end: a group counts as busy within its own run (sim.metrics.rollout_idle)
+    runs = {"first_group": first_groups, "end": list(np.cumsum([run_wall_s(tr.steps) for tr in traces]))}
+    return Trace(pd.concat(samples, ignore_index=True), pd.concat(steps, ignore_index=True),
+                 {**traces[0].header, "runs_laid_end_to_end": runs})
 
 
 def run_row(r: int, seed: int, mode: str, measured: Trace, measured_sync: Trace) -> dict:
