@@ -9,20 +9,25 @@ from pathlib import Path
 HERE = Path(__file__).parent
 METRICS = [("staleness/mean", "mean staleness"), ("staleness/p90", "p90"), ("throughput/samples_per_s", "samples/s"),
            ("speedup/vs_sync", "speedup over sync"), ("time/step_s", "s/step"), ("idle/rollout", "rollout idle")]
-cells = sorted(HERE.glob("w*-s*/report.json"))
+cells = sorted(HERE.glob("w*-s*/report.json")) + sorted(HERE.glob("policy-*/report.json"))
 reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
 
-print("| workers | bound | " + " | ".join(name for _, name in METRICS) + " | all judged rows pass |")
+
+def cell(name: str) -> tuple[str, str]:
+    """(workers, bound) of a cell: w1-s4 is stalecast's rule; policy-NAME is another system's, one worker."""
+    return ("1", name.removeprefix("policy-")) if name.startswith("policy-") else tuple(name[1:].split("-s"))
+
+print("| workers | bound (or policy) | " + " | ".join(name for _, name in METRICS) + " | all judged rows pass |")
 print("|---|---|" + "---|" * (len(METRICS) + 1))
 for name, data in reports.items():
     rows = {r["metric"]: r for r in data["rows"]}
-    w, s = name[1:].split("-s")
+    w, s = cell(name)
     out = []
     for key, _ in METRICS:
         r = rows[key]
         rel = f"{100 * r['rel_error']:+.0f}%" if r["rel_error"] is not None else f"{r['error']:+.2f}"
         out.append(f"{r['predicted']:.3g} / {r['measured']:.3g} ({rel}){'' if r['ok'] else ' ✗'}")
-    print(f"| {w} | {s} | " + " | ".join(out) + f" | {'yes' if data['pass'] else 'no'} |")
+    print(f"| {w} | {s} | " + " | ".join(out) + f" | {'yes' if data.get('verdict', 'PASS' if data['pass'] else 'FAIL') == 'PASS' else 'no'} |")
 
 print()
 print("The generation factor the prediction charged (the profile's co-location curve at the idle fraction the "
@@ -32,7 +37,7 @@ print()
 print("| workers | bound | generation factor charged | learner step, in run | generation batch, in run |")
 print("|---|---|---|---|---|")
 for name, data in reports.items():
-    w, s = name[1:].split("-s")
+    w, s = cell(name)
     runs = list(data["costs"].values())
     note = next(n for n in data["notes"] if n.startswith("generation charged at"))
     charged = ", ".join(f"x{x} at {u} %" for x, u in re.findall(r"x([0-9.]+) at ([0-9]+) % idle", note))
@@ -45,7 +50,7 @@ print()
 print("| workers | bound | samples/s, async runs | s/step, sync runs | speedup, pair by pair | largest / smallest async, sync |")
 print("|---|---|---|---|---|---|")
 for name, data in reports.items():
-    w, s = name[1:].split("-s")
+    w, s = cell(name)
     runs = data.get("runs") or []
     if len(runs) < 2:
         continue
