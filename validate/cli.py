@@ -153,8 +153,9 @@ def _against_trace(args, cfg, tol: Tolerances, tmp: Path, console: Console):
         meas_sync_step = _step_s(measured_sync)
     rows = compare(predicted, measured, tol, pred_sync_step, meas_sync_step)
     print_rows(rows, console)
+    lengths = ("the config's workload.groups" + (", replayed in order" if cfg.workload.groups_in_order else "")
+               if cfg.workload.groups is not None else "the config's distributions")
     notes = [f"config: {args.config}; measured trace: {args.trace}",
-             "prediction made from the config alone (response lengths from the config's distribution), "
-             "not fitted to the measured trace"]
+             f"prediction made from the config alone (lengths from {lengths}), not fitted to the measured trace"]
     write_report(tmp, f"{cfg.name}: prediction vs {args.trace}", rows, notes, predicted, measured)
     return rows
