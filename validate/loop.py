@@ -57,10 +57,11 @@ def end_to_end(traces: list[Trace]) -> Trace:
 
     if len(traces) == 1:
         return traces[0]
-    samples, steps, first_groups = [], [], []
+    # each run's first group and end: a group counts as busy within its own run (sim.metrics.rollout_idle)
+    samples, steps, runs = [], [], {"first_group": [], "end": []}
     t0 = step0 = group0 = sample0 = 0
     for tr in traces:
-        first_groups.append(group0)
+        runs["first_group"].append(group0)
         s, st = tr.samples.copy(), tr.steps.copy()
         for col in ("t_admit", "t_start", "t_end", "t_consumed"):
             s[col] += t0
@@ -75,11 +76,10 @@ def end_to_end(traces: list[Trace]) -> Trace:
         samples.append(s)
         steps.append(st)
         t0 += run_wall_s(tr.steps)
+        runs["end"].append(t0)
         step0 += len(tr.steps)
         group0 += int(tr.samples["group_id"].max()) + 1
         sample0 += int(tr.samples["sample_id"].max()) + 1
-    # each run's first group and end: a group counts as busy within its own run (sim.metrics.rollout_idle)
-    runs = {"first_group": first_groups, "end": list(np.cumsum([run_wall_s(tr.steps) for tr in traces]))}
     return Trace(pd.concat(samples, ignore_index=True), pd.concat(steps, ignore_index=True),
                  {**traces[0].header, "runs_laid_end_to_end": runs})
 
@@ -103,13 +103,33 @@ def lengths_from(trace: Trace) -> dict:
             "workload.response_len": None}
 
 
+def measured_seeds(cfg: RunConfig, repeats: int) -> list[int]:
+    """The measured runs' seeds, one per repeat; each pilot takes the odd seed after its run's."""
+    return [cfg.seed + 2 * r for r in range(repeats)]
+
+
+def prediction_config(cfg: RunConfig, profile_path: Path) -> RunConfig:
+    """The config the loop predicts with: the measured profile, and learner steps charged for padded tokens
+    (stalecast train's learner pads each batch to its longest row: a step costs those tokens)."""
+    return cfg.with_overrides({"hardware.profile": str(Path(profile_path).resolve()),
+                               "hardware.train_tokens": "padded"})
+
+
+def predict_runs(pred_cfg: RunConfig, seeds: list[int], lengths_per_run: list[dict],
+                 overrides: dict | None = None) -> Trace:
+    """One simulated run per seed with its lengths (`lengths_from` a pilot, or {}), laid end to end."""
+    from sim.engine.pipeline import simulate
+
+    return end_to_end([simulate(pred_cfg.with_overrides({"seed": seed, **lens, **(overrides or {})}))
+                       for seed, lens in zip(seeds, lengths_per_run)])
+
+
 def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int | None,
              say: Callable[[str], None], repeats: int = 1, train_timeout_s: float = 3600.0,
              quick_profile: bool = False) -> LoopResult:
     """Everything is written under `out` (a scratch folder the caller renames when the report is complete)."""
     from real.profile import measure_profile, plan_for
     from real.trainer import Trainer
-    from sim.engine.pipeline import simulate
     from sim.hardware.cost import cost_model_for
     from sim.hardware.measured import save_profile
     from sim.metrics import rollout_idle
@@ -119,7 +139,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
         raise ValueError(f"lengths: '{lengths}' is not one of {', '.join(LENGTH_SOURCES)}")
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} is not a positive number of runs")
-    seeds = [cfg.seed + 2 * r for r in range(repeats)]  # measured runs; pilots take the odd seeds between
+    seeds = measured_seeds(cfg, repeats)
     notes = []
     # The pilots first, the profile last: this shared machine's speed drifts over minutes, so the profile is
     # measured right before the runs it predicts.
@@ -150,17 +170,15 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     else:
         profile_path = Path(profile).resolve()
         notes.append(f"hardware: the given profile {profile}")
-    # stalecast train's learner pads each batch to its longest row: a step costs those tokens.
-    pred_cfg = cfg.with_overrides({"hardware.profile": str(profile_path.resolve()), "hardware.train_tokens": "padded"})
+    pred_cfg = prediction_config(cfg, profile_path)
     notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
                  "train's learner computes them")
 
     sync = {"pipeline.mode": "sync", "pipeline.interruptible": False}
 
     def predict(lengths_per_run: list[dict]) -> tuple[Trace, Trace]:
-        runs = [pred_cfg.with_overrides({"seed": seed, **lens}) for seed, lens in zip(seeds, lengths_per_run)]
-        return (end_to_end([simulate(c) for c in runs]),
-                end_to_end([simulate(c.with_overrides(sync)) for c in runs]))
+        return (predict_runs(pred_cfg, seeds, lengths_per_run),
+                predict_runs(pred_cfg, seeds, lengths_per_run, sync))
 
     say("predicting (before the measured runs)")
     predicted, predicted_sync = predict(pilot_lengths)

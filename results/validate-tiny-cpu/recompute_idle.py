@@ -18,10 +18,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from sim.config import load_config  # noqa: E402
-from sim.engine.pipeline import simulate  # noqa: E402
 from sim.metrics import compute_metrics  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
-from validate.loop import end_to_end, lengths_from, run_dir  # noqa: E402
+from validate.loop import (end_to_end, lengths_from, measured_seeds, predict_runs,  # noqa: E402
+                           prediction_config, run_dir)
 
 CELLS = {"areal": {"pipeline.staleness_control": "areal", "pipeline.areal": {"max_head_offpolicyness": 2}},
          "verl_fully_async": {"pipeline.staleness_control": "verl_fully_async"},
@@ -34,11 +34,9 @@ for name, overrides in CELLS.items():
     cell = HERE / f"policy-{name}"
     report = {r["metric"]: r for r in json.loads((cell / "report.json").read_text())["rows"]}
     cfg = load_config(HERE.parents[1] / "examples" / "tiny_cpu.yaml",
-                      {"run.steps": 160, "pipeline.interruptible": None, **overrides,
-                       "hardware.profile": str(cell / "profile.yaml"), "hardware.train_tokens": "padded"})
-    seeds = [cfg.seed + 2 * r for r in range(3)]
+                      {"run.steps": 160, "pipeline.interruptible": None, **overrides})
     pilots = [lengths_from(read_trace(cell / run_dir("pilot", r) / "trace")) for r in range(3)]
-    predicted = end_to_end([simulate(cfg.with_overrides({"seed": s, **lens})) for s, lens in zip(seeds, pilots)])
+    predicted = predict_runs(prediction_config(cfg, cell / "profile.yaml"), measured_seeds(cfg, 3), pilots)
     measured = end_to_end([read_trace(cell / run_dir("measured", r) / "trace") for r in range(3)])
     mp, mm = compute_metrics(predicted), compute_metrics(measured)
     idle = report["idle/rollout"]
