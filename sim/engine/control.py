@@ -20,6 +20,11 @@ DRAIN = "drain"      # non-interruptible and newer weights exist: finish in-flig
 LAGS = {"sync": 0, "one_step_off": 1}  # fixed_lag: max_staleness; async: none
 
 
+def block_reason(code: int) -> str | None:
+    """What an admission code means to a worker: None (admit), DRAIN or BLOCKED."""
+    return None if code == ADMIT else DRAIN if code == MUST_DRAIN else BLOCKED
+
+
 def params(cfg) -> np.ndarray:
     """The int64 parameter array the rules read (policies.P_*) for `cfg`."""
     pl, B = cfg.pipeline, cfg.workload.batch_prompts
@@ -78,8 +83,7 @@ class Control:
 
     def admission_block(self, **counters) -> str | None:
         """None if a worker may admit the next group now, else BLOCKED or DRAIN (counters as admission_code)."""
-        code = self.admission_code(**counters)
-        return None if code == ADMIT else DRAIN if code == MUST_DRAIN else BLOCKED
+        return block_reason(self.admission_code(**counters))
 
     def load_target(self, *, version: int, latest: int, n_admitted: int) -> int | None:
         """The version an idle worker (nothing in flight) should load now, or None."""

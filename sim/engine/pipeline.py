@@ -17,7 +17,7 @@ from sim.config import RunConfig
 from sim.engine import fast
 from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
-from sim.engine.control import ADMIT, BLOCKED, DRAIN, GATED, MUST_DRAIN, Control, oldest_unconsumed
+from sim.engine.control import ADMIT, GATED, Control, block_reason, oldest_unconsumed
 from sim.engine.routers import ROUTERS, choose
 from sim.engine.state import World
 from sim.engine.worker import Worker
@@ -276,11 +276,9 @@ class Simulation:
         if self.control.gating:
             self.oldest_unconsumed()
         code = self._admission_code(worker)
-        if code == ADMIT:
-            return None
         if code == GATED:
             self.world.gate_refusals += 1
-        return DRAIN if code == MUST_DRAIN else BLOCKED
+        return block_reason(code)
 
     def route(self, asking: Worker, asking_may: bool) -> Worker | None:
         """The worker the next group goes to (routers.choose) among those that could take it now, `asking` among
