@@ -122,9 +122,30 @@ def _sync_baseline(cfg: RunConfig, args: argparse.Namespace, console: Console) -
     return compute_metrics(run_simulation(sync_cfg, console, "baseline", METRIC_COLUMNS)[0])
 
 
+def check_memory(cfg: RunConfig, source: str, allow: bool, console: Console):
+    """The configuration's GPU memory (`sim.hardware.memory.MemoryReport`, None when no GPU is modelled). One that
+    does not fit is refused (a ConfigError naming `source`) unless `allow` or hardware.memory.check is false; then it
+    is simulated with a warning."""
+    from sim.hardware.memory import infeasible_message, memory_report
+    from sim.workload import workload_lengths
+
+    try:
+        report = memory_report(cfg, workload_lengths(cfg.workload))
+    except ValueError as exc:  # an empirical trace that cannot be read
+        raise ConfigError(str(exc)) from None
+    if report is None or report.feasible:
+        return report
+    message = infeasible_message(report)
+    if cfg.hardware.memory.check and not allow:
+        raise ConfigError(f"{source}: {message} (--allow-infeasible simulates it anyway; hardware.memory sets the "
+                          f"budget)")
+    console.print(f"warning: {message}; simulating it anyway", style="yellow", markup=False, highlight=False)
+    return report
+
+
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     from sim.metrics import METRIC_COLUMNS, compute_metrics, staleness_histogram
-    from sim.report import FIGURE_COLUMNS, print_summary
+    from sim.report import FIGURE_COLUMNS, print_memory, print_summary
     from sim.resources import check_simulation_memory
     from sim.stability import predict_config
     from sim.trace import SAMPLE_COLUMNS
@@ -135,6 +156,7 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     cfg = load_config(args.config, overrides)
+    memory = check_memory(cfg, args.config, args.allow_infeasible, console)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-sim"
     check_out(out, args.force)  # before the simulation: a refused --out costs nothing
     # The trace holds in memory only the columns the metrics and the figure read; it writes the whole table
@@ -157,14 +179,16 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:  # an unreadable fit file: say which and why
         raise ConfigError(str(exc)) from None
     print_summary(cfg, metrics, histogram, console, seconds, sync_metrics, stability)
+    if memory is not None:
+        print_memory(memory, cfg, console)
 
-    _write_outputs(out, trace, metrics, histogram, cfg, args.format, sync_metrics, stability, args.force)
+    _write_outputs(out, trace, metrics, histogram, cfg, args.format, sync_metrics, stability, args.force, memory)
     console.print(f"wrote {out}/ (trace/, metrics.json, staleness.png)")
     return 0
 
 
 def _write_outputs(out: Path, trace, metrics: dict, histogram: dict, cfg: RunConfig, fmt: str,
-                   sync_metrics: dict | None, stability=None, force: bool = False) -> None:
+                   sync_metrics: dict | None, stability=None, force: bool = False, memory=None) -> None:
     """Everything goes to a scratch folder first and appears under `out` in one rename: nothing half-written."""
     from sim.report import staleness_figure
 
@@ -172,7 +196,8 @@ def _write_outputs(out: Path, trace, metrics: dict, histogram: dict, cfg: RunCon
         trace.write(tmp / "trace", fmt)
         payload = {"metrics": metrics, "staleness_histogram": {str(k): v for k, v in histogram.items()},
                    "sync_baseline": sync_metrics, "config": cfg.model_dump(mode="json"),
-                   "stability": stability.as_dict() if stability is not None else None}
+                   "stability": stability.as_dict() if stability is not None else None,
+                   "memory": memory.as_dict() if memory is not None else None}
         (tmp / "metrics.json").write_text(json.dumps(payload, indent=2))
         staleness_figure(trace, tmp / "staleness.png", f"{cfg.name}: {cfg.pipeline.mode}")
 
@@ -195,6 +220,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-sync-baseline", action="store_true", help="skip the sync-mode run used for the speedup")
     p.add_argument("--sync-steps", type=positive_int, default=200,
                    help="learner steps of the sync baseline (sync steps are alike, so fewer suffice)")
+    p.add_argument("--allow-infeasible", action="store_true",
+                   help="simulate a configuration that does not fit in GPU memory (hardware.memory), with a warning, "
+                        "instead of refusing it")
     p.add_argument("--help-config", action="store_true", help="print every config field with its meaning")
     p.set_defaults(func=cmd_simulate)
     chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None

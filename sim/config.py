@@ -340,6 +340,16 @@ class Efficiency(_Section):
                                                                    "with training (measured on one H200: 1.15).")
     colocation_train_slowdown: Float = Field(1.11, ge=1, description="Training slowdown while sharing GPUs with "
                                                                      "generation (measured on one H200: 1.11).")
+    tp_allreduce: Float = Field(0.13, gt=0, le=1, description="Fraction of the intra-node link bandwidth a "
+                                                              "tensor-parallel all-reduce reaches (bus bandwidth), "
+                                                              "on top of the GPU's all-reduce latency. 0.13: vLLM's "
+                                                              "custom all-reduce on H100 at decode-sized messages "
+                                                              "(32 KB-1 MB); NCCL reaches ~0.8 at hundreds of MB.")
+    micro_batch_overhead_s: Float = Field(0.0, ge=0, description="Time a learner step spends per micro-batch "
+                                                                 "beyond the first (launches, FSDP gathers not "
+                                                                 "hidden behind compute); the micro-batches a step "
+                                                                 "needs come from hardware.memory. 0: micro-batching "
+                                                                 "costs nothing beyond train_mfu.")
 
 
 class ConstantCosts(_Section):
@@ -349,6 +359,49 @@ class ConstantCosts(_Section):
     train_step_s: Float = Field(0.0, ge=0, description="Fixed seconds per learner step.")
     train_s_per_token: Float = Field(0.0, ge=0, description="Seconds per trained token (prompt + response).")
     sync_s: Float = Field(0.0, ge=0, description="Seconds per weight sync.")
+
+
+class Memory(_Section):
+    """GPU memory (sim/hardware/memory.py, docs/design.md): a rollout worker's KV-cache budget and whether the policy
+    fits its GPUs, and the learner's states and micro-batches."""
+    check: Bool = Field(True, description="Refuse a configuration that does not fit in GPU memory: `stalecast "
+                                          "simulate` stops with the reason (unless --allow-infeasible), `stalecast "
+                                          "plan` leaves it out and lists why. false: only report it.")
+    gpu_memory_utilization: Float = Field(0.9, gt=0, le=1, description="Fraction of each rollout GPU's memory the "
+                                                                       "inference engine takes, for weights, "
+                                                                       "reserve and KV cache (vLLM's option, "
+                                                                       "default 0.9). Co-located: the fraction "
+                                                                       "workers and learner share.")
+    rollout_reserve_gb: Float | None = Field(None, ge=0, description="GB per rollout GPU that are neither weights "
+                                                                    "nor KV: a forward's activation peak, CUDA "
+                                                                    "graphs, NCCL and cuBLAS buffers. null: the "
+                                                                    "GPU spec's (3 GB on the NVIDIA parts: vLLM logs "
+                                                                    "3.05 GiB for Llama-3-8B on one H100; 0.25 on "
+                                                                    "cpu).")
+    kv_block_tokens: Int = Field(16, ge=1, description="Tokens per KV-cache block (paged allocation; vLLM's "
+                                                       "block_size, 16): a sequence takes whole blocks.")
+    kv_dtype: Literal["bf16", "fp8"] = Field("bf16", description="KV-cache element type (vLLM's kv_cache_dtype: "
+                                                                 "auto is the model's bf16): its bytes per token set "
+                                                                 "the budget in tokens and the KV read per decode "
+                                                                 "step.")
+    learner_memory_utilization: Float = Field(0.9, gt=0, le=1, description="Fraction of each learner GPU's memory "
+                                                                           "training may use (the rest: CUDA "
+                                                                           "context, NCCL buffers, FSDP's gathered "
+                                                                           "layers, fragmentation).")
+    precision: Literal["bf16_mixed", "bf16", "fp32"] = Field(
+        "bf16_mixed", description="Learner precision, for its state bytes per parameter: bf16_mixed (bf16 weights and "
+                                  "gradients, fp32 master weights and optimizer states), bf16 (everything bf16, no "
+                                  "master copy), fp32.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Learner optimizer: adamw (two states per "
+                                                                    "parameter) or sgd with momentum (one). With "
+                                                                    "bf16_mixed: 16 or 12 bytes per parameter, "
+                                                                    "sharded over the learner GPUs (FSDP / ZeRO-3).")
+    activation_checkpointing: Bool = Field(True, description="The learner recomputes each layer in the backward pass, "
+                                                             "keeping only layer inputs (2·hidden bytes per token "
+                                                             "and layer instead of 34·hidden).")
+    micro_batch_tokens: Int | None = Field(None, ge=1, description="Tokens per learner GPU per micro-batch (verl's "
+                                                                   "ppo_max_token_len_per_gpu); null: the most that "
+                                                                   "fit. It must hold the longest sequence.")
 
 
 class Hardware(_Section):
@@ -362,6 +415,9 @@ class Hardware(_Section):
                                                   "the config file's folder (given with --set: the current folder).")
     efficiency: Efficiency = Field(default_factory=Efficiency, description="Analytic cost-model calibration.")
     constant: ConstantCosts | None = Field(None, description="Use fixed times instead of the GPU/model costs.")
+    memory: Memory = Field(default_factory=Memory, description="GPU memory: KV-cache budget, learner states, "
+                                                               "feasibility (checked when hardware.gpu is set and "
+                                                               "hardware.constant is not).")
     train_tokens: Literal["packed", "padded"] = Field(
         "packed", description="Tokens a learner step is charged for. packed: the batch's prompt + response tokens "
                               "(trainers that pack sequences). padded: every sample at the batch's longest sequence "

@@ -7,10 +7,14 @@ the same workload, which keeps speedups free of sampling noise.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sim.config import ConstantLen, EmpiricalLen, ExponentialLen, LengthDist, LognormalLen, RunConfig
+
+if TYPE_CHECKING:
+    from sim.hardware.memory import Lengths
 
 Z99 = 2.3263478740408408  # standard normal 99th percentile
 
@@ -97,3 +101,53 @@ class GroupStream:
         prompts, responses, tokens = self.block(n // self.BLOCK)
         i = n % self.BLOCK
         return int(prompts[i]), responses[i], int(tokens[i])
+
+
+def _capped_mean(dist: LengthDist, cap: int | None, values: np.ndarray | None) -> float:
+    """Mean of min(length, cap): exact for constant, exponential (of ceil(Exp)) and lists; lognormal by its
+    continuous closed form (the ceil adds under one token)."""
+    big = cap if cap is not None else math.inf
+    if values is not None:
+        return float(np.minimum(values, big).mean())
+    if isinstance(dist, ConstantLen):
+        return float(min(dist.value, big))
+    if isinstance(dist, ExponentialLen):  # P(ceil(X) > k) = exp(-k/mean): sum over k < cap
+        q = math.exp(-1.0 / dist.mean)
+        return (1 - q ** big) / (1 - q) if cap is not None else 1 / (1 - q)
+    mu, sigma = math.log(dist.median), lognormal_sigma(dist)
+    mean = math.exp(mu + sigma ** 2 / 2)
+    if cap is None:
+        return mean
+    phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    z = (math.log(cap) - mu) / sigma
+    return mean * phi(z - sigma) + cap * (1 - phi(z))
+
+
+def _long(dist: LengthDist, values: np.ndarray | None) -> int:
+    """The 99th percentile of a length distribution (the largest value of a finite list)."""
+    if values is not None:
+        return int(values.max())
+    if isinstance(dist, ConstantLen):
+        return dist.value
+    if isinstance(dist, ExponentialLen):
+        return max(1, math.ceil(dist.mean * math.log(100) - 1e-9))
+    return max(1, math.ceil(dist.median * math.exp(Z99 * lognormal_sigma(dist)) - 1e-9))
+
+
+def workload_lengths(wl) -> "Lengths":
+    """The lengths GPU memory depends on (sim.hardware.memory.Lengths): mean and long prompt, mean response after
+    the cap. Reads an empirical trace's column when the workload resamples one."""
+    from sim.hardware.memory import Lengths
+
+    cap = wl.max_new_tokens
+    if wl.groups is not None:
+        rows = np.asarray(wl.groups, dtype=np.int64)
+        prompts, responses = rows[:, 0], np.minimum(rows[:, 1:], cap)
+        return Lengths(float(prompts.mean()), int(prompts.max()), float(responses.mean()), cap, wl.group_size,
+                       wl.batch_prompts)
+    stats = []
+    for dist, dist_cap in ((wl.prompt_len, None), (wl.response_len, cap)):
+        values = _empirical_values(dist) if isinstance(dist, EmpiricalLen) else None
+        stats.append((_capped_mean(dist, dist_cap, values), _long(dist, values)))
+    (prompt_mean, prompt_long), (response_mean, _) = stats
+    return Lengths(prompt_mean, prompt_long, response_mean, cap, wl.group_size, wl.batch_prompts)

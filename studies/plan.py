@@ -27,8 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import ConfigError, RunConfig, load_config
+from sim.hardware.memory import MemoryReport, memory_report
 from sim.outputs import check_out, claim
 from sim.stability import StabilityFit, horizon_of, read_fit, rule_from_config
+from sim.workload import workload_lengths
 from studies import plots
 from studies.named import add_backend_options, add_spec_options, add_study_out_options, bound_overrides, check_spec
 from studies.sweep import Backend, Sweep, run_sweep
@@ -51,7 +53,8 @@ class PlanSpec:
     stability_fit: str | None = field(default=None, metadata={
         "help": "fit.json from `stalecast study stability`, for --lr (default: the config's stability section)"})
     tp: list[int] | None = field(default=None, metadata={
-        "help": "GPUs per rollout worker to try, e.g. 1,2 (default: the config's gpus_per_worker)", "min": 1})
+        "help": "GPUs per rollout worker (tensor-parallel degree) to try, e.g. 1,2,4,8 (default: the config's "
+                "gpus_per_worker, or 1,2,4,8 when the policy does not fit it)", "min": 1})
     bounds: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata={"help": "staleness bounds to try",
                                                                                 "min": 0})
     concurrency: list[int] | None = field(default=None, metadata={
@@ -98,10 +101,30 @@ class _Search:
         # a bound axis where the policy has a bound (`studies.named.bound_overrides` sets it in the policy's knob)
         has_bound = cfg.pipeline.mode == "async" and cfg.pipeline.staleness_control != "none"
         self.bounds = spec.bounds if has_bound else [cfg.pipeline.max_staleness]
-        tps = [tp for tp in (spec.tp or [cl.gpus_per_worker]) if self.budget - tp >= 1]
+        try:
+            self.lengths = workload_lengths(cfg.workload)
+        except ValueError as exc:  # an empirical trace that cannot be read
+            raise ConfigError(str(exc)) from None
+        self.tp_note = None
+        tps = spec.tp or self.default_tps()
+        tps = [tp for tp in tps if self.budget - tp >= 1]
         if not tps:
             raise ConfigError(f"a budget of {self.budget} GPUs leaves no GPU for the learner")
-        self.lines = [(tp, c, s) for tp in tps for c in (spec.concurrency or [cl.max_concurrency]) for s in self.bounds]
+        # GPU memory of every split; those that do not fit are listed, never simulated (hardware.memory.check).
+        self.memory: dict[tuple, MemoryReport | None] = {}
+        self.excluded: dict[tuple, str] = {}  # (tp, workers) -> why it does not fit
+        for tp in tps:
+            for workers in range(1, self.max_workers(tp) + 1):
+                report = memory_report(cfg, self.lengths, tp, workers, self.budget - workers * tp)
+                self.memory[(tp, workers)] = report
+                if report is not None and not report.feasible and cfg.hardware.memory.check:
+                    self.excluded[(tp, workers)] = report.reason
+        fitting = [tp for tp in tps if any(self.fits(tp, w) for w in range(1, self.max_workers(tp) + 1))]
+        if not fitting:  # the split with the most learner GPUs (one worker) is each TP's closest to fitting
+            reasons = "; ".join(f"{tp} GPU(s) per worker: {self.excluded[(tp, 1)]}" for tp in tps)
+            raise ConfigError(f"no split of {self.budget} GPUs fits in GPU memory (hardware.memory): {reasons}")
+        self.lines = [(tp, c, s) for tp in fitting for c in (spec.concurrency or [cl.max_concurrency])
+                      for s in self.bounds]
         self.rows: dict[tuple, dict] = {}  # (tp, concurrency, bound, workers) -> table row
         self.seconds = 0.0
         self.rule = stability_rule(spec, cfg) if spec.lr is not None else None
@@ -114,7 +137,22 @@ class _Search:
             return None
         return self.rule.predict(self.spec.lr, row[f"staleness/{self.rule.statistic}"], self.horizon)
 
+    def default_tps(self) -> list[int]:
+        """The config's GPUs per worker when a worker fits them; else 1, 2, 4 and 8 (within a node) and the config's."""
+        cl = self.cfg.cluster
+        own = memory_report(self.cfg, self.lengths, cl.gpus_per_worker, 1, max(1, self.budget - cl.gpus_per_worker))
+        if own is None or own.rollout.feasible or not self.cfg.hardware.memory.check:
+            return [cl.gpus_per_worker]
+        self.tp_note = (f"The config's {cl.gpus_per_worker} GPU(s) per worker cannot hold the policy "
+                        f"({own.rollout.problem}), so 1, 2, 4 and 8 GPUs per worker were searched.")
+        return sorted({1, 2, 4, 8, cl.gpus_per_worker})
+
+    def fits(self, tp: int, workers: int) -> bool:
+        """Whether the split fits in GPU memory (or is not checked)."""
+        return (tp, workers) not in self.excluded
+
     def max_workers(self, tp: int) -> int:
+        """The most workers of tp GPUs the budget allows (whether or not they fit in memory)."""
         return (self.budget - 1) // tp
 
     def overrides(self, tp: int, conc: int, bound: int, workers: int) -> dict:
@@ -130,8 +168,17 @@ class _Search:
         result = run_sweep(sweep, self.out, self.backend, self.console, label=label)
         self.seconds += result.seconds
         for k, (_, row) in zip(keys, result.table.iterrows()):
+            report = self.memory.get((k[0], k[3]))
+            memory = {"memory": report.reason, **report.columns()} if report is not None else {}
             self.rows[k] = {"tp": k[0], "concurrency": k[1], "bound": k[2], "rollout_workers": k[3],
-                            "rollout_gpus": k[0] * k[3], "learner_gpus": self.budget - k[0] * k[3], **row.to_dict()}
+                            "rollout_gpus": k[0] * k[3], "learner_gpus": self.budget - k[0] * k[3], **row.to_dict(),
+                            **memory}
+
+    def excluded_rows(self) -> list[dict]:
+        """One table row per split left out for memory (its concurrency and bound do not matter)."""
+        return [{"tp": tp, "concurrency": np.nan, "bound": np.nan, "rollout_workers": w, "rollout_gpus": tp * w,
+                 "learner_gpus": self.budget - tp * w, "status": "infeasible", "memory": reason}
+                for (tp, w), reason in sorted(self.excluded.items())]
 
     def feasible(self, row: dict) -> bool:
         s = self.spec
@@ -165,7 +212,7 @@ class _Search:
                 continue
             lo = done[i - 1] if i > 0 else workers
             hi = done[i + 1] if i + 1 < len(done) else workers
-            inside = [r for r in range(lo + 1, hi) if r not in done]
+            inside = [r for r in range(lo + 1, hi) if r not in done and self.fits(line[0], r)]
             if inside:
                 at = np.unique(np.round(np.linspace(0, len(inside) - 1, min(self.spec.refine, len(inside)))))
                 picks |= {inside[int(j)] for j in at}
@@ -176,6 +223,9 @@ class _Search:
         for line in self.lines:
             top = self.max_workers(line[0])
             counts = np.unique(np.round(np.linspace(1, top, min(self.spec.coarse, top))).astype(int))
+            fitting = [r for r in range(1, top + 1) if self.fits(line[0], r)]
+            # a count that does not fit in memory moves to the nearest one that does
+            counts = sorted({min(fitting, key=lambda f: (abs(f - int(r)), f)) for r in counts})
             coarse += [(*line, int(r)) for r in counts]
         self.evaluate(coarse, "plan: coarse pass")
         bests = {line: self.line_best(line) for line in self.lines}
@@ -225,6 +275,10 @@ def plan(spec: PlanSpec, cfg: RunConfig, out: Path, backend: Backend, console: C
     table["feasible"] = [search.feasible(row) for row in search.rows.values()]
     order = {k: i + 1 for i, k in enumerate(ranked)}
     table["rank"] = [order.get(k) for k in search.rows]
+    if search.excluded:  # the splits left out for memory, with their reason
+        excluded = pd.DataFrame(search.excluded_rows()).assign(feasible=False, rank=np.nan)
+        table = pd.concat([table, excluded], ignore_index=True)
+        table[["concurrency", "bound"]] = table[["concurrency", "bound"]].astype("Int64")  # empty where left out
     table["pareto"] = pareto_mask(table)
     table = table.sort_values("rank", na_position="last").reset_index(drop=True)
     best = table.iloc[0] if ranked else None
@@ -287,8 +341,53 @@ def explain(table: pd.DataFrame, best: pd.Series | None, spec: PlanSpec, search:
     if search.cfg.pipeline.mode != "async":
         notes.append(f"pipeline.mode is {search.cfg.pipeline.mode}: staleness bounds do not apply, so only splits "
                      f"and concurrency were searched.")
+    if best is not None:
+        notes += memory_notes(best, search)
+    if search.tp_note:
+        notes.append(search.tp_note)
+    notes += excluded_notes(search)
     if search.rule is not None:
         notes.append(stability_note(table, spec, search))
+    return notes
+
+
+def memory_notes(best: pd.Series, search: _Search) -> list[str]:
+    """The recommended split's GPU memory, and a caveat when its concurrency is above what its KV budget holds."""
+    report = search.memory.get((int(best["tp"]), int(best["rollout_workers"])))
+    if report is None:
+        return []
+    r, lm = report.rollout, report.learner
+    micro = (f"{lm.micro_batches} micro-batch(es) of up to {lm.micro_tokens:,} tokens per GPU per step"
+             if lm.micro_batches is not None else "no micro-batch fits")
+    notes = [f"Memory of the recommendation: each worker's KV budget is {max(r.kv_budget_gb, 0):.1f} GB, "
+             f"{r.kv_tokens:,} tokens ({r.seqs_mean:,} sequences of mean length, {r.seqs_long:,} of the longest); "
+             f"the learner holds {lm.states_per_gpu_gb:.1f} GB of states per GPU, {micro}."]
+    if best["concurrency"] > r.seqs_mean:
+        notes.append(f"Its concurrency {best['concurrency']:.0f} is above the {r.seqs_mean:,} sequences of mean length "
+                     f"the KV budget holds: an engine would hold the rest back or preempt them.")
+    return notes
+
+
+def excluded_notes(search: _Search) -> list[str]:
+    """The splits left out for GPU memory, per GPUs per worker: a run of worker counts and the reason of its split
+    closest to fitting (the most learner GPUs)."""
+    notes = []
+    for tp in sorted({tp for tp, _ in search.excluded}):
+        counts = sorted(w for t, w in search.excluded if t == tp)
+        if len(counts) == search.max_workers(tp):
+            notes.append(f"Left out (GPU memory), {tp} GPU(s) per worker, every split: {search.excluded[(tp, 1)]}.")
+            continue
+        runs, start = [], counts[0]
+        for prev, cur in zip(counts, [*counts[1:], None]):
+            if cur != prev + 1:
+                runs.append((start, prev))
+                start = cur
+        for lo, hi in runs:
+            workers = f"{lo} worker(s)" if lo == hi else f"{lo}-{hi} workers"
+            learner = search.budget - lo * tp
+            gpus = f"{learner}" if lo == hi else f"{search.budget - hi * tp}-{learner}"
+            notes.append(f"Left out (GPU memory), {tp} GPU(s) per worker, {workers} ({gpus} learner GPUs): "
+                         f"{search.excluded[(tp, lo)]}.")
     return notes
 
 

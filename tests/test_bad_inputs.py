@@ -557,8 +557,49 @@ TRAIN = [
          config=TINY_TRAIN, change=setting("real.device", "cuda"), setup=_no_cuda),
 ]
 
+# GPU memory (hardware.memory, sim/hardware/memory.py): its fields, and configurations that do not fit. Memory is
+# checked only where a GPU is modelled (no hardware.constant): ANALYTIC, a 0.5B policy on H100s.
+MEMORY = [
+    sim(setting("hardware.memory", 0.9), ["hardware.memory: expected a mapping of fields, not a number"],
+        id_="memory-number"),
+    sim(setting("hardware.memory.gpu_memory_util", 0.8), ["hardware.memory.gpu_memory_util: unknown field",
+                                                          "did you mean 'gpu_memory_utilization'?"],
+        id_="memory-unknown-field"),
+    sim(setting("hardware.memory.kv_dtype", "fp4"), ["hardware.memory.kv_dtype: Input should be 'bf16' or 'fp8'",
+                                                     "'fp4'"], id_="memory-kv-dtype"),
+    sim(setting("hardware.memory.precision", "fp16"), ["hardware.memory.precision: Input should be 'bf16_mixed', "
+                                                       "'bf16' or 'fp32'"], id_="memory-precision"),
+    sim(setting("hardware.memory.optimizer", "adam"), ["hardware.memory.optimizer: Input should be 'adamw' or 'sgd'"],
+        id_="memory-optimizer"),
+    sim(setting("hardware.memory.check", "no"), ["hardware.memory.check: expected true or false"],
+        id_="memory-check-string"),
+    sim(setting("hardware.memory.activation_checkpointing", 1),
+        ["hardware.memory.activation_checkpointing: expected true or false"], id_="memory-checkpointing-1"),
+    case("memory-policy-too-big", "simulate {cfg} --out {out}",
+         ["run.yaml: the configuration does not fit in GPU memory: rollout worker: weights 141.2 GB + reserve 3.0 GB",
+          "> 72.0 GB usable on H100-SXM (gpu_memory_utilization 0.9 x 80 GB)", "learner: states 1129.6 GB per GPU",
+          "--allow-infeasible simulates it anyway"],
+         config=ANALYTIC, change=setting("hardware.model", "llama3.1-70b")),
+    case("memory-utilization-too-low", "simulate {cfg} --out {out}",
+         ["rollout worker: weights 1.0 GB + reserve 3.0 GB", "> 3.2 GB usable on H100-SXM (gpu_memory_utilization "
+                                                             "0.04 x 80 GB)"],
+         config=ANALYTIC, change=setting("hardware.memory.gpu_memory_utilization", 0.04)),
+    case("memory-tp-does-not-divide-heads", "simulate {cfg} --out {out}",
+         ["rollout worker of TP 4: vLLM cannot shard qwen2.5-0.5b: its 14 attention heads do not divide over TP 4"],
+         config=ANALYTIC, change=setting("cluster.gpus_per_worker", 4)),
+    case("memory-micro-batch-below-a-sequence", "simulate {cfg} --out {out}",
+         ["learner: micro_batch_tokens 8 cannot hold the longest sequence, 12 tokens (prompt 4 + max_new_tokens 8)"],
+         config=ANALYTIC, change=setting("hardware.memory.micro_batch_tokens", 8)),
+    case("memory-override", "simulate {cfg} --out {out} --set hardware.model=qwen2.5-32b",
+         ["does not fit in GPU memory: learner: states 524.8 GB per GPU"], config=ANALYTIC),
+    case("plan-nothing-fits", "plan {cfg} --out {out}",
+         ["no split of 3 GPUs fits in GPU memory (hardware.memory)", "1 GPU(s) per worker: rollout worker: weights "
+                                                                     "141.2 GB"],
+         config=ANALYTIC, change=setting("hardware.model", "llama3.1-70b")),
+]
+
 CASES = [*FILES, *SECTIONS, *UNKNOWN, *COMBINATIONS, *REFERENCED, *PROFILES, *OVERRIDES, *OPTIONS, *OUT, *TRAIN,
-         *_generated()]
+         *MEMORY, *_generated()]
 
 
 def _snapshot(folder: Path) -> dict:

@@ -27,7 +27,10 @@ def make_cfg(hardware=None, **sections):
 def analytic_step(n, x, gpu, m, tp=1, dm=0.8, dc=0.5, overhead=0.004):
     mem = (m.params * 2 + 2 * m.layers * m.kv_heads * m.head_dim * 2 * x) / (tp * gpu.hbm_gbps * 1e9 * dm)
     comp = (2 * m.params * n + 4 * m.layers * m.heads * m.head_dim * x) / (tp * gpu.bf16_tflops * 1e12 * dc)
-    return overhead + max(mem, comp), mem, comp
+    # TP > 1: two all-reduces per layer of n x hidden bf16 activations, latency + ring bytes at 0.13 of NVLink
+    allreduce = 0 if tp == 1 else 2 * m.layers * (gpu.allreduce_latency_us * 1e-6 + 2 * (tp - 1) / tp * n * m.hidden
+                                                  * 2 / (gpu.intra_node_gbps * 1e9 * 0.13))
+    return overhead + max(mem, comp) + allreduce, mem, comp
 
 
 def row_value(x_row, y_row, x):
@@ -94,8 +97,10 @@ def test_analytic_prefill_train_sync():
     cost = build_cost_model(cfg)
     gpu, m = GPUS["A100-80GB"], MODELS["llama3.1-8b"]
     p = 300
+    allreduce = 2 * m.layers * 2 * (2 - 1) / 2 * p * m.hidden * 2 / (gpu.intra_node_gbps * 1e9 * 0.13)  # TP 2, bytes
     assert cost.prefill_s(p) == pytest.approx(
-        (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / (2 * gpu.bf16_tflops * 1e12 * 0.5))
+        (2 * m.params * p + m.attn_flops_per_ctx_token * p * (p + 1) / 2) / (2 * gpu.bf16_tflops * 1e12 * 0.5)
+        + allreduce)
     assert cost.train_s(10_000) == pytest.approx(6 * m.params * 10_000 / (8 * 312e12 * 0.4) + 1.0)
     # 4*2 + 8 = 16 GPUs: more than one node, so the sync goes over the network.
     assert cost.sync_s() == pytest.approx(m.params * 2 / (25e9 * 0.8) + 0.5)

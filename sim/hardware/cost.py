@@ -3,18 +3,24 @@
 Three sources, per table: a measured profile's table if it has one, else fixed times
 (`hardware.constant`), else the analytic roofline of `hardware.gpu` running `hardware.model`:
 
-- decode step(n, x) = overhead + max(mem, comp), n active sequences with x context tokens in total;
+- decode step(n, x) = overhead + max(mem, comp) + allreduce(n), n active sequences with x context tokens in total;
   mem  = (weight bytes + KV bytes/token * x) / (TP * HBM * decode_mem)
   comp = (2 * params * n + attention FLOPs/context token * x) / (TP * peak * decode_compute)
-- prefill(p) = (2 * params * p + attention FLOPs/context token * p(p+1)/2) / (TP * peak * prefill_mfu):
-  the causal attention term counts each prompt token against the tokens before it (and itself).
+  TP = cluster.gpus_per_worker splits the weight and KV reads (KV bytes/token are the worker's, summed over its GPUs:
+  more than the model's when TP exceeds its kv heads, which are then replicated) and the FLOPs;
+  allreduce(n) = 2 * layers * (latency + 2(TP-1)/TP * n * hidden * 2 bytes / (link * tp_allreduce)), 0 at TP 1.
+- prefill(p) = (2 * params * p + attention FLOPs/context token * p(p+1)/2) / (TP * peak * prefill_mfu)
+  + 2 * layers * 2(TP-1)/TP * p * hidden * 2 bytes / (link * tp_allreduce):
+  the causal attention term counts each prompt token against the tokens before it (and itself); the all-reduce
+  latency is charged in the decode steps whose forward passes carry the prefill (vLLM's chunked prefill).
 - train(t) = 6 * params * t / (learner GPUs * peak * train_mfu) + train_step_overhead_s
+  + (micro-batches(t) - 1) * micro_batch_overhead_s, micro-batches from the learner's memory (sim/hardware/memory.py)
 - sync = weight bytes / (link * network) + sync_latency_s; NVLink when the whole cluster fits one
   8-GPU node (or is colocated), else the per-GPU network.
 
-All weights and KV are bf16 (2 bytes). When workers and learner share GPUs in a mode that overlaps
-them (not sync), generation times are multiplied by the generation colocation slowdown, whatever the
-source, and the engine slows each learner step by the training one while workers generate
+All weights are bf16 (2 bytes), the KV cache `hardware.memory.kv_dtype` (bf16 by default). When workers and learner
+share GPUs in a mode that overlaps them (not sync), generation times are multiplied by the generation colocation
+slowdown, whatever the source, and the engine slows each learner step by the training one while workers generate
 (`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones. In sync mode
 only a profile's `sync_gen_slowdown` applies (workers generating beside each other, the learner idle). A profile
 may give a generation factor against the workers' idle fraction (`IdleCurve`); the cost model takes it at the
@@ -30,6 +36,7 @@ import numpy as np
 
 from sim.engine import kernel as K
 from sim.hardware.measured import DecodeGrid, IdleCurve, MeasuredProfile, interp_linear, load_profile, slowdown_at
+from sim.hardware.memory import ACT_BYTES, NODE_GPUS, kv_bytes_per_token, memory_report
 from sim.hardware.specs import GPUS, resolve_model
 
 
@@ -160,11 +167,12 @@ def _analytic_parts(cfg) -> dict:
     tp, peak = cl.gpus_per_worker, gpu.bf16_tflops * 1e12
 
     # Decode: for fixed n both mem and comp are lines in x, so the row is exact with three points:
-    # 0, their crossover xc (where the steeper line takes over) and 2*xc on the steeper line.
+    # 0, their crossover xc (where the steeper line takes over) and 2*xc on the steeper line. The KV read per
+    # context token is the worker's KV bytes per token (more than the model's when TP exceeds its kv heads).
     mem_bw = tp * gpu.hbm_gbps * 1e9 * eff.decode_mem
     flops = tp * peak * eff.decode_compute
     n = np.maximum(np.arange(cl.max_concurrency + 1), 1).astype(np.float64)  # row 0 = row 1
-    a_mem, b_mem = m.weight_bytes() / mem_bw, m.kv_bytes_per_token() / mem_bw
+    a_mem, b_mem = m.weight_bytes() / mem_bw, kv_bytes_per_token(m, tp, hw.memory.kv_dtype) / mem_bw
     a_comp, b_comp = 2 * m.params * n / flops, m.attn_flops_per_ctx_token / flops
     with np.errstate(divide="ignore", invalid="ignore"):
         xc = (a_comp - a_mem) / (b_mem - b_comp)
@@ -172,13 +180,47 @@ def _analytic_parts(cfg) -> dict:
     x = np.column_stack([np.zeros_like(xc), xc, 2 * xc])
     y = eff.decode_step_overhead_s + np.maximum(a_mem + b_mem * x, a_comp[:, None] + b_comp * x)
 
+    prefill_linear = 2.0 * m.params
     prefill_rate = tp * peak * eff.prefill_mfu
+    if tp > 1:  # the all-reduces of tensor parallelism, the same in every row's points (they do not depend on x)
+        latency, per_token = tp_allreduce_parts(cfg)
+        y = y + (latency + per_token * n)[:, None]
+        # Prefill pays the bytes; its all-reduce calls (and their latency) are the decode step's, as vLLM schedules
+        # prefill chunks into the same forward passes.
+        prefill_linear += per_token * prefill_rate
     train_rate = cl.learner_gpus * peak * eff.train_mfu
     link = gpu.intra_node_gbps if cl.colocated or cl.total_gpus <= 8 else gpu.inter_node_gbps
     return {"decode": (x, y),
-            "prefill": PrefillCurve(2.0 * m.params, float(m.attn_flops_per_ctx_token), prefill_rate),
-            "train": lambda t: 6 * m.params * t / train_rate + eff.train_step_overhead_s,
+            "prefill": PrefillCurve(prefill_linear, float(m.attn_flops_per_ctx_token), prefill_rate),
+            "train": _train_time(cfg, m.params, train_rate),
             "sync": m.weight_bytes() / (link * 1e9 * eff.network) + eff.sync_latency_s}
+
+
+def tp_allreduce_parts(cfg) -> tuple[float, float]:
+    """Seconds of a decode step's tensor-parallel all-reduces: (fixed part, part per token in the step). Megatron-style
+    TP all-reduces the activations twice per layer (after attention and after the MLP): each one costs the GPU's
+    all-reduce latency plus a ring's 2(TP-1)/TP x bytes over the link, tokens x hidden x 2 bytes (bf16), at
+    `efficiency.tp_allreduce` of the link (NVLink within a node of 8, the network beyond). (0, 0) at TP 1."""
+    hw, tp = cfg.hardware, cfg.cluster.gpus_per_worker
+    if tp <= 1:
+        return 0.0, 0.0
+    gpu, m = GPUS[hw.gpu], resolve_model(hw.model)
+    link = (gpu.intra_node_gbps if tp <= NODE_GPUS else gpu.inter_node_gbps) * 1e9 * hw.efficiency.tp_allreduce
+    calls = 2 * m.layers
+    return calls * gpu.allreduce_latency_us * 1e-6, calls * 2 * (tp - 1) / tp * m.hidden * ACT_BYTES / link
+
+
+def _train_time(cfg, params: float, train_rate: float) -> Callable[[float], float]:
+    """6·N·tokens / rate + step overhead, plus micro_batch_overhead_s per micro-batch beyond the first (the count from
+    the learner's memory, `sim.hardware.memory`)."""
+    eff = cfg.hardware.efficiency
+    base, per_micro = eff.train_step_overhead_s, eff.micro_batch_overhead_s
+    if per_micro == 0:
+        return lambda t: 6 * params * t / train_rate + base
+    from sim.workload import workload_lengths  # reads an empirical trace, when the workload resamples one
+
+    learner = memory_report(cfg, workload_lengths(cfg.workload)).learner
+    return lambda t: 6 * params * t / train_rate + base + (learner.micro_batches_for(t) - 1) * per_micro
 
 
 def _measured_parts(profile: MeasuredProfile, max_n: int) -> dict:
