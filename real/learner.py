@@ -104,7 +104,7 @@ class Learner:
                                f"({len(self.buffer)} of {self.B} groups ready); " + self.describe_workers())
 
     def describe_workers(self) -> str:
-        return "; ".join(self.ledger.describe(i, self.cfg.workload.max_new_tokens)
+        return "; ".join(self.ledger.describe(i)
                          for i in range(self.cfg.cluster.rollout_workers))
 
     # ------------------------------------------------------------------ start

@@ -2,14 +2,14 @@
 
 Every table is timed through the code a run executes, so the simulator is fed the real trainer's costs:
 
-- decode[n][c]: the mean time between decode steps of `real.generate.generate` (read by its between-steps hook,
-  where a worker's hook runs) with n active sequences of mean context c. The prompts are random tokens with the
-  spread of lengths the task's prompts have, left-padded as a worker's batch is; EOS is disabled so none leaves
-  the batch.
-- prefill(tokens): the same call's time to its first token less one of its decode steps, against the prompt
-  tokens it prefilled (the rows' prompt lengths summed: a worker prefills each sample's copy of its group's
-  prompt). Less one step because the simulator charges every token a decode step, the first included, while
-  `generate` samples the first token from the prefill's logits: so a batch costs the same in both.
+- decode[n][c]: the mean time of a decode step of the rollout engine a worker runs (`real.engine`, with the
+  worker's slots) with n active sequences of mean context c. The prompts are random tokens with the spread of
+  lengths the task's prompts have; EOS is disabled so none leaves the batch.
+- prefill(tokens): the same call's first step (the prefill, then a sampling) less one of its decode steps,
+  against the prompt tokens it prefilled (the rows' prompt lengths summed: a worker prefills each sample's copy
+  of its group's prompt). Less one step because the simulator charges every token a decode step, the first
+  included, while the engine samples the first token from the prefill's logits: so a batch costs the same in
+  both.
 - train(tokens): `Learner.train_on` on synthetic groups of the configured batch (task prompts, rewards,
   advantages, forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
   tokens the step computes: rows x the longest row (prompt + response), as the learner pads a batch.
@@ -103,7 +103,8 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 # --------------------------------------------------------------------------- generation
 class DecodeTimer:
-    """Times `generate` calls of one model; used alone and inside a co-located measurement."""
+    """Times decode calls of the rollout engine a worker runs (`real.engine`, its `cluster.max_concurrency` slots);
+    used alone and inside a co-located measurement."""
 
     def __init__(self, model, tok, cfg, prompt_lengths: tuple[int, ...], seed: int = 0):
         self.model, self.tok, self.cfg = model, tok, cfg
@@ -111,6 +112,23 @@ class DecodeTimer:
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.spread = np.asarray(prompt_lengths) - int(round(np.mean(prompt_lengths)))  # per group, mean ~0
+        self.engines: dict[tuple[int, int], object] = {}
+
+    def engine(self, steps: int, prompt_len: int):
+        """An engine whose sequences end after `steps` tokens (EOS disabled: none leaves early) and that holds
+        prompts of `prompt_len`; kept for the next call that fits it. Its KV cache is as long as a worker's
+        (longest prompt + max_new_tokens) unless the timed contexts need more."""
+        from real.engine import Sampling, make_engine
+        from real.task import DigitTask
+
+        longest = max(prompt_len, DigitTask(self.cfg.real, self.tok).max_prompt_len
+                      + max(0, self.cfg.workload.max_new_tokens - steps))
+        key = (steps, longest)
+        if key not in self.engines:
+            sampling = Sampling(self.cfg.real.temperature, NO_EOS, steps)
+            self.engines[key] = make_engine(self.cfg.real.engine, self.model, self.cfg.cluster.max_concurrency,
+                                            sampling, 0, self.generator, max_prompt_len=longest)
+        return self.engines[key]
 
     def prompts(self, n: int, prompt_len: int) -> list[list[int]]:
         """n random prompts of mean length ~prompt_len, a group's rows alike, spread as the task's prompts are."""
@@ -119,23 +137,20 @@ class DecodeTimer:
         return [self.rng.integers(4, self.tok.vocab_size, size=k).tolist() for k in lens]
 
     def point(self, n: int, context: int, steps: int) -> tuple[float, float, int]:
-        """One call with n sequences of mean context `context` over its `steps` decode steps: (mean seconds per
-        decode step, seconds to the first token (prefill and one sampling), prompt tokens prefilled). The mean,
+        """n sequences of mean context `context` admitted together, then `steps` decode steps: (mean seconds per
+        decode step, seconds of the first step (prefill and one sampling), prompt tokens prefilled). The mean,
         not a median of steps: a process sharing a core is paused in time slices about as long as a step, so
         single steps take one or several slices and only the mean says what sharing costs."""
-        from real.generate import generate
-
         prompts = self.prompts(n, max(1, context - steps // 2))  # the steps' contexts are centred on `context`
+        engine = self.engine(steps + 1, max(map(len, prompts)))
         stamps: list[float] = []
-
-        def between_steps() -> None:
-            _sync(self.device)
-            stamps.append(time.perf_counter())
-
         _sync(self.device)
         t0 = time.perf_counter()
-        generate(self.model, prompts, steps + 1, temperature=self.cfg.real.temperature, eos_id=NO_EOS,
-                 pad_id=self.tok.pad_id, version=0, generator=self.generator, between_steps=between_steps)
+        engine.admit(list(range(n)), prompts)
+        for _ in range(steps + 1):  # the last step finishes every sequence: the engine is empty again
+            engine.step()
+            _sync(self.device)
+            stamps.append(time.perf_counter())
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1), stamps[0] - t0, sum(map(len, prompts))
 
 

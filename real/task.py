@@ -1,8 +1,8 @@
 """Synthetic verifiable task: reverse or sort a digit string, or add two numbers.
 
 A prompt reads `reverse:40213=`, `sort:40213=` or `add:52+917=`; the answer is the digit string that
-follows (`31204`, `01234`, `969`), then EOS. Digit strings have `min_digits..max_digits` digits, so
-answers vary in length across samples, as response lengths do in real RLHF.
+follows (`31204`, `01234`, `969`), then EOS. Digit strings have `min_digits..max_digits` digits (uniform, or drawn
+from `real.digits`), so answers vary in length across samples, as response lengths do in real RLHF.
 
 Reward, in [0, 1], with partial credit: with `body` the response up to its first EOS,
 
@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from real.tokenizer import CharTokenizer
+from sim.workload import LengthSampler
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,15 @@ class DigitTask:
     def __init__(self, real_cfg, tokenizer: CharTokenizer):
         self.kind = real_cfg.task
         self.min_digits, self.max_digits = real_cfg.min_digits, real_cfg.max_digits
+        self.digits = None if real_cfg.digits is None else LengthSampler(real_cfg.digits)
         self.tok = tokenizer
 
     def _number(self, rng: np.random.Generator) -> str:
         """A digit string of min..max digits; for `add` a number without leading zeros."""
-        n = int(rng.integers(self.min_digits, self.max_digits + 1))
+        if self.digits is None:
+            n = int(rng.integers(self.min_digits, self.max_digits + 1))
+        else:
+            n = int(np.clip(self.digits.draw(rng, 1)[0], self.min_digits, self.max_digits))
         digits = rng.integers(0, 10, size=n)
         if self.kind == "add" and n > 1:
             digits[0] = rng.integers(1, 10)
@@ -52,6 +57,12 @@ class DigitTask:
             s = self._number(rng)
             text, answer = f"{self.kind}:{s}=", s[::-1] if self.kind == "reverse" else "".join(sorted(s))
         return Prompt(text, (self.tok.bos_id, *self.tok.encode(text)), tuple(self.tok.encode(answer)))
+
+    @property
+    def max_prompt_len(self) -> int:
+        """The longest prompt's ids: BOS, `kind:`, the digits (`a+b` for add), `=`."""
+        digits = 2 * self.max_digits + 1 if self.kind == "add" else self.max_digits
+        return 1 + len(self.kind) + 1 + digits + 1
 
     def sample(self, rng: np.random.Generator, n: int) -> list[Prompt]:
         return [self._make(rng) for _ in range(n)]

@@ -23,7 +23,6 @@ cause of an error, the error names the worker and its exit code.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal

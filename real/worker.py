@@ -5,10 +5,10 @@ as the pure `Control` class so they can be tested without processes. The counter
 admitted and dropped, completed groups waiting for the learner, unconsumed groups per version) live in
 shared memory (`Ledger`) under one lock, so an admission decision and its bookkeeping are one atomic act.
 
-One difference from the simulator, by design: a real worker batches per `generate()` call (it admits as
-many whole groups as its `max_concurrency` slots hold, generates them to the end, then admits again),
-while the simulator batches continuously (a freed slot is refilled at the next decode step). Finished
-sequences do leave the decode batch early, so a step costs what its active sequences cost.
+A worker generates with a rollout engine (`real.engine`, real/engine/) of `cluster.max_concurrency` slots, one
+decode step at a time, and batches as the simulator does (`cluster.batching`, real/engine/batching.py): continuous,
+a group is admitted at the next decode step once G slots are free; static, only into an empty engine. Finished
+sequences leave the decode batch at once, so a step costs what its active sequences cost.
 
 Messages to the learner (one `mp.Queue`, per-worker order preserved): `Admitted` when a group is admitted
 (so in-flight groups appear in the trace), `GroupDone` when it is generated, `Loaded` per weight load,
@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from real.engine.batching import GroupBatcher
 from sim.engine.control import Control, oldest_unconsumed
 
 WAKE_CHECK_S = 0.1   # how often a blocked worker, woken by nothing, checks that it should go on
+CHECK_EVERY_S = 0.02  # how often a generating worker checks that it should go on
 LOCK_TIMEOUT_S = 30.0
 
 
@@ -78,11 +80,11 @@ class Ledger:
         self.unconsumed = ctx.Array("q", max_staleness + 2, lock=False)  # per version_start % window: not retired
         self.ready = ctx.Value("q", 0, lock=False)          # workers that built their model
         self.t0 = ctx.Value("d", 0.0, lock=False)           # time.monotonic() of the pipeline start
-        # Per worker, written by that worker only (no lock): phase, batch size and decode step, batches done.
+        # Per worker, written by that worker only (no lock): phase, active sequences, decode steps and groups done.
         self.phase = ctx.Array("q", n_workers, lock=False)
         self.batch_seqs = ctx.Array("q", n_workers, lock=False)
         self.decode_step = ctx.Array("q", n_workers, lock=False)
-        self.batches = ctx.Array("q", n_workers, lock=False)
+        self.groups_done = ctx.Array("q", n_workers, lock=False)
         # Released by the learner whenever it changes what a blocked worker waits on (new weights, a batch taken),
         # so a blocked worker sleeps until then instead of polling: wake-ups every few milliseconds on the
         # learner's core slowed its steps. Semaphores, not Events: an Event's set() waits for every sleeper to
@@ -120,18 +122,20 @@ class Ledger:
         for wake in self.wake:
             wake.release()
 
-    def drain_wake(self, worker_id: int) -> None:
-        """Forget earlier wake-ups of `worker_id`: it is about to look at the state they announced."""
+    def drain_wake(self, worker_id: int) -> bool:
+        """Forget earlier wake-ups of `worker_id`: it is about to look at the state they announced. Whether there
+        was any."""
+        woken = False
         while self.wake[worker_id].acquire(False):
-            pass
+            woken = True
+        return woken
 
-    def describe(self, worker_id: int, max_new_tokens: int) -> str:
+    def describe(self, worker_id: int) -> str:
         phase = self.phase[worker_id]
         text = f"rollout worker {worker_id}: {PHASES[phase]}"
         if phase == GENERATING:
-            text += (f" {self.batch_seqs[worker_id]} sequences, decode step {self.decode_step[worker_id]} "
-                     f"of at most {max_new_tokens}")
-        return text + f" ({self.batches[worker_id]} batches done)"
+            text += f" {self.batch_seqs[worker_id]} sequences"
+        return text + f" ({self.decode_step[worker_id]} decode steps, {self.groups_done[worker_id]} groups done)"
 
     @contextmanager
     def locked(self, check=None, timeout: float = LOCK_TIMEOUT_S):
@@ -184,6 +188,15 @@ class WorkerFailed:
     message: str
 
 
+def engine_for(cfg, model, tok, task, version: int, generator: torch.Generator | None):
+    """The rollout engine `real.engine` names, with a worker's slots (`cluster.max_concurrency`) and sampling."""
+    from real.engine import Sampling, make_engine
+
+    sampling = Sampling(cfg.real.temperature, tok.eos_id, cfg.workload.max_new_tokens)
+    return make_engine(cfg.real.engine, model, cfg.cluster.max_concurrency, sampling, version, generator,
+                       max_prompt_len=task.max_prompt_len)
+
+
 def prompt_for(task, seed: int, gid: int):
     """A group's prompt depends on (seed, group id) only: any worker, any mode, the same prompt."""
     return task.sample(np.random.default_rng([seed, gid]), 1)[0]
@@ -207,13 +220,13 @@ class RolloutWorker:
         self.model.eval()
         self.task = DigitTask(cfg.real, self.tok)
         self.version = -1
-        self.group_size = cfg.workload.group_size
-        self.max_groups = cfg.cluster.max_concurrency // self.group_size
         # A resumed run's segment draws a stream of its own: the same seed, not a replay of the killed segment's.
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + worker_id + 1 + 7919 * segment)
-        self.parent = None
+        self.engine = engine_for(cfg, self.model, self.tok, self.task, self.version, self.generator)
+        self.batcher = GroupBatcher(self.engine, cfg.workload.group_size, cfg.cluster.batching == "static")
         import multiprocessing as mp
         self.parent = mp.parent_process()
+        self.next_check = 0.0
 
     def now(self) -> float:
         return time.monotonic() - self.ledger.t0.value
@@ -222,19 +235,28 @@ class RolloutWorker:
         if self.stop.is_set() or (self.parent is not None and not self.parent.is_alive()):
             raise Stopped
 
+    def check_now_and_then(self) -> None:
+        """`check`, at most every CHECK_EVERY_S between decode steps: the stop event is a lock all processes share."""
+        now = time.monotonic()
+        if now >= self.next_check:
+            self.next_check = now + CHECK_EVERY_S
+            self.check()
+
     def set_phase(self, phase: int) -> None:
         self.ledger.phase[self.id] = phase
 
     def load(self, version: int | None = None) -> None:
         self.version, seconds = self.channel.load_into(self.model, version)
+        self.engine.weights_loaded(self.version)
         self.queue.put(Loaded(self.id, self.version, self.now(), seconds))
 
-    def admit(self) -> list[int]:
-        """Admit whole groups while the rules and this worker's slots allow; one atomic decision."""
+    def admit(self, room: int) -> tuple[list[int], bool]:
+        """Admit up to `room` whole groups while the rules allow; one atomic decision. Returns the groups and whether
+        the rules stopped it (rather than the room)."""
         gids: list[int] = []
         L = self.ledger
         with L.locked(self.check):
-            while len(gids) < self.max_groups:
+            while len(gids) < room:
                 latest = self.channel.latest_version()
                 block = self.control.admission_block(
                     version=self.version, latest=latest, n_admitted=L.n_admitted.value, live=L.live(),
@@ -242,68 +264,71 @@ class RolloutWorker:
                     oldest=L.oldest(latest),
                     since_sync=L.since_sync.value)
                 if block is not None:
-                    break
+                    return gids, True
                 L.count(self.version, +1)
                 L.running.value += 1
                 L.since_sync.value += 1
                 gids.append(L.take_id())
-        return gids
+        return gids, False
 
     def run(self) -> None:
+        """Decode step after decode step while sequences are in flight, admitting groups into free slots between
+        steps (static batching: only into an empty engine); idle, load due weights or sleep until woken."""
+        batcher = self.batcher
+        # The rules refused the last admission: ask again only once woken (the learner, or a worker freeing a capped
+        # running slot), after new weights, or WAKE_CHECK_S later. Asking takes the ledger's lock, which every
+        # process shares: asked at every decode step, it queued the workers behind each other on a shared core.
+        blocked, blocked_at = False, 0.0
         while True:
-            self.check()
-            self.ledger.drain_wake(self.id)  # before looking: a change made after this wakes it again
-            with self.ledger.locked(self.check):
-                n_admitted = self.ledger.n_admitted.value
-            target = self.control.load_target(version=self.version, latest=self.channel.latest_version(),
-                                              n_admitted=n_admitted)
-            if target is not None:
-                self.set_phase(LOADING)
-                self.load(target)
-                continue
-            gids = self.admit()
-            if not gids:
+            self.check_now_and_then()
+            # Before looking: a change made after this wakes it again.
+            if self.ledger.drain_wake(self.id) or (blocked and time.monotonic() - blocked_at > WAKE_CHECK_S):
+                blocked = False
+            if batcher.empty:
+                with self.ledger.locked(self.check):
+                    n_admitted = self.ledger.n_admitted.value
+                target = self.control.load_target(version=self.version, latest=self.channel.latest_version(),
+                                                  n_admitted=n_admitted)
+                if target is not None:
+                    self.set_phase(LOADING)
+                    self.load(target)
+                    blocked = False
+                    continue
+            room = batcher.room()
+            gids = []
+            if room and not blocked:
+                gids, blocked = self.admit(room)
+                blocked_at = time.monotonic()
+            if gids:
+                t_admit = self.now()
+                for gid in gids:
+                    prompt = prompt_for(self.task, self.cfg.seed, gid)
+                    self.queue.put(Admitted(gid, self.id, len(prompt.ids), t_admit, self.version))
+                    batcher.admit(gid, prompt.ids, t_admit)
+            if batcher.empty:
                 self.set_phase(WAITING)
                 self.ledger.wake[self.id].acquire(timeout=WAKE_CHECK_S)
+                blocked = False  # woken, or a periodic look
+                self.check()
                 continue
-            self.ledger.batch_seqs[self.id] = len(gids) * self.group_size
-            self.ledger.decode_step[self.id] = 0
             self.set_phase(GENERATING)
-            self.generate(gids)
-            self.ledger.batches[self.id] += 1
+            self.ledger.batch_seqs[self.id] = self.engine.active()
+            for group in batcher.step(self.now):
+                self.hand_over(group)
+            self.ledger.decode_step[self.id] += 1
+            if self.control.interruptible and not batcher.empty and self.channel.latest_version() > self.version:
+                self.load()  # in place, between two decode steps, KV cache kept: later tokens carry the new version
+                blocked = False
 
-    def generate(self, gids: list[int]) -> None:
-        from real.generate import generate
-
-        t_admit = self.now()
-        prompts = [prompt_for(self.task, self.cfg.seed, gid) for gid in gids]
-        for gid, p in zip(gids, prompts):
-            self.queue.put(Admitted(gid, self.id, len(p.ids), t_admit, self.version))
-        G = self.group_size
-        token_times: list[float] = []  # token_times[s]: when decode step s's tokens were sampled
-
-        def between_steps() -> int | None:
-            token_times.append(self.now())
-            self.ledger.decode_step[self.id] = len(token_times)
-            self.check()
-            if self.control.interruptible and self.channel.latest_version() > self.version:
-                self.load()  # in place, KV cache kept: later tokens carry the new version
-                return self.version
-            return None
-
-        t_start = self.now()
-        out = generate(self.model, [p.ids for p in prompts for _ in range(G)], self.cfg.workload.max_new_tokens,
-                       temperature=self.cfg.real.temperature, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                       version=self.version, generator=self.generator, between_steps=between_steps)
-        t_return = self.now()
-        ends = [token_times[len(t) - 1] if len(t) - 1 < len(token_times) else t_return for t in out.tokens]
-        for k, gid in enumerate(gids):
-            rows = slice(k * G, (k + 1) * G)
-            with self.ledger.locked(self.check):
-                self.ledger.buffered.value += 1  # before the put: the learner never retires it first
-                self.ledger.running.value -= 1
-            self.queue.put(GroupDone(gid, self.id, t_start, ends[rows], out.tokens[rows], out.logprobs[rows],
-                                     out.versions[rows]))
+    def hand_over(self, group) -> None:
+        with self.ledger.locked(self.check):
+            self.ledger.buffered.value += 1  # before the put: the learner never retires it first
+            self.ledger.running.value -= 1
+        if self.control.caps_running:
+            self.ledger.wake_workers()  # a worker refused for the running cap may admit now
+        self.queue.put(GroupDone(group.gid, self.id, group.t_start, group.t_end, [s.tokens for s in group.samples],
+                                 [s.logprobs for s in group.samples], [s.versions for s in group.samples]))
+        self.ledger.groups_done[self.id] += 1
 
 
 def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, stop, start, segment: int = 0) -> None:

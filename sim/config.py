@@ -478,9 +478,16 @@ class Real(_Section):
                                                                            "sort a digit string, or add two numbers.")
     min_digits: Int = Field(2, ge=1, description="Shortest digit string of a prompt.")
     max_digits: Int = Field(8, ge=1, description="Longest digit string of a prompt (answers vary in length).")
+    digits: LengthDist | None = Field(
+        None, description="How many digits a prompt's string has, drawn from this length distribution and clipped to "
+                          "min_digits..max_digits (e.g. lognormal for long-tailed answers); null = uniform.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers and learner run; auto picks "
                                                                        "cuda when available.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype of the policy.")
+    engine: Literal["fast", "reference"] = Field(
+        "fast", description="The rollout engine workers generate with (real/engine/): fast, a preallocated KV cache "
+                            "with a decode step written for the Qwen2/Llama family (CUDA graphs on GPU); reference, "
+                            "the transformers model's own forward with a DynamicCache.")
     temperature: Float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
     loss: Literal["coupled", "decoupled"] = Field("decoupled", description="coupled: PPO ratio to the behavior "
                                                   "policy, clipped. decoupled: ratio to the proximal policy (the policy "

@@ -1,12 +1,13 @@
 """The real trainer's single-process parts: tokenizer, task, policy, generation, GRPO loss, lr schedules."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from real.generate import generate
+from real.engine import Sampling, make_engine
 from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, token_logprobs
 from real.model import build_policy, save_policy
 from real.task import DigitTask
@@ -103,6 +104,28 @@ def _prompts(tok, n=6):
     return [p.ids for p in DigitTask(Real(), tok).sample(np.random.default_rng(2), n)]
 
 
+ENGINES = ("reference", "fast")
+
+
+def generate(model, prompts, max_new_tokens, *, temperature, eos_id, version, generator, engine="reference",
+             pad_id=None, between_steps=None):
+    """Every prompt admitted at once into a rollout engine, stepped until all finish; `between_steps()` runs
+    between two steps and, returning an int, says it has loaded that version's weights into `model`."""
+    eng = make_engine(engine, model, len(prompts), Sampling(temperature, eos_id, max_new_tokens), version, generator,
+                      max_prompt_len=max(map(len, prompts)))
+    eng.admit(list(range(len(prompts))), prompts)
+    done = {}
+    while True:
+        done.update((f.seq_id, f) for f in eng.step())
+        if not eng.active():
+            break
+        if between_steps is not None and (new := between_steps()) is not None:
+            eng.weights_loaded(new)
+    rows = [done[i] for i in range(len(prompts))]
+    return SimpleNamespace(tokens=[f.tokens for f in rows], logprobs=[f.logprobs for f in rows],
+                           versions=[f.versions for f in rows])
+
+
 def _recompute(model, prompts, rollout, temperature, pad_id):
     """token_logprobs of the generated tokens by one full, right-padded forward pass."""
     seqs = [list(p) + t for p, t in zip(prompts, rollout.tokens)]
@@ -116,10 +139,11 @@ def _recompute(model, prompts, rollout, temperature, pad_id):
     return [logp[i, len(p):len(p) + len(t)].tolist() for i, (p, t) in enumerate(zip(prompts, rollout.tokens))]
 
 
-def test_generate_shapes_versions_and_behavior_logprobs(policy):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_shapes_versions_and_behavior_logprobs(policy, engine):
     model, tok = policy
     prompts = _prompts(tok)
-    kw = dict(temperature=0.7, eos_id=tok.eos_id, pad_id=tok.pad_id, version=3)
+    kw = dict(temperature=0.7, eos_id=tok.eos_id, pad_id=tok.pad_id, version=3, engine=engine)
     out = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **kw)
     again = generate(model, prompts, 12, generator=torch.Generator().manual_seed(0), **kw)
     assert out.tokens == again.tokens
@@ -131,10 +155,11 @@ def test_generate_shapes_versions_and_behavior_logprobs(policy):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_generate_stops_each_sequence_at_eos(policy):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_stops_each_sequence_at_eos(policy, engine):
     model, tok = policy
     prompts = _prompts(tok)
-    kw = dict(temperature=1.5, pad_id=tok.pad_id, version=0)
+    kw = dict(temperature=1.5, pad_id=tok.pad_id, version=0, engine=engine)
     free = generate(model, prompts, 16, eos_id=-1, generator=torch.Generator().manual_seed(5), **kw)
     eos = free.tokens[0][2]  # a token row 0 samples at step 2: used as EOS, row 0 ends by step 2
     out = generate(model, prompts, 16, eos_id=eos, generator=torch.Generator().manual_seed(5), **kw)
@@ -147,11 +172,13 @@ def test_generate_stops_each_sequence_at_eos(policy):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def test_generate_between_steps_switches_version_and_weights(cfg):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_generate_between_steps_switches_version_and_weights(cfg, engine):
     model, tok = build_policy(cfg)
     new_weights = build_policy(cfg.with_overrides({"seed": 1}))[0].state_dict()
     prompts = _prompts(tok)
-    kw = dict(temperature=1.0, eos_id=-1, pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0))
+    kw = dict(temperature=1.0, eos_id=-1, pad_id=tok.pad_id, generator=torch.Generator().manual_seed(0),
+              engine=engine)
     base = generate(model, prompts, 8, version=4, **kw)
     calls = []
 

@@ -4,16 +4,13 @@ of examples/tiny_cpu.yaml in sync and async mode, plus a worker killed mid-run."
 import json
 import math
 import multiprocessing as mp
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from real.learner import InstabilityDetector, WorkerError
+from real.learner import InstabilityDetector
 from sim.engine.buffer import Buffer
 from real.weights import SharedMemoryChannel, StaleVersionError
 from sim.engine.control import BLOCKED, DRAIN, Control, oldest_unconsumed
@@ -313,3 +310,25 @@ def test_train_config_errors_exit_2(tmp_path, capsys):
 
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert main(["train", str(TINY), "--set", "pipeline.max_staleness=-1"]) == 2
+
+
+def test_continuous_batching_refills_a_worker_between_decode_steps(tmp_path):
+    """Continuous batching for real (examples/tiny_cpu_longtail.yaml, one worker, sync mode: the same run however the
+    processes are scheduled): groups join the worker while earlier groups are still generating, and the run is
+    on-policy and fully accounted for."""
+    from real.trainer import Trainer
+
+    cfg = load_config(ROOT / "examples" / "tiny_cpu_longtail.yaml",
+                      {"pipeline.mode": "sync", "cluster.rollout_workers": 1, "run.steps": 3})
+    result = Trainer(cfg, tmp_path / "run", timeout_s=600).run()
+    trace = result.trace
+    batch = cfg.workload.batch_prompts * cfg.workload.group_size
+    stale = sample_staleness(trace.samples)
+    assert (stale == 0).all() and len(stale) == 3 * batch
+    _accounted(trace, result.summary)
+    used = trace.samples[trace.samples["learner_step"] >= 0]
+    groups = used.groupby("group_id").agg(start=("t_start", "first"), end=("t_end", "max"))
+    joined = [(a, b) for a in groups.index for b in groups.index
+              if groups.start[a] < groups.start[b] < groups.end[a]]
+    assert joined, "no group joined while another was generating"
+    assert cfg.cluster.max_concurrency < batch  # a batch does not fit the slots at once: refills are needed

@@ -340,7 +340,7 @@ def cfg_path(tmp_path, config_data):
     return path
 
 
-@pytest.mark.parametrize("option", ["--tol-rel", "--tol-mean-abs", "--tol-quantile", "--tol-idle"])
+@pytest.mark.parametrize("option", ["--tol-rel", "--tol-mean-abs", "--tol-quantile", "--tol-idle", "--tol-w1"])
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "ten"])
 def test_validate_rejects_a_bad_tolerance_option(tmp_path, cfg_path, capsys, option, value):
     assert main(["validate", str(cfg_path), "--trace", str(tmp_path), option, value,

@@ -8,7 +8,9 @@ median over the run:
 - generation: a worker's batch (its samples admitted together: one `generate()` call) from its start to its last
   sample's end, over what the simulator charges such a static batch: one prefill of all its prompt tokens, then
   each decode step at its active sequences and their context (sequences leave as they end), co-location
-  included as the simulator applies it in that mode, at the run's own worker idle fraction.
+  included as the simulator applies it in that mode, at the run's own worker idle fraction. Static batching
+  only: under continuous batching a worker's sequences join and leave between any two steps, and the trace
+  does not say which step each sample started in, so there is no batch to charge (reported as nan).
 
 Near 1 means the costs held in the run as profiled, so the remaining error is the pipeline model's (or the
 lengths'); far from 1 with both runs alike means the machine ran faster or slower than when it was profiled.
@@ -54,9 +56,10 @@ def generation_ratios(trace: Trace, cost) -> np.ndarray:
     return np.asarray(ratios)
 
 
-def cost_ratios(trace: Trace, cost) -> dict[str, float]:
-    """Median measured / charged, for the learner step and the generation batch."""
-    learner, gen = learner_ratios(trace, cost), generation_ratios(trace, cost)
+def cost_ratios(trace: Trace, cost, static: bool = True) -> dict[str, float]:
+    """Median measured / charged, for the learner step and (static batching) the generation batch."""
+    learner = learner_ratios(trace, cost)
+    gen = generation_ratios(trace, cost) if static else np.array([])
     return {"learner_step": float(np.median(learner)) if len(learner) else float("nan"),
             "generation_batch": float(np.median(gen)) if len(gen) else float("nan"),
             "steps": int(len(learner)), "batches": int(len(gen))}

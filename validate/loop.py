@@ -213,9 +213,10 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     folders = lambda name: ", ".join(f"{run_dir(name, r)}/" for r in range(repeats))  # noqa: E731
     # Charged at each run's own worker idle fraction: the cost ratio then asks whether the costs held as profiled.
     sync_cfg = pred_cfg.with_overrides(sync)
+    static = cfg.cluster.batching == "static"
     costs = {f"{cfg.pipeline.mode} ({folders('measured')})":
-             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured))),
+             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured)), static),
              f"sync ({folders('measured_sync')})":
-             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)))}
+             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)), static)}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
                       recalibrated_sync, costs, runs, notes)

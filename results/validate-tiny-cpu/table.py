@@ -1,20 +1,32 @@
-"""Markdown tables from the four validate reports: predicted / measured (error) for the judged numbers; the in-run
-costs against the profile (post hoc); and the measured runs one by one (the machine's and the seeds' repeatability:
-the two cells with one worker count share their sync runs' configs, as a sync pipeline has no staleness bound)."""
+"""Markdown tables from validate reports: predicted / measured (error) for the judged numbers; the in-run costs
+against the profile (post hoc); and the measured runs one by one (the machine's and the seeds' repeatability: the
+two cells with one worker count share their sync runs' configs, as a sync pipeline has no staleness bound).
+
+    python3 table.py                   the static-batching cells (w*-s*, policy-*) of the README's table
+    python3 table.py 'continuous-*'    the continuous-batching cells, with the staleness distribution's W1 and the
+                                       measured staleness values beside
+"""
 import json
 import re
+import sys
 from pathlib import Path
 
 
 HERE = Path(__file__).parent
 METRICS = [("staleness/mean", "mean staleness"), ("staleness/p90", "p90"), ("throughput/samples_per_s", "samples/s"),
            ("speedup/vs_sync", "speedup over sync"), ("time/step_s", "s/step"), ("idle/rollout", "rollout idle")]
-cells = sorted(HERE.glob("w*-s*/report.json")) + sorted(HERE.glob("policy-*/report.json"))
+patterns = sys.argv[1:] or ["w*-s*", "policy-*"]
+distribution = bool(sys.argv[1:])
+if distribution:
+    METRICS.insert(2, ("staleness/wasserstein1", "W1 (versions)"))
+cells = [p for pattern in patterns for p in sorted(HERE.glob(f"{pattern}/report.json"))]
 reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
 
 
 def cell(name: str) -> tuple[str, str]:
-    """(workers, bound) of a cell: w1-s4 is stalecast's rule; policy-NAME is another system's, one worker."""
+    """(workers, bound) of a cell: w1-s4 is stalecast's rule; policy-NAME is another system's, one worker;
+    continuous-w3-s4 as w3-s4, batching continuously."""
+    name = name.removeprefix("continuous-")
     return ("1", name.removeprefix("policy-")) if name.startswith("policy-") else tuple(name[1:].split("-s"))
 
 print("| workers | bound (or policy) | " + " | ".join(name for _, name in METRICS) + " | all judged rows pass |")
@@ -25,6 +37,9 @@ for name, data in reports.items():
     out = []
     for key, _ in METRICS:
         r = rows[key]
+        if r["predicted"] is None:  # a distance: one number, judged against its bound
+            out.append(f"{r['error']:.3f}{'' if r['ok'] else ' ✗'}")
+            continue
         rel = f"{100 * r['rel_error']:+.0f}%" if r["rel_error"] is not None else f"{r['error']:+.2f}"
         out.append(f"{r['predicted']:.3g} / {r['measured']:.3g} ({rel}){'' if r['ok'] else ' ✗'}")
     print(f"| {w} | {s} | " + " | ".join(out) + f" | {'yes' if data.get('verdict', 'PASS' if data['pass'] else 'FAIL') == 'PASS' else 'no'} |")

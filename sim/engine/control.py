@@ -72,6 +72,11 @@ class Control:
         return self.lag is None and self.p[P.P_POLICY] == P.OLDEST_UNCONSUMED
 
     @property
+    def caps_running(self) -> bool:
+        """Whether admission counts groups admitted and not yet generated (a max_concurrent_rollouts-style cap)."""
+        return bool(self.p[P.P_MAX_RUNNING] >= 0)
+
+    @property
     def sync_every(self) -> int:
         """Learner steps per published version (verl's trigger_parameter_sync_step; 1 otherwise)."""
         return int(self.p[P.P_SYNC_EVERY])

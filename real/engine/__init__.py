@@ -1,0 +1,87 @@
+"""Rollout engines: what a worker generates with, one decode step at a time.
+
+A `RolloutEngine` holds up to `slots` sequences. A worker admits sequences into free slots between two decode
+steps (`admit`), advances every active sequence by one token (`step`), gets back the sequences that finished in
+that step (EOS sampled or `max_new_tokens` reached), and may load new weights between two steps
+(`weights_loaded`, after the weight channel has written them into `engine.model` in place). A token's version is
+the version of the weights that computed its logits: a sequence that straddles a load keeps the KV cache of its
+earlier tokens (PipelineRL-style in-flight updates) and records per token which version sampled it.
+
+Two implementations, chosen by `real.engine`:
+- `reference.ReferenceEngine`: the transformers model's own forward with a `DynamicCache`, one cache per admission
+  (a cohort of sequences admitted together); the readable reference.
+- `fast.FastEngine`: a preallocated KV cache with one slot per sequence (static shapes) and a decode step written
+  for the Qwen2/Llama family, captured as CUDA graphs per batch-size bucket on GPU.
+
+Both sample on the model's device with `sample` below, so that for the same logits and generator state they draw
+the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class Finished:
+    """A sequence that left the engine: what the learner needs of it."""
+    seq_id: int                  # the id it was admitted with
+    tokens: list[int]            # generated ids, the EOS included when emitted
+    logprobs: list[float]        # log-prob of each token under the sampling policy, at the sampling temperature
+    versions: list[int]          # version of the weights that computed each token's logits
+
+
+class RolloutEngine(Protocol):
+    model: torch.nn.Module       # the transformers model the weight channel loads into, in place
+    slots: int                   # sequences held at most
+
+    def free_slots(self) -> int:
+        """Slots that a sequence admitted now would take."""
+
+    def active(self) -> int:
+        """Sequences admitted and not finished."""
+
+    def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+        """Take sequences into free slots; their prompts are prefilled at the next `step`."""
+
+    def step(self) -> list[Finished]:
+        """Prefill what was admitted since the last step, then one decode step for every active sequence: each
+        samples one token. Returns the sequences that finished in this step."""
+
+    def weights_loaded(self, version: int) -> None:
+        """`model`'s weights were replaced in place by `version`'s: later logits use them."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float           # logits are divided by it; log-probs are reported at it
+    eos_id: int                  # a sequence ends when it samples this id (-1: never)
+    max_new_tokens: int          # ... or when it has this many tokens
+    greedy: bool = False         # argmax instead of a sample (tests compare engines with it)
+
+
+def sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | None) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor]:
+    """tokens [a] and their log-probs [a] from logits [a, V]: Gumbel-max with an exponential draw, on device."""
+    logp_all = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)            # [a, V]
+    if cfg.greedy:
+        tok = logp_all.argmax(-1)
+    else:
+        noise = torch.empty_like(logp_all).exponential_(generator=generator)
+        tok = (logp_all - noise.log()).argmax(-1)                                      # [a], a sample of softmax
+    return tok, logp_all.gather(-1, tok[:, None])[:, 0]
+
+
+def make_engine(kind: str, model, slots: int, sampling: Sampling, version: int,
+                generator: torch.Generator | None = None, max_prompt_len: int | None = None) -> RolloutEngine:
+    """The engine `real.engine` names, around `model`. `max_prompt_len` sizes the fast engine's KV cache."""
+    if kind == "reference":
+        from real.engine.reference import ReferenceEngine
+        return ReferenceEngine(model, slots, sampling, version, generator)
+    if kind == "fast":
+        from real.engine.fast import FastEngine
+        return FastEngine(model, slots, sampling, version, generator, max_prompt_len=max_prompt_len)
+    raise ValueError(f"real.engine: '{kind}' is not one of fast, reference")

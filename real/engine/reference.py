@@ -1,0 +1,114 @@
+"""The reference rollout engine: the transformers model's own forward with a `DynamicCache`.
+
+Sequences admitted together form a cohort: their prompts are left-padded and prefilled in one call, and the cohort
+keeps one cache, from which finished rows are dropped (so a decode step costs what its active sequences cost). A
+step runs one forward per cohort, so continuous batching works, but every admission adds a cohort and its launches:
+this engine is the readable yardstick that `fast.FastEngine` is tested against, not a fast one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from real.engine import Finished, Sampling, sample
+
+
+def _cache_kw(model) -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache`; earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class _Cohort:
+    seq_ids: list[int]                    # [a] rows still in the cohort
+    prompts: list[Sequence[int]] | None   # until prefilled
+    cache: DynamicCache
+    mask: torch.Tensor | None = None      # [a, width + tokens so far], 1 on real tokens
+    last: torch.Tensor | None = None      # [a] each row's last sampled token (the next forward's input)
+
+
+@dataclass
+class _Record:
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class ReferenceEngine:
+    def __init__(self, model, slots: int, sampling: Sampling, version: int, generator: torch.Generator | None = None):
+        self.model, self.slots, self.sampling, self.version, self.generator = model, slots, sampling, version, generator
+        self.device = next(model.parameters()).device
+        self.kw = _cache_kw(model)
+        self.cohorts: list[_Cohort] = []
+        self.records: dict[int, _Record] = {}
+
+    def active(self) -> int:
+        return len(self.records)
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.records)
+
+    def weights_loaded(self, version: int) -> None:
+        self.version = version
+
+    def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+        if len(seq_ids) != len(prompts) or len(seq_ids) > self.free_slots():
+            raise ValueError(f"admit: {len(seq_ids)} sequences for {len(prompts)} prompts and "
+                             f"{self.free_slots()} free slots")
+        if not seq_ids:
+            return
+        for sid in seq_ids:
+            if sid in self.records:
+                raise ValueError(f"admit: sequence {sid} is already in the engine")
+            self.records[sid] = _Record()
+        self.cohorts.append(_Cohort(list(seq_ids), list(prompts), DynamicCache(config=self.model.config)))
+
+    @torch.inference_mode()
+    def _logits(self, c: _Cohort) -> torch.Tensor:
+        """The next token's logits [a, V] of every row of cohort c: its prefill, or one decode forward."""
+        if c.prompts is not None:
+            n, width = len(c.prompts), max(map(len, c.prompts))
+            ids = torch.full((n, width), 0, dtype=torch.long)                    # [a, width], left-padded
+            mask = torch.zeros((n, width), dtype=torch.long)                     # [a, width]
+            for row, p in enumerate(c.prompts):
+                ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+                mask[row, width - len(p):] = 1
+            ids, c.mask, c.prompts = ids.to(self.device), mask.to(self.device), None
+            pos = (c.mask.cumsum(-1) - 1).clamp(min=0)                           # [a, width], RoPE positions
+            return self.model(input_ids=ids, attention_mask=c.mask, position_ids=pos, use_cache=True,
+                              logits_to_keep=1, **{self.kw: c.cache}).logits[:, -1]
+        c.mask = torch.cat([c.mask, c.mask.new_ones(len(c.seq_ids), 1)], dim=1)  # [a, width + t]
+        pos = c.mask.sum(-1, keepdim=True) - 1                                    # [a, 1]
+        return self.model(input_ids=c.last[:, None], attention_mask=c.mask, position_ids=pos, use_cache=True,
+                          **{self.kw: c.cache}).logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        s, finished = self.sampling, []
+        for c in self.cohorts:
+            tok, logp = sample(self._logits(c), s, self.generator)              # [a], [a]
+            c.last = tok
+            keep = []
+            for row, (sid, t, lp) in enumerate(zip(c.seq_ids, tok.tolist(), logp.tolist())):
+                rec = self.records[sid]
+                rec.tokens.append(t)
+                rec.logprobs.append(lp)
+                rec.versions.append(self.version)
+                if t == s.eos_id or len(rec.tokens) >= s.max_new_tokens:
+                    del self.records[sid]
+                    finished.append(Finished(sid, rec.tokens, rec.logprobs, rec.versions))
+                else:
+                    keep.append(row)
+            if len(keep) < len(c.seq_ids):
+                c.seq_ids = [c.seq_ids[r] for r in keep]
+                if keep:
+                    rows = torch.as_tensor(keep, device=self.device)
+                    c.cache.batch_select_indices(rows)
+                    c.mask, c.last = c.mask[rows], c.last[rows]
+        self.cohorts = [c for c in self.cohorts if c.seq_ids]
+        return finished
