@@ -17,6 +17,6 @@ run() {  # name, then --set overrides
   echo "$name: exit $?"
 }
 run w3-s4
-run w2-s2 --set cluster.rollout_workers=2 --set pipeline.max_staleness=2
+run w2-s4 --set cluster.rollout_workers=2
 python3 results/validate-tiny-cpu/table.py 'continuous-*' > results/validate-tiny-cpu/continuous.md
 cat results/validate-tiny-cpu/continuous.md
