@@ -217,6 +217,24 @@ def test_cuda_matches_reference_through_a_weight_load(graphs):
     assert bool(engine._captured) == graphs
 
 
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+def test_a_refused_admission_changes_nothing(kind):
+    """Too many sequences, an id held already or twice in one call, an empty prompt: refused before any is taken."""
+    model, s = _qwen(), Sampling(1.0, -1, 4)
+    e = _engine(kind, model, 3, s)
+    e.admit([0], [[3, 4]])
+    for ids, prompts, words in (([1, 2, 3], [[3]] * 3, "free slots"), ([1, 0], [[3], [4]], "already"),
+                                ([1, 1], [[3], [4]], "already"), ([1, 2], [[3], []], "prompt has 0 tokens")):
+        with pytest.raises(ValueError, match=words):
+            e.admit(ids, prompts)
+        assert e.active() == 1 and e.free_slots() == 2
+    e.admit([1, 2], [[5], [6, 7]])
+    finished = []
+    while e.active():
+        finished += e.step()
+    assert sorted(f.seq_id for f in finished) == [0, 1, 2] and all(len(f.tokens) == 4 for f in finished)
+
+
 def test_errors():
     model, s = _qwen(), Sampling(1.0, -1, 4)
     e = _engine("fast", model, 2, s)

@@ -75,6 +75,23 @@ def sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator | Non
     return tok, logp_all.gather(-1, tok[:, None])[:, 0]
 
 
+def check_admission(seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], free: int, held: set[int],
+                    max_prompt_len: int | None = None) -> None:
+    """ValueError, before an engine changes anything, unless it can take every sequence: one prompt each, room for
+    all, ids not held already (nor twice in the call), prompts of 1 (..max_prompt_len) tokens."""
+    if len(seq_ids) != len(prompts) or len(seq_ids) > free:
+        raise ValueError(f"admit: {len(seq_ids)} sequences for {len(prompts)} prompts and {free} free slots")
+    seen = set(held)
+    for sid, p in zip(seq_ids, prompts):
+        if sid in seen:
+            raise ValueError(f"admit: sequence {sid} is already in the engine")
+        seen.add(sid)
+        if len(p) < 1 or (max_prompt_len is not None and len(p) > max_prompt_len):
+            limit = (f"1..{max_prompt_len} (max_prompt_len: the KV cache was sized for it)" if max_prompt_len
+                     else "1 or more")
+            raise ValueError(f"admit: sequence {sid}'s prompt has {len(p)} tokens; it must have {limit}")
+
+
 def make_engine(kind: str, model, slots: int, sampling: Sampling, version: int,
                 generator: torch.Generator | None = None, max_prompt_len: int | None = None) -> RolloutEngine:
     """The engine `real.engine` names, around `model`. `max_prompt_len` sizes the fast engine's KV cache."""

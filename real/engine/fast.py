@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from real.engine import Finished, Sampling, sample
+from real.engine import Finished, Sampling, check_admission, sample
 
 FAMILIES = ("qwen2", "llama")
 SPAN_ROUND = 32  # eager decode attends to the longest context rounded up to this many positions
@@ -127,17 +127,8 @@ class FastEngine:
         self.version = version
 
     def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
-        if len(seq_ids) != len(prompts) or len(seq_ids) > self.free_slots():
-            raise ValueError(f"admit: {len(seq_ids)} sequences for {len(prompts)} prompts and "
-                             f"{self.free_slots()} free slots")
-        held = {s.seq_id for s in self.seqs if s is not None}
-        for sid, p in zip(seq_ids, prompts):
-            if sid in held:
-                raise ValueError(f"admit: sequence {sid} is already in the engine")
-            if not 1 <= len(p) <= self.max_prompt_len:
-                raise ValueError(f"admit: sequence {sid}'s prompt has {len(p)} tokens; the KV cache was sized for "
-                                 f"1..{self.max_prompt_len} (max_prompt_len)")
-            held.add(sid)
+        check_admission(seq_ids, prompts, self.free_slots(), {s.seq_id for s in self.seqs if s is not None},
+                        self.max_prompt_len)
         free = [i for i, s in enumerate(self.seqs) if s is None]
         for slot, sid, p in zip(free, seq_ids, prompts):
             self.seqs[slot] = _Seq(sid, p)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from real.engine import Finished, Sampling, sample
+from real.engine import Finished, Sampling, check_admission, sample
 
 
 def _cache_kw(model) -> str:
@@ -57,14 +57,10 @@ class ReferenceEngine:
         self.version = version
 
     def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
-        if len(seq_ids) != len(prompts) or len(seq_ids) > self.free_slots():
-            raise ValueError(f"admit: {len(seq_ids)} sequences for {len(prompts)} prompts and "
-                             f"{self.free_slots()} free slots")
+        check_admission(seq_ids, prompts, self.free_slots(), set(self.records))
         if not seq_ids:
             return
         for sid in seq_ids:
-            if sid in self.records:
-                raise ValueError(f"admit: sequence {sid} is already in the engine")
             self.records[sid] = _Record()
         self.cohorts.append(_Cohort(list(seq_ids), list(prompts), DynamicCache(config=self.model.config)))
 
