@@ -14,7 +14,8 @@ Every table is timed through the code a run executes, so the simulator is fed th
   advantages, forward/backward per staleness range, AdamW, metrics), minus its weight publication, against the
   tokens the step computes: rows x the longest row (prompt + response), as the learner pads a batch.
 - sync_s: the learner's weight publication plus one worker's load (`SharedMemoryChannel`).
-- colocation: a worker's whole batch (prefill and decode steps) timed while the learner trains and the other
+- colocation: a worker's work (`colocation_call`: a whole batch, prefill and decode steps, under static batching;
+  mostly decode steps at half occupancy under continuous batching) timed while the learner trains and the other
   workers generate in processes of their own, and (sync mode) while only the other workers generate, each at
   worker idle fractions 0, 30 and 60 % (`IdleCurve`): a worker idles between bursts of batches as a run's
   does. Learner steps timed while every worker generates. Each over its time alone and back to back, in
@@ -152,6 +153,19 @@ class DecodeTimer:
             _sync(self.device)
             stamps.append(time.perf_counter())
         return (stamps[-1] - stamps[0]) / (len(stamps) - 1), stamps[0] - t0, sum(map(len, prompts))
+
+
+def colocation_call(cfg, plan: ProfilePlan) -> tuple[int, int, int]:
+    """(sequences, mean context, decode steps) of the call a co-location factor is timed on: the work a run's worker
+    does. Static batching: a full batch, prefill included (a prefill and a few steps of all its slots). Continuous
+    batching: mostly decode steps at part occupancy (half the slots, a group at least; a response's worth of steps):
+    a continuous worker's steps are decode steps of its active sequences with an occasional prefill, and on the 2-core
+    VM a decode-heavy call read x4.1-4.2 beside the learner and two other workers where a full batch read x3.7."""
+    c = plan.context[len(plan.context) // 2]
+    if cfg.cluster.batching == "static":
+        return cfg.cluster.max_concurrency, c, plan.decode_steps
+    n = max(cfg.workload.group_size, cfg.cluster.max_concurrency // 2)
+    return n, c, max(2, cfg.workload.max_new_tokens - 1)
 
 
 # --------------------------------------------------------------------------- the learner
@@ -376,10 +390,9 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
 
     colocation = None
     if cfg.cluster.colocated:
-        n, c = cfg.cluster.max_concurrency, plan.context[len(plan.context) // 2]
+        n, c, steps = colocation_call(cfg, plan)
         workers = cfg.cluster.rollout_workers
-        # A worker's full batch, prefill included, as a run's worker generates (and as the factor is charged).
-        batch = lambda: _timed(lambda: decoder.point(n, c, plan.decode_steps), device)  # noqa: E731
+        batch = lambda: _timed(lambda: decoder.point(n, c, steps), device)  # noqa: E731
         idling = f"idling {'/'.join(f'{u:.0%}' for u in IDLE)} of the time"
         say(f"co-location: generating beside the learner and {workers - 1} other worker(s), {idling}")
         gen = slowdown(0, [("train", LEARNER)] + [("generate", i) for i in range(1, workers)], cfg, batch, plan,
