@@ -167,7 +167,7 @@ class Admitted:
 class GroupDone:
     gid: int
     worker_id: int
-    t_start: float                # generate() began (prefill)
+    t_start: float                # the decode step that prefilled it began
     t_end: list[float]            # per sample: when its last token was sampled
     tokens: list[list[int]]       # per sample, EOS included when emitted
     logprobs: list[list[float]]   # behavior log-probs per token

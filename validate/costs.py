@@ -5,7 +5,7 @@ median over the run:
 
 - learner: a step's time (t_start..t_end) over the profile's learner cost at the step's padded tokens (rows x
   the longest row), the step alone (co-location not applied);
-- generation: a worker's batch (its samples admitted together: one `generate()` call) from its start to its last
+- generation: a worker's batch (its samples admitted together into an empty engine) from its start to its last
   sample's end, over what the simulator charges such a static batch: one prefill of all its prompt tokens, then
   each decode step at its active sequences and their context (sequences leave as they end), co-location
   included as the simulator applies it in that mode, at the run's own worker idle fraction. Static batching

@@ -34,7 +34,7 @@ class Worker:
         self.fresh: list[int] = []  # groups admitted at the current step boundary, no token generated yet
         self.fresh_step = -1
         # Static batching (`cluster.batching`): a batch is admitted only when the last one has ended, and its
-        # groups reach the buffer together at its end, as the real trainer's generate() calls do.
+        # groups reach the buffer together at its end, as the real trainer's static batches do.
         self.static = sim.cfg.cluster.batching == "static"
         self.held: list[int] = []  # static: completed groups of the running batch
         self.generating = False
