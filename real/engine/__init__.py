@@ -19,7 +19,7 @@ the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
@@ -32,6 +32,25 @@ class Finished:
     tokens: list[int]            # generated ids, the EOS included when emitted
     logprobs: list[float]        # log-prob of each token under the sampling policy, at the sampling temperature
     versions: list[int]          # version of the weights that computed each token's logits
+
+
+@dataclass
+class Generation:
+    """A sequence in an engine: its prompt and what it has sampled so far."""
+    seq_id: int
+    prompt: Sequence[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+    def add(self, token: int, logprob: float, version: int, sampling: "Sampling") -> Finished | None:
+        """Record one sampled token; the sequence's `Finished` when that token ends it (EOS or max_new_tokens)."""
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.versions.append(version)
+        if token == sampling.eos_id or len(self.tokens) >= sampling.max_new_tokens:
+            return Finished(self.seq_id, self.tokens, self.logprobs, self.versions)
+        return None
 
 
 class RolloutEngine(Protocol):

@@ -30,13 +30,12 @@ transformers/modeling_rope_utils.py standardizes them (`config.rope_parameters["
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from real.engine import Finished, Sampling, check_admission, sample
+from real.engine import Finished, Generation, Sampling, check_admission, sample
 
 FAMILIES = ("qwen2", "llama")
 SPAN_ROUND = 32  # eager decode attends to the longest context rounded up to this many positions
@@ -64,15 +63,6 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """apply_rotary_pos_emb for one of q, k: x [N, T, heads, d], cos and sin broadcastable to it."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-@dataclass
-class _Seq:
-    seq_id: int
-    prompt: Sequence[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
 
 
 class FastEngine:
@@ -111,7 +101,7 @@ class FastEngine:
             emb = torch.cat((freqs, freqs), dim=-1)                                # [L, d]
             self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)       # [L, d]
             self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)       # [L, d]
-        self.seqs: list[_Seq | None] = [None] * slots   # by slot
+        self.seqs: list[Generation | None] = [None] * slots   # by slot
         self.ctx = [0] * slots                          # by slot: tokens in its cache (0 when free)
         self.new: list[int] = []                        # slots admitted since the last step, not yet prefilled
 
@@ -131,7 +121,7 @@ class FastEngine:
                         self.max_prompt_len)
         free = [i for i, s in enumerate(self.seqs) if s is None]
         for slot, sid, p in zip(free, seq_ids, prompts):
-            self.seqs[slot] = _Seq(sid, p)
+            self.seqs[slot] = Generation(sid, p)
             self.new.append(slot)
 
     def _h2d(self, values: list[int]) -> torch.Tensor:
@@ -257,12 +247,9 @@ class FastEngine:
         toks, logps = torch.stack((tok.double(), logp.double())).tolist()
         finished = []
         for slot, t, lp in zip(order, toks, logps):
-            seq, t = self.seqs[slot], int(t)
-            seq.tokens.append(t)
-            seq.logprobs.append(lp)
-            seq.versions.append(self.version)
+            seq = self.seqs[slot]
             self.ctx[slot] = len(seq.prompt) if slot in fresh else self.ctx[slot] + 1
-            if t == self.sampling.eos_id or len(seq.tokens) >= self.sampling.max_new_tokens:
-                finished.append(Finished(seq.seq_id, seq.tokens, seq.logprobs, seq.versions))
+            if (done := seq.add(int(t), lp, self.version, self.sampling)) is not None:
+                finished.append(done)
                 self.seqs[slot], self.ctx[slot] = None, 0
         return finished

@@ -9,13 +9,13 @@ this engine is the readable yardstick that `fast.FastEngine` is tested against, 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
 
-from real.engine import Finished, Sampling, check_admission, sample
+from real.engine import Finished, Generation, Sampling, check_admission, sample
 
 
 def _cache_kw(model) -> str:
@@ -32,20 +32,13 @@ class _Cohort:
     last: torch.Tensor | None = None      # [a] each row's last sampled token (the next forward's input)
 
 
-@dataclass
-class _Record:
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-
-
 class ReferenceEngine:
     def __init__(self, model, slots: int, sampling: Sampling, version: int, generator: torch.Generator | None = None):
         self.model, self.slots, self.sampling, self.version, self.generator = model, slots, sampling, version, generator
         self.device = next(model.parameters()).device
         self.kw = _cache_kw(model)
         self.cohorts: list[_Cohort] = []
-        self.records: dict[int, _Record] = {}
+        self.records: dict[int, Generation] = {}
 
     def active(self) -> int:
         return len(self.records)
@@ -60,8 +53,8 @@ class ReferenceEngine:
         check_admission(seq_ids, prompts, self.free_slots(), set(self.records))
         if not seq_ids:
             return
-        for sid in seq_ids:
-            self.records[sid] = _Record()
+        for sid, p in zip(seq_ids, prompts):
+            self.records[sid] = Generation(sid, p)
         self.cohorts.append(_Cohort(list(seq_ids), list(prompts), DynamicCache(config=self.model.config)))
 
     @torch.inference_mode()
@@ -91,13 +84,9 @@ class ReferenceEngine:
             c.last = tok
             keep = []
             for row, (sid, t, lp) in enumerate(zip(c.seq_ids, tok.tolist(), logp.tolist())):
-                rec = self.records[sid]
-                rec.tokens.append(t)
-                rec.logprobs.append(lp)
-                rec.versions.append(self.version)
-                if t == s.eos_id or len(rec.tokens) >= s.max_new_tokens:
+                if (done := self.records[sid].add(t, lp, self.version, s)) is not None:
                     del self.records[sid]
-                    finished.append(Finished(sid, rec.tokens, rec.logprobs, rec.versions))
+                    finished.append(done)
                 else:
                     keep.append(row)
             if len(keep) < len(c.seq_ids):
