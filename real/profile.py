@@ -108,22 +108,23 @@ class DecodeTimer:
     used alone and inside a co-located measurement."""
 
     def __init__(self, model, tok, cfg, prompt_lengths: tuple[int, ...], seed: int = 0):
+        from real.task import DigitTask
+
         self.model, self.tok, self.cfg = model, tok, cfg
         self.device = next(model.parameters()).device
         self.rng = np.random.default_rng(seed)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.spread = np.asarray(prompt_lengths) - int(round(np.mean(prompt_lengths)))  # per group, mean ~0
         self.engines: dict[tuple[int, int], object] = {}
+        self.task_prompt_len = DigitTask(cfg.real, tok).max_prompt_len  # a worker's KV cache holds such prompts
 
     def engine(self, steps: int, prompt_len: int):
         """An engine whose sequences end after `steps` tokens (EOS disabled: none leaves early) and that holds
         prompts of `prompt_len`; kept for the next call that fits it. Its KV cache is as long as a worker's
         (longest prompt + max_new_tokens) unless the timed contexts need more."""
         from real.engine import Sampling, make_engine
-        from real.task import DigitTask
 
-        longest = max(prompt_len, DigitTask(self.cfg.real, self.tok).max_prompt_len
-                      + max(0, self.cfg.workload.max_new_tokens - steps))
+        longest = max(prompt_len, self.task_prompt_len + max(0, self.cfg.workload.max_new_tokens - steps))
         key = (steps, longest)
         if key not in self.engines:
             sampling = Sampling(self.cfg.real.temperature, NO_EOS, steps)

@@ -278,12 +278,12 @@ class RolloutWorker:
         # The rules refused the last admission: ask again only once woken (the learner, or a worker freeing a capped
         # running slot), after new weights, or WAKE_CHECK_S later. Asking takes the ledger's lock, which every
         # process shares: asked at every decode step, it queued the workers behind each other on a shared core.
-        blocked, blocked_at = False, 0.0
+        ask_after = 0.0  # time.monotonic() from which to ask the rules again
         while True:
             self.check_now_and_then()
             # Before looking: a change made after this wakes it again.
-            if self.ledger.drain_wake(self.id) or (blocked and time.monotonic() - blocked_at > WAKE_CHECK_S):
-                blocked = False
+            if self.ledger.drain_wake(self.id):
+                ask_after = 0.0
             if batcher.empty:
                 with self.ledger.locked(self.check):
                     n_admitted = self.ledger.n_admitted.value
@@ -292,13 +292,13 @@ class RolloutWorker:
                 if target is not None:
                     self.set_phase(LOADING)
                     self.load(target)
-                    blocked = False
+                    ask_after = 0.0
                     continue
             room = batcher.room()
             gids = []
-            if room and not blocked:
-                gids, blocked = self.admit(room)
-                blocked_at = time.monotonic()
+            if room and time.monotonic() >= ask_after:
+                gids, refused = self.admit(room)
+                ask_after = time.monotonic() + WAKE_CHECK_S if refused else 0.0
             if gids:
                 t_admit = self.now()
                 for gid in gids:
@@ -308,7 +308,7 @@ class RolloutWorker:
             if batcher.empty:
                 self.set_phase(WAITING)
                 self.ledger.wake[self.id].acquire(timeout=WAKE_CHECK_S)
-                blocked = False  # woken, or a periodic look
+                ask_after = 0.0  # woken, or a periodic look
                 self.check()
                 continue
             self.set_phase(GENERATING)
@@ -318,7 +318,7 @@ class RolloutWorker:
             self.ledger.decode_step[self.id] += 1
             if self.control.interruptible and not batcher.empty and self.channel.latest_version() > self.version:
                 self.load()  # in place, between two decode steps, KV cache kept: later tokens carry the new version
-                blocked = False
+                ask_after = 0.0
 
     def hand_over(self, group) -> None:
         with self.ledger.locked(self.check):
