@@ -75,20 +75,12 @@ def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], cons
 
 
 def print_memory(report, cfg: RunConfig, console: Console) -> None:
-    """GPU memory (a `sim.hardware.memory.MemoryReport`): the rollout worker's KV budget and the sequences it holds,
-    the learner's states and micro-batches, and a note when max_concurrency is above what the KV budget holds."""
-    r, lm = report.rollout, report.learner
-    where = f"TP {r.tp} on {r.gpu}" + (", co-located" if report.colocated else "")
-    kv = (f"KV budget {max(r.kv_budget_gb, 0):.1f} GB = {r.kv_tokens:,} tokens ({r.seqs_mean:,} sequences of mean "
-          f"length, {r.seqs_long:,} of the longest)")
-    micro = (f"micro-batches of up to {lm.micro_tokens:,} tokens per GPU, {lm.micro_batches} per step"
-             if lm.micro_batches is not None else "no micro-batch fits")
-    console.print(f"memory: rollout worker ({where}): weights {r.weights_gb:.1f} GB, {kv}; learner: "
-                  f"{lm.states_per_gpu_gb:.1f} GB of states per GPU, {micro}", highlight=False, markup=False)
-    if cfg.cluster.max_concurrency > r.seqs_mean and report.feasible:
-        console.print(f"note: max_concurrency {cfg.cluster.max_concurrency} is above the {r.seqs_mean:,} sequences of "
-                      f"mean length the KV budget holds; an engine would hold the rest back or preempt",
-                      highlight=False, markup=False)
+    """GPU memory (a `sim.hardware.memory.MemoryReport`), and a note when max_concurrency is above what the KV
+    budget holds."""
+    console.print(f"memory: {report.summary()}", highlight=False, markup=False)
+    note = report.concurrency_note(cfg.cluster.max_concurrency)
+    if note is not None and report.feasible:
+        console.print(f"note: max_{note}", highlight=False, markup=False)
 
 
 def print_stability(stability: ConfigPrediction, console: Console) -> None:

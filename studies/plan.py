@@ -356,16 +356,8 @@ def memory_notes(best: pd.Series, search: _Search) -> list[str]:
     report = search.memory.get((int(best["tp"]), int(best["rollout_workers"])))
     if report is None:
         return []
-    r, lm = report.rollout, report.learner
-    micro = (f"{lm.micro_batches} micro-batch(es) of up to {lm.micro_tokens:,} tokens per GPU per step"
-             if lm.micro_batches is not None else "no micro-batch fits")
-    notes = [f"Memory of the recommendation: each worker's KV budget is {max(r.kv_budget_gb, 0):.1f} GB, "
-             f"{r.kv_tokens:,} tokens ({r.seqs_mean:,} sequences of mean length, {r.seqs_long:,} of the longest); "
-             f"the learner holds {lm.states_per_gpu_gb:.1f} GB of states per GPU, {micro}."]
-    if best["concurrency"] > r.seqs_mean:
-        notes.append(f"Its concurrency {best['concurrency']:.0f} is above the {r.seqs_mean:,} sequences of mean length "
-                     f"the KV budget holds: an engine would hold the rest back or preempt them.")
-    return notes
+    note = report.concurrency_note(int(best["concurrency"]))
+    return [f"Memory of the recommendation: {report.summary()}."] + ([f"Its {note}."] if note else [])
 
 
 def excluded_notes(search: _Search) -> list[str]:

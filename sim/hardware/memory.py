@@ -269,6 +269,25 @@ class MemoryReport:
         """Why the configuration does not fit, on one line (None when it does)."""
         return "; ".join(self.problems) or None
 
+    def summary(self) -> str:
+        """One line: a worker's weights, KV budget and the sequences it holds; the learner's states and
+        micro-batches."""
+        r, lm = self.rollout, self.learner
+        where = f"TP {r.tp} on {r.gpu}" + (", co-located" if self.colocated else "")
+        micro = (f"micro-batches of up to {lm.micro_tokens:,} tokens per GPU, {lm.micro_batches} per step"
+                 if lm.micro_batches is not None else "no micro-batch fits")
+        return (f"rollout worker ({where}): weights {r.weights_gb:.1f} GB, KV budget "
+                f"{max(r.kv_budget_gb, 0):.1f} GB = {r.kv_tokens:,} tokens ({r.seqs_mean:,} sequences of mean length, "
+                f"{r.seqs_long:,} of the longest); "
+                f"learner: {lm.states_per_gpu_gb:.1f} GB of states per GPU, {micro}")
+
+    def concurrency_note(self, concurrency: int) -> str | None:
+        """A caveat when a worker decodes more sequences at once than its KV budget holds at mean length."""
+        if concurrency <= self.rollout.seqs_mean:
+            return None
+        return (f"concurrency {concurrency} is above the {self.rollout.seqs_mean:,} sequences of mean length the KV "
+                f"budget holds: an engine would hold the rest back or preempt them")
+
     def as_dict(self) -> dict:
         return {"feasible": self.feasible, "reason": self.reason, "colocated": self.colocated,
                 "rollout": asdict(self.rollout), "learner": asdict(self.learner)}
