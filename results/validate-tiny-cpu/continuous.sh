@@ -4,17 +4,12 @@
 # async mode, each cell: 3 pilot runs (seeds 1, 3, 5) for the lengths, a fresh profile, then 3 measured runs in each
 # mode (seeds 0, 2, 4, modes alternating), compare; the staleness distribution is judged by W1 <= 0.2 versions.
 #   bash results/validate-tiny-cpu/continuous.sh   (from the repo root; ~40 minutes on 2 cores, nothing else running)
-set -u
-cd "$(dirname "$0")/../.."
-warm=$(mktemp -d)
-stalecast train examples/tiny_cpu_longtail.yaml --steps 300 --out "$warm/run" > /dev/null 2>&1
-echo "warm-up: exit $?"
-rm -rf "$warm"
+source "$(dirname "$0")/cells.sh"
+warm_up examples/tiny_cpu_longtail.yaml 300
 run() {  # name, then --set overrides
-  local name=$1; shift
-  stalecast validate examples/tiny_cpu_longtail.yaml --set run.steps=100 --repeats 3 --tol-w1 0.2 "$@" \
-    --out "results/validate-tiny-cpu/continuous-$name" > "results/validate-tiny-cpu/continuous-$name.log" 2>&1
-  echo "$name: exit $?"
+  local name=$1
+  shift
+  cell "continuous-$name" examples/tiny_cpu_longtail.yaml --set run.steps=100 --repeats 3 --tol-w1 0.2 "$@"
 }
 run w3-s4
 run w2-s4 --set cluster.rollout_workers=2

@@ -6,17 +6,12 @@
 #   verl_fully_async: its defaults (staleness_threshold 0.1, a weight sync every 4 learner steps) with partial rollout
 #   prime_rl:         max_async_level 2, in-flight weight updates
 #   bash results/validate-tiny-cpu/policies.sh   (from the repo root; ~40 minutes on 2 cores, nothing else running)
-set -u
-cd "$(dirname "$0")/../.."
-warm=$(mktemp -d)
-stalecast train examples/tiny_cpu.yaml --steps 1200 --out "$warm/run" > /dev/null 2>&1
-echo "warm-up: exit $?"
-rm -rf "$warm"
+source "$(dirname "$0")/cells.sh"
+warm_up examples/tiny_cpu.yaml 1200
 run() {  # name, then --set overrides; interruptible null: the policy's system decides (all three: in flight)
-  local name=$1; shift
-  stalecast validate examples/tiny_cpu.yaml --set run.steps=160 --repeats 3 --set pipeline.interruptible=null "$@" \
-    --out "results/validate-tiny-cpu/policy-$name" > "results/validate-tiny-cpu/policy-$name.log" 2>&1
-  echo "$name: exit $?"
+  local name=$1
+  shift
+  cell "policy-$name" examples/tiny_cpu.yaml --set run.steps=160 --repeats 3 --set pipeline.interruptible=null "$@"
 }
 run areal --set pipeline.staleness_control=areal --set 'pipeline.areal={max_head_offpolicyness: 2}'
 run verl_fully_async --set pipeline.staleness_control=verl_fully_async

@@ -9,17 +9,12 @@
 # cell's profile, taken ~4-7 min after the start, timed the machine slower than that cell's own runs after it
 # (in-run learner x0.81-0.86 of the profile; the other cells near x1), as if the VM ran slow in its first minutes
 # of load.
-set -u
-cd "$(dirname "$0")/../.."
-warm=$(mktemp -d)
-stalecast train examples/tiny_cpu.yaml --steps 1200 --out "$warm/run" > /dev/null 2>&1
-echo "warm-up: exit $?"
-rm -rf "$warm"
+source "$(dirname "$0")/cells.sh"
+warm_up examples/tiny_cpu.yaml 1200
 for w in 1 2; do
   for s in 1 4; do
-    stalecast validate examples/tiny_cpu.yaml --set cluster.rollout_workers=$w --set pipeline.max_staleness=$s \
-      --set run.steps=160 --repeats 3 --out "results/validate-tiny-cpu/w$w-s$s" > "results/validate-tiny-cpu/w$w-s$s.log" 2>&1
-    echo "workers $w bound $s: exit $?"
+    cell "w$w-s$s" examples/tiny_cpu.yaml --set cluster.rollout_workers=$w --set pipeline.max_staleness=$s \
+      --set run.steps=160 --repeats 3
   done
 done
 python3 results/validate-tiny-cpu/table.py > results/validate-tiny-cpu/table.md
