@@ -148,11 +148,13 @@ def check_profile_out(out, force: bool) -> None:
 def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
+    from real.engine import check_engine
     from real.model import resolve_device
     from real.profile import measure_profile, plan_for
     from sim.hardware.measured import describe_factor, save_profile
 
     cfg = load_config(args.config, parse_overrides(args.set))
+    check_engine(cfg)
     plan = plan_for(cfg, quick=args.quick)
     out = Path(args.out) if args.out else Path("profiles") / f"{cfg.name}-{resolve_device(cfg).type}.yaml"
     check_profile_out(out, args.force)

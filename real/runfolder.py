@@ -96,10 +96,10 @@ class RunFolder:
 
     def completed_rows(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(samples, steps) the folder holds for completed steps: the per-step CSV files while a run is going, or
-        the final Parquet trace's retired groups (taken or dropped) once it ended."""
+        the final Parquet trace's retired groups (taken or dropped) once it ended; none before the first step."""
         from sim.trace import read_trace
 
-        if (self.trace_dir / "samples.csv").is_file() or not self.trace_dir.is_dir():
+        if not (self.trace_dir / "samples.parquet").is_file():
             samples = _read_csv(self.trace_dir / "samples.csv", SAMPLE_COLUMNS)
             steps = _read_csv(self.trace_dir / "steps.csv", STEP_COLUMNS)
         else:

@@ -178,11 +178,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
+        from real.engine import check_engine
         from real.model import LEARNER, build_policy, pinned, resolve_device
 
         cfg, ckpt = self.cfg, self.checkpoint
         t_begin = time.monotonic()
         device = resolve_device(cfg)
+        check_engine(cfg)
         header = trace_header(cfg)
         start = ckpt["steps_done"] if ckpt else 0
         if start:

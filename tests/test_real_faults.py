@@ -144,3 +144,35 @@ def test_sigterm_and_a_killed_main_process_keep_the_steps_and_resume_finishes(tm
     _check_complete(run, 24, segments=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "run"]  # no scratch folder left anywhere
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".stalecast-output"]
+
+
+def test_a_run_folder_before_its_first_step_reads_as_no_rows(tmp_path):
+    """A run that fails before its first step (a worker dying at start-up) reads its folder back as empty, so the
+    failure itself is what the run reports, not a missing trace file."""
+    from real.runfolder import RunFolder
+    from real.trainer import trace_header
+
+    cfg = load_config(TINY)
+    folder = RunFolder(tmp_path / "run")
+    folder.create(cfg, trace_header(cfg))
+    samples, steps = folder.completed_rows()
+    assert len(samples) == 0 and len(steps) == 0
+
+
+@pytest.mark.parametrize("command", ["train", "profile", "validate"])
+def test_the_fast_engine_refuses_a_model_family_it_has_no_forward_for(tmp_path, capsys, command):
+    """real.engine fast with a checkpoint of another family: one error line and exit 2 before anything is written."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from real.model import save_policy
+    from real.tokenizer import CharTokenizer
+
+    checkpoint = tmp_path / "gpt2"
+    save_policy(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                           bos_token_id=1, eos_token_id=2)), CharTokenizer(), checkpoint)
+    out = tmp_path / ("out.yaml" if command == "profile" else "out")
+    assert main([command, str(TINY), "--set", f"real.model={checkpoint}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "real.engine: 'fast' cannot run real.model" in err and "model type 'gpt2' is not supported" in err
+    assert not out.exists()

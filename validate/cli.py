@@ -99,6 +99,10 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
     cfg = load_config(args.config, parse_overrides(args.set))
     tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
                      idle_abs=args.tol_idle, distance_max=args.tol_w1)
+    if args.trace is None:  # the loop trains for real
+        from real.engine import check_engine
+
+        check_engine(cfg)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-validate"
     with staged(out, "validate", args.force) as tmp:
         if args.trace is None:

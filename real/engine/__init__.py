@@ -111,6 +111,24 @@ def check_admission(seq_ids: Sequence[int], prompts: Sequence[Sequence[int]], fr
             raise ValueError(f"admit: sequence {sid}'s prompt has {len(p)} tokens; it must have {limit}")
 
 
+def check_engine(cfg) -> None:
+    """A ConfigError, before any process starts or any output is written, when `real.engine` cannot run
+    `real.model` (the fast engine's forward is written for the Qwen2 and Llama families; the presets are Qwen2)."""
+    from sim.config import ConfigError
+    from sim.hardware.specs import MODELS
+
+    if cfg.real.engine != "fast" or cfg.real.model in MODELS:
+        return
+    from transformers import AutoConfig
+
+    from real.engine.fast import check_model
+
+    try:
+        check_model(AutoConfig.from_pretrained(cfg.real.model, local_files_only=True))
+    except ValueError as exc:
+        raise ConfigError(f"real.engine: 'fast' cannot run real.model {cfg.real.model}: {exc}") from None
+
+
 def make_engine(kind: str, model, slots: int, sampling: Sampling, version: int,
                 generator: torch.Generator | None = None, max_prompt_len: int | None = None) -> RolloutEngine:
     """The engine `real.engine` names, around `model`. `max_prompt_len` sizes the fast engine's KV cache."""
