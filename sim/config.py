@@ -840,6 +840,7 @@ def _resolve_paths(cfg: RunConfig, path: Path, overridden: set[str] = frozenset(
     for dotted, value in (("hardware.profile", cfg.hardware.profile),
                           ("workload.prompt_len.trace", getattr(cfg.workload.prompt_len, "trace", None)),
                           ("workload.response_len.trace", getattr(cfg.workload.response_len, "trace", None)),
+                          ("real.digits.trace", getattr(cfg.real.digits, "trace", None)),
                           ("stability.fit", cfg.stability.fit)):
         if value is None:
             continue

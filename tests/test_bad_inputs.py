@@ -350,6 +350,8 @@ REFERENCED = [
     sim(setting("workload.response_len", {"kind": "empirical", "trace": "runs/t/trace"}),
         ["workload.response_len.trace: file not found: runs/t/trace"], id_="empirical-trace-missing"),
     sim(setting("stability.fit", "fit.json"), ["stability.fit: file not found: fit.json"], id_="stability-fit-missing"),
+    sim(setting("real.digits", {"kind": "empirical", "trace": "digits.parquet"}),
+        ["real.digits.trace: file not found: digits.parquet"], id_="digits-trace-missing"),
     sim(setting("real.model", "checkpoints/step-80"), ["real.model: 'checkpoints/step-80' is neither a model preset",
                                                        "nor a checkpoint folder", "cfg/checkpoints/step-80"],
         id_="checkpoint-missing"),
