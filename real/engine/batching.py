@@ -10,7 +10,7 @@ in that decode step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from real.engine import Finished, RolloutEngine
@@ -21,7 +21,7 @@ class Group:
     gid: int
     t_start: float                                     # when the step that prefilled it began
     samples: list[Finished | None]                     # by sample index, None until finished
-    t_end: list[float] = field(default_factory=list)   # per sample, when its last token was sampled
+    t_end: list[float]                                 # per sample, when its last token was sampled
 
 
 class GroupBatcher:
