@@ -45,6 +45,18 @@ def test_cluster_1000_steps(benchmark, interruptible):
     assert benchmark.stats.stats.max < 20.0
 
 
+@pytest.mark.parametrize("kv_policy", ["unlimited", "preempt_recompute"])
+def test_cluster_1000_steps_kv_budget(benchmark, kv_policy):
+    """The what-if with KV admission and eviction against the memory model's budget (the default) and without any
+    budget: the budget is a closed form in the kernel, so the two should take about the same time."""
+    def simulate(steps):
+        return Simulation(load_config(CLUSTER, {"run.steps": steps, "hardware.memory.kv_policy": kv_policy})).run()
+    simulate(2)
+    trace = benchmark.pedantic(simulate, args=(1000,), rounds=1, iterations=1)
+    assert len(trace.steps) == 1000 and trace.header["kv"]["policy"] == kv_policy
+    assert benchmark.stats.stats.max < 5.0
+
+
 @pytest.mark.parametrize("interruptible", [False, True])
 def test_cluster_1000_steps_peak_memory(benchmark, interruptible):
     def run():

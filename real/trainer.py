@@ -432,6 +432,7 @@ def group_rows(cfg, rec: GroupRecord | None, gid: int | None = None, taken: bool
             "version_consumed": rec_taken.version_consumed if rec_taken else -1,
             "learner_step": rec_taken.step if rec_taken else -1, "dropped": rec_taken.dropped if rec_taken else False,
             "reward": rec_taken.rewards[i] if rec_taken is not None and rec_taken.rewards is not None else math.nan,
+            "preemptions": 0,  # the rollout engines hold every admitted sequence's KV cache to its end
         })
     return rows
 

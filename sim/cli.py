@@ -125,14 +125,19 @@ def _sync_baseline(cfg: RunConfig, args: argparse.Namespace, console: Console) -
 def check_memory(cfg: RunConfig, source: str, allow: bool, console: Console):
     """The configuration's GPU memory (`sim.hardware.memory.MemoryReport`, None when no GPU is modelled). One that
     does not fit is refused (a ConfigError naming `source`) unless `allow` or hardware.memory.check is false; then it
-    is simulated with a warning."""
-    from sim.hardware.memory import infeasible_message, memory_report
+    is simulated with a warning. A KV budget the workers cannot work with is refused whatever `allow` says."""
+    from sim.hardware.memory import infeasible_message, kv_capacity, memory_report
     from sim.workload import workload_lengths
 
     try:
-        report = memory_report(cfg, workload_lengths(cfg.workload))
+        lengths = workload_lengths(cfg.workload)
+        report = memory_report(cfg, lengths)
     except ValueError as exc:  # an empirical trace that cannot be read
         raise ConfigError(str(exc)) from None
+    try:
+        kv_capacity(cfg, lengths)
+    except ValueError as exc:  # a KV budget the workers cannot work with
+        raise ConfigError(f"{source}: {exc}") from None
     if report is None or report.feasible:
         return report
     message = infeasible_message(report)
@@ -178,7 +183,8 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         stability = predict_config(cfg, histogram, metrics.get("staleness/mean") or 0.0)
     except ValueError as exc:  # an unreadable fit file: say which and why
         raise ConfigError(str(exc)) from None
-    print_summary(cfg, metrics, histogram, console, seconds, sync_metrics, stability)
+    print_summary(cfg, metrics, histogram, console, seconds, sync_metrics, stability,
+                  trace.header["kv"]["budget_tokens"])
     if memory is not None:
         print_memory(memory, cfg, console)
 

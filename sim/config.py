@@ -378,6 +378,21 @@ class Memory(_Section):
                                                                     "GPU spec's (3 GB on the NVIDIA parts: vLLM logs "
                                                                     "3.05 GiB for Llama-3-8B on one H100; 0.25 on "
                                                                     "cpu).")
+    kv_policy: Literal["preempt_recompute", "preempt_swap", "admit_reserve", "unlimited"] = Field(
+        "preempt_recompute", description="How a rollout worker lives within its KV budget (docs/design.md): "
+                                         "preempt_recompute admits a group when its prompts fit and, when decoding "
+                                         "outgrows the budget, evicts the newest sequences and re-prefills them later "
+                                         "(vLLM's default); preempt_swap evicts them to host memory and copies them "
+                                         "back; admit_reserve reserves prompt + max_new_tokens per sequence up front "
+                                         "and never evicts; unlimited ignores the budget (only max_concurrency "
+                                         "limits a batch).")
+    kv_budget_tokens: Int | None = Field(None, ge=1, description="KV-cache tokens one rollout worker holds. null: "
+                                                                 "the memory model's budget when hardware.gpu is "
+                                                                 "set and hardware.constant is not, else no limit. "
+                                                                 "It must hold one group at its longest.")
+    swap_gbps: Float | None = Field(None, gt=0, description="Host link per rollout GPU, one direction, GB/s, that "
+                                                            "preempt_swap copies KV over. null: the GPU spec's "
+                                                            "(PCIe).")
     kv_block_tokens: Int = Field(16, ge=1, description="Tokens per KV-cache block (paged allocation; vLLM's "
                                                        "block_size, 16): a sequence takes whole blocks.")
     kv_dtype: Literal["bf16", "fp8"] = Field("bf16", description="KV-cache element type (vLLM's kv_cache_dtype: "

@@ -17,7 +17,7 @@ STALENESS_QUANTILES = {"p50": 0.50, "p90": 0.90, "p99": 0.99}
 # The sample columns compute_metrics and staleness_histogram read: a trace may hold only these in memory (a large
 # simulation writes the others straight from its ledger).
 METRIC_COLUMNS = ("group_id", "worker_id", "response_len", "t_start", "t_end", "version_start", "version_end",
-                  "version_mean", "version_consumed", "dropped")
+                  "version_mean", "version_consumed", "dropped", "preemptions")
 LEARNING_COLUMNS = {"ess/token": "ess_token", "ess/seq": "ess_seq", "kl/k3": "kl", "grad_norm": "grad_norm",
                     "clip_frac": "clip_frac", "reward/mean": "reward_mean", "lr": "lr"}
 
@@ -158,6 +158,16 @@ def rollout_idle(trace: Trace) -> float:
     return 1.0 - busy_fraction(worker, start, end, trace.n_workers, run_wall_s(trace.steps), until)
 
 
+def kv_metrics(counts: np.ndarray, kv: dict | None) -> dict:
+    """KV-cache evictions (from the samples' `preemptions` counts; None where no row records them) and, from a trace
+    header's "kv" record, the peak and time-average share of a worker's KV budget in use (None without a budget)."""
+    recorded = counts >= 0
+    kv = kv or {}
+    return {"kv/preemptions": int(counts[recorded].sum()) if recorded.any() else None,
+            "kv/preempted_share": float((counts[recorded] > 0).mean()) if recorded.any() else None,
+            "kv/peak_occupancy": kv.get("peak_occupancy"), "kv/mean_occupancy": kv.get("mean_occupancy")}
+
+
 def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:
     """All docs/design.md metrics of a trace. `sync_step_s`: time per learner step of the synchronous pipeline
     on the same hardware and workload, for speedup/vs_sync."""
@@ -187,6 +197,8 @@ def compute_metrics(trace: Trace, sync_step_s: float | None = None) -> dict:
         "dropped/groups": int(len(np.unique(samples["group_id"].to_numpy()[dropped]))),
         "samples/generated": int(generated.sum()),
         "samples/in_flight": int((~generated).sum()),
+        **kv_metrics(samples["preemptions"].to_numpy() if "preemptions" in samples else np.full(len(samples), -1),
+                     trace.header.get("kv")),
     }
     for name, col in LEARNING_COLUMNS.items():
         out[name] = _finite_or_none(float(steps[col].mean())) if steps[col].notna().any() else None

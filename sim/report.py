@@ -24,7 +24,8 @@ def _fmt(value, unit: str = "", digits: int = 2) -> str:
 
 def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], console: Console,
                   sim_seconds: float | None = None, sync_metrics: dict | None = None,
-                  stability: ConfigPrediction | None = None) -> None:
+                  stability: ConfigPrediction | None = None, kv_budget: int | None = None) -> None:
+    """kv_budget: the KV tokens a worker holds (trace header "kv"), for the KV rows."""
     pl, cl = cfg.pipeline, cfg.cluster
     control = f", {pl.staleness_control} S={pl.max_staleness}" if pl.mode == "async" else ""
     console.print(f"[bold]{cfg.name}[/]: {pl.mode}{control}, {cl.rollout_workers} workers x {cl.gpus_per_worker} GPU, "
@@ -61,6 +62,11 @@ def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], cons
         ("dropped groups", _fmt(metrics["dropped/groups"])),
         ("samples in flight at the end", _fmt(metrics["samples/in_flight"])),
     ]
+    if metrics.get("kv/peak_occupancy") is not None:
+        rows.append((f"KV budget in use (peak / mean of {kv_budget:,} tokens a worker)", f"{_fmt(100 * metrics['kv/peak_occupancy'], ' %', 1)} / "
+                                                      f"{_fmt(100 * metrics['kv/mean_occupancy'], ' %', 1)}"))
+        rows.append(("KV evictions (share of samples evicted)",
+                     f"{_fmt(metrics['kv/preemptions'])} ({_fmt(100 * metrics['kv/preempted_share'], ' %', 1)})"))
     if sync_metrics is not None:
         rows.append(("sync pipeline time per step", _fmt(sync_metrics["time/step_s"], " s")))
         rows.append(("speedup over sync", _fmt(metrics["speedup/vs_sync"], "x")))

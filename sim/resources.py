@@ -25,7 +25,7 @@ from sim.trace import SAMPLE_COLUMNS
 # per sample (sim/workload.py, GroupStream.block).
 WORKLOAD_BYTES_PER_GROUP, WORKLOAD_BYTES_PER_SAMPLE = 16, 8
 ENGINE_BYTES_PER_GROUP = 8          # the compiled loop's buffer queue: one int64 group id (sim/engine/fast.py)
-ENGINE_BYTES_PER_SLOT = 13 * 8      # a worker's kernel state per decode slot (sim/engine/kernel.py, new_state)
+ENGINE_BYTES_PER_SLOT = 18 * 8      # a worker's kernel state per decode slot (sim/engine/kernel.py, new_state)
 ENGINE_BYTES_PER_WORKER = 2 * 1024 * 8  # a worker's completion calendar (at most 1024 buckets of two int64)
 # A learner step: the loop's step arrays (56 B), the Simulation's list of step tuples (~330 B), the steps table.
 BYTES_PER_STEP = 512

@@ -23,13 +23,14 @@ from sim.outputs import staged
 SCHEMA = "stalecast.trace/1"
 
 # column -> dtype (docs/design.md). `version_mean` (token-averaged policy version of the sample's tokens) is there
-# so token staleness can be computed from any trace; it equals version_start without interruptions.
+# so token staleness can be computed from any trace; it equals version_start without interruptions. `preemptions`:
+# how often the rollout engine evicted the sample's KV cache (hardware.memory.kv_policy; -1 = not recorded).
 SAMPLE_COLUMNS: dict[str, str] = {
     "sample_id": "int64", "group_id": "int64", "worker_id": "int32",
     "prompt_len": "int32", "response_len": "int32",
     "t_admit": "float64", "t_start": "float64", "t_end": "float64", "t_consumed": "float64",
     "version_start": "int32", "version_end": "int32", "version_mean": "float64", "version_consumed": "int32",
-    "learner_step": "int32", "dropped": "bool", "reward": "float32",
+    "learner_step": "int32", "dropped": "bool", "reward": "float32", "preemptions": "int32",
 }
 STEP_COLUMNS: dict[str, str] = {
     "step": "int32", "t_start": "float64", "t_end": "float64", "version": "int32",
@@ -116,6 +117,7 @@ INT_MEANING: dict[str, tuple[str, str | None]] = {
     "worker_id": ("a worker id", "unknown"), "prompt_len": ("a length", "unknown"), "response_len": ("a length", None),
     "version_start": ("a version", "not started"), "version_end": ("a version", "not finished"),
     "version_consumed": ("a version", "not consumed"), "learner_step": ("a learner step", "not consumed"),
+    "preemptions": ("a count", "not recorded"),
     "step": ("a learner step", None), "version": ("a version", "unknown"),
     "n_samples": ("a count", "unknown"), "n_tokens": ("a count", "unknown"), "queue_len": ("a count", "unknown"),
 }

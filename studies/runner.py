@@ -28,7 +28,8 @@ import pandas as pd
 from sim.config import RunConfig
 from sim.engine.kernel import njit
 from sim.engine.pipeline import Simulation
-from sim.metrics import LEARNING_COLUMNS, STALENESS_QUANTILES, busy_fraction, learner_wait_s, run_wall_s
+from sim.metrics import (LEARNING_COLUMNS, STALENESS_QUANTILES, busy_fraction, kv_metrics, learner_wait_s,
+                         run_wall_s)
 from sim.workload import GroupStream
 
 # Column order of Simulation.steps tuples (as sim.engine.pipeline.Simulation.trace names them).
@@ -166,6 +167,7 @@ def simulation_metrics(sim: Simulation) -> dict:
         "dropped/groups": int(dropped.sum()),
         "samples/generated": generated,
         "samples/in_flight": n * g - generated,
+        **kv_metrics(sim.n_preempt[:n * g], sim.kv_summary()),
     })
     out.update(dict.fromkeys(LEARNING_COLUMNS))  # a simulated run has no learning signals
     return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in out.items()}

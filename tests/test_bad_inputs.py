@@ -594,6 +594,15 @@ MEMORY = [
          config=ANALYTIC, change=setting("hardware.memory.micro_batch_tokens", 8)),
     case("memory-override", "simulate {cfg} --out {out} --set hardware.model=qwen2.5-32b",
          ["does not fit in GPU memory: learner: states 524.8 GB per GPU"], config=ANALYTIC),
+    sim(setting("hardware.memory.kv_budget_tokens", 20),
+        ["run.yaml: hardware.memory.kv_budget_tokens: 20 tokens cannot hold one group at its longest: 2 sequences "
+         "of 12 tokens (prompt 4 at its 99th percentile + max_new_tokens 8) = 24"], id_="kv-budget-below-a-group"),
+    sim(lambda d: d["hardware"].update(gpu=None, memory={"kv_policy": "preempt_swap", "kv_budget_tokens": 100}),
+        ["run.yaml: hardware.memory.swap_gbps: preempt_swap copies KV to host memory and needs the link's "
+         "bandwidth"], id_="kv-swap-without-a-host-link"),
+    sim(setting("hardware.memory.kv_policy", "swap"),
+        ["hardware.memory.kv_policy: Input should be 'preempt_recompute', 'preempt_swap', 'admit_reserve' or "
+         "'unlimited'"], id_="kv-policy-unknown"),
     case("plan-nothing-fits", "plan {cfg} --out {out}",
          ["no split of 3 GPUs fits in GPU memory (hardware.memory)", "1 GPU(s) per worker: rollout worker: weights "
                                                                      "141.2 GB"],

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from sim.engine.pipeline import ENGINES, Simulation, settled_cost_model, simulat
 from sim.hardware.cost import build_cost_model
 from sim.hardware.measured import Colocation, IdleCurve, MeasuredProfile, save_profile
 from sim.metrics import compute_metrics, sample_staleness
+from sim.workload import workload_lengths
 
 
 CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster_7b_64xh100.yaml"
@@ -389,7 +391,7 @@ def larger_configs(draw):
     if colocated:  # a learner slowed while k of the W workers generate, at a speed that changes mid-step
         hardware["efficiency"] = {"colocation_gen_slowdown": draw(st.sampled_from([1.0, 1.3])),
                                   "colocation_train_slowdown": draw(st.sampled_from([1.0, 1.11, 2.5]))}
-    return parse_config({
+    raw = {
         "seed": draw(st.integers(0, 2**16)),
         "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": draw(lengths),
                      "response_len": draw(lengths), "max_new_tokens": draw(st.sampled_from([20, 50, 4000]))},
@@ -398,7 +400,15 @@ def larger_configs(draw):
                     "colocated": colocated,
                     "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
         "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},
-    })
+    }
+    # A KV budget from one group at its longest (the least a budget may be) to a few: admission waits for room,
+    # sequences are evicted and resume.
+    policy = draw(st.sampled_from([None, "preempt_recompute", "preempt_swap", "admit_reserve"]))
+    if policy is not None:
+        need = group * workload_lengths(parse_config(raw).workload).seq_long
+        hardware["memory"] = {"kv_policy": policy, "swap_gbps": 1e-5,
+                              "kv_budget_tokens": math.ceil(need * draw(st.sampled_from([1.0, 1.4, 3.0])))}
+    return parse_config(raw)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -411,8 +421,12 @@ def test_engines_agree_on_random_configs(cfg):
     {}, {"pipeline.interruptible": True}, {"pipeline.max_staleness": 0, "pipeline.drop_stale": True},
     {"pipeline.mode": "sync"}, {"pipeline.mode": "one_step_off"},
     {"pipeline.queue_order": "freshest", "pipeline.staleness_control": "none", "cluster.rollout_workers": 48,
-     "cluster.learner_gpus": 16}],
-    ids=["oldest_unconsumed", "interruptible", "drop_stale", "sync", "one_step_off", "freshest"])
+     "cluster.learner_gpus": 16},
+    {"hardware.memory.kv_budget_tokens": 400_000, "pipeline.interruptible": True},
+    {"hardware.memory.kv_budget_tokens": 400_000, "hardware.memory.kv_policy": "preempt_swap"},
+    {"hardware.memory.kv_budget_tokens": 400_000, "hardware.memory.kv_policy": "admit_reserve"}],
+    ids=["oldest_unconsumed", "interruptible", "drop_stale", "sync", "one_step_off", "freshest", "kv_evictions",
+         "kv_swap", "kv_reserve"])
 def test_engines_agree_on_the_cluster_example(overrides):
     run_both(load_config(CLUSTER, {"run.steps": 6, **overrides}))
 

@@ -34,7 +34,7 @@ def make_trace(steps=STEPS, rows=ROWS) -> Trace:
              "version_end", "version_mean", "version_consumed", "dropped"]
     s = pd.DataFrame(rows, columns=names)
     s["sample_id"] = np.arange(len(s))
-    s["prompt_len"], s["t_admit"], s["reward"] = 5, s["t_start"], NAN
+    s["prompt_len"], s["t_admit"], s["reward"], s["preemptions"] = 5, s["t_start"], NAN, -1
     s["learner_step"] = np.where(s["dropped"], -1, s["version_consumed"])
     t = steps.copy()
     for col in STEP_COLUMNS:

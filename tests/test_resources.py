@@ -26,17 +26,17 @@ def test_estimate_by_hand(config_data):
     cfg = parse_config(config_data)  # B=2 prompts x g=2 samples, S=1, 2 workers x 4 slots, 3 steps
     groups = (3 + 1 + 2) * 2 + 2 * (4 // 2)  # consumed + in flight under the bound, and a full batch per worker
     ledger_group = 4 + 8 + 8 + 8 + 4 + 4 + 4 + 1 + 4 + 8 + 8  # worker, 3 times, 3 versions/step, dropped, workload
-    ledger_sample = 8 + 4 + 8 + 4  # t_end, version_end, version_mean, response_len
+    ledger_sample = 8 + 4 + 8 + 4 + 4  # t_end, version_end, version_mean, response_len, preemptions
     workload_group, workload_sample = 8 + 8, 8  # the stream's int64 prompt length, token total; response length
     engine_group = 8
     all_columns = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 4 + 1 + 4  # every sample column but the ledger's views
     metrics_sample = 16
-    slots = 2 * (4 * 13 * 8 + 2 * 1024 * 8)
+    slots = 2 * (4 * 18 * 8 + 2 * 1024 * 8)  # 12 slot rows, its version sum, 4 group rows, a done entry
     expected = (groups * (ledger_group + workload_group + engine_group)
                 + groups * 2 * (ledger_sample + workload_sample + all_columns + metrics_sample) + 3 * 512 + slots)
     assert resources.simulation_footprint(cfg).total == expected
     # Held columns that are views of the ledger cost nothing more; others their dtype's size per sample.
-    views = ("response_len", "t_end", "version_end", "version_mean")
+    views = ("response_len", "t_end", "version_end", "version_mean", "preemptions")
     assert resources.simulation_footprint(cfg, views).total == expected - groups * 2 * all_columns
     assert (resources.simulation_footprint(cfg, ("group_id", "dropped")).total
             == expected - groups * 2 * (all_columns - 8 - 1))

@@ -180,7 +180,7 @@ def test_a_csv_row_with_extra_fields_is_refused_naming_the_file(tmp_path, parts)
     folder = write_folder(tmp_path / "trace", *parts, "csv")
     path = folder / "samples.csv"
     path.write_text(path.read_text() + "1,2,3," * 10 + "\n")
-    with pytest.raises(TraceError, match=rf"^{path}: not a readable CSV file \(.*Expected 16 fields"):
+    with pytest.raises(TraceError, match=rf"^{path}: not a readable CSV file \(.*Expected 17 fields"):
         read_trace(folder)
 
 
@@ -276,7 +276,8 @@ def test_the_real_trainers_conventions_pass(tmp_path, parts):
     samples, steps, header = parts
     unreported = {"worker_id": -1, "prompt_len": -1, "response_len": 0, "t_admit": np.nan, "t_start": np.nan,
                   "t_end": np.nan, "t_consumed": np.nan, "version_start": -1, "version_end": -1,
-                  "version_mean": np.nan, "version_consumed": -1, "learner_step": -1, "dropped": False}
+                  "version_mean": np.nan, "version_consumed": -1, "learner_step": -1, "dropped": False,
+                  "preemptions": 0}
     in_flight = {**unreported, "worker_id": 1, "prompt_len": 4, "t_admit": 0.3, "version_start": 2}
     dropped = {**unreported, "worker_id": 0, "prompt_len": 4, "response_len": 3, "t_admit": 0.0, "t_start": 0.0,
                "t_end": 0.03, "t_consumed": 0.16, "version_start": 0, "version_end": 0, "version_mean": 0.0,

@@ -36,9 +36,9 @@ oldest_unconsumed = njit(R.oldest_unconsumed)
 
 # The ledger arrays the loop writes, in this order (Simulation attributes).
 LEDGER = ("g_worker", "g_prompt", "g_t_admit", "g_t_start", "g_t_consumed", "g_v_start", "g_v_consumed", "g_step",
-          "g_dropped", "g_tokens", "response_len", "t_end", "v_end", "v_mean", "g_prefill")
+          "g_dropped", "g_tokens", "response_len", "t_end", "v_end", "v_mean", "g_prefill", "n_preempt")
 (WORKER, PROMPT, T_ADMIT, T_START, T_CONSUMED, V_START, V_CONSUMED, STEP, DROPPED, TOKENS, RESPONSE_LEN, T_END,
- V_END, V_MEAN, PREFILL) = range(len(LEDGER))
+ V_END, V_MEAN, PREFILL, PREEMPTS) = range(len(LEDGER))
 # Events: what = kind << 32 | actor (worker id; the learner is actor W at its start)
 URGENT, NORMAL = 0, 1
 EV_START, EV_WAKE, EV_INTERRUPT, EV_LEARNER, EV_END, EV_TRAIN = range(6)
@@ -254,10 +254,11 @@ def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
 
 
 @njit
-def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, until, want_free):
+def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, until, want_free):
     """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
     while True:
-        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], until, want_free, False)
+        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre, until,
+                          want_free, False)
         if flags & K.GROUPS_DONE:
             _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
         if flags == 0 or flags & K.SLOTS_FREE:
@@ -265,16 +266,18 @@ def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, unti
 
 
 @njit
-def _route(pi, pp, st, ws, wi, rt, w, oldest, asking_may):
+def _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, asking_may):
     """Simulation.route: the worker the next group goes to among those that could take it now (-1: none)."""
     si, (free, eligible) = ws[0], rt
+    prompt = ledger[PROMPT][st[S_NGROUPS]]
     for v in range(pi[P_W]):
         free[v] = si[v, K.N_FREE]
         if v == w:
             eligible[v] = asking_may
         else:
             coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
-            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and not (
+            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and K.kv_fits(
+                si, v, pi[P_G], prompt) and not (
                 pi[P_STATIC] and si[v, K.N_ACTIVE] > 0) and R.admission(
                 pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
                 st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
@@ -285,7 +288,7 @@ def _route(pi, pp, st, ws, wi, rt, w, oldest, asking_may):
 def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
     """Worker._admit: the groups the router sends here, then wake the router's choice for the next one."""
     reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
-    chosen = _route(pi, pp, st, ws, wi, rt, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
+    chosen = _route(pi, pp, st, ledger, ws, wi, rt, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
     if chosen >= 0 and wi[chosen, W_LISTENING]:  # Worker.poke
         wi[chosen, W_LISTENING] = 0
         _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_INTERRUPT << 32) | chosen)
@@ -303,7 +306,11 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
     if static and si[w, K.N_ACTIVE] > 0:
         return R_SLOTS  # the running batch goes on to its end
     batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
-    while si[w, K.N_FREE] >= g:
+    while True:
+        prompt = ledger[PROMPT][st[S_NGROUPS]]
+        if si[w, K.N_FREE] < g or not K.kv_fits(si, w, g, prompt):
+            si[w, K.WANT_ROOM] = K.kv_need(si, w, g, prompt)
+            return R_SLOTS
         oldest = 0
         if pi[P_GATING]:  # Simulation.oldest_unconsumed
             oldest = oldest_unconsumed(unconsumed, st[S_OLDEST], st[S_LATEST])
@@ -316,7 +323,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
             return R_DRAIN
         if code != R.ADMIT:
             return R_BLOCKED
-        if _route(pi, pp, st, ws, wi, rt, w, oldest, True) != w:  # another worker's turn: listen for ours
+        if _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, True) != w:  # another worker's turn: listen for ours
             return R_BLOCKED
         gid = st[S_NGROUPS]
         st[S_NGROUPS] += 1
@@ -332,7 +339,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
             prefill = K.prefill_time(pre[0], pre[1], pre[2], batch_tokens) - (
                 K.prefill_time(pre[0], pre[1], pre[2], before) if before else 0.0)
         t_start = K.admit(ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], w, gid, g, ledger[RESPONSE_LEN],
-                          ledger[PROMPT][gid], now, prefill)
+                          prompt, now, prefill)
         v = si[w, K.VER]  # Simulation.group_admitted
         ledger[WORKER][gid], ledger[T_ADMIT][gid], ledger[T_START][gid], ledger[V_START][gid] = w, now, t_start, v
         unconsumed[v] += 1
@@ -378,13 +385,13 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
         _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
     elif pc == P_LISTEN:
         if interrupted:
-            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, now, 0)
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, now, 0)
             K.catch_up(ws[0], ws[1], ws[2], ws[3], w, xs, ys, now)
             if pi[P_INTERRUPTIBLE]:
                 _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, load_s, w)
         else:
             wi[w, W_LISTENING] = 0
-            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, xs, ys, w, wt[w], wi[w, W_WANT])
+            _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, wt[w], wi[w, W_WANT])
     while True:
         if si[w, K.N_ACTIVE] == 0:
             target = R.load_target(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
@@ -401,13 +408,14 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
             # route a group to it). Decoding for real up to then changes nothing anyone sees before the event or
             # the poke, whose commit would decode the same steps: if the event comes first, the worker waits for
             # it as a non-listening one would (no poke can come first); else it peeks at the event from there.
-            flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN],
+            flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre,
                               np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
             if flags:
                 wi[w, W_PC] = P_DONE if flags & K.GROUPS_DONE else P_FREE
                 wi[w, W_TARGET] = _until(st, ev, w, sf[w, K.EVT_T])
                 return
-        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], np.inf, want_free, listen)
+        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre, np.inf,
+                          want_free, listen)
         t_event = sf[w, K.EVT_T]
         if not listen:
             if flags & K.GROUPS_DONE:
@@ -632,12 +640,12 @@ class _Run:
 
     def _make_room(self) -> None:
         """Room for the loop to go on: in the event queue, and prepared ledger entries (and buffer room) for
-        more groups than one worker wake admits (c // g)."""
+        more groups than one worker wake admits (c // g), and the one after them (its prompt decides KV room)."""
         sim, st = self.sim, self.st
         if st[S_NEV] + sim.cfg.cluster.rollout_workers + 3 > len(self.ev[0]):
             n = 2 * len(self.ev[0])
             self.ev = (*(_extend(a, n) for a in self.ev[:3]), self.ev[3])
-        wake = sim.cfg.cluster.max_concurrency // sim.group_size
+        wake = sim.cfg.cluster.max_concurrency // sim.group_size + 1  # and the next group, which routing reads
         while sim.ready - wake <= st[S_NGROUPS]:
             sim.prepare_ledger()
         n = len(sim.g_worker)

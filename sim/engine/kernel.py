@@ -10,6 +10,19 @@ The samples wait in a calendar: bucket (end >> BSHIFT) mod NBUCKETS, each a list
 Every active end lies in (k, k + max_new_tokens], a window shorter than the calendar, so the first non-empty
 bucket after step k holds the next completion, and a dry run (a peek) can read ahead without changing it.
 
+KV-cache capacity (`hardware.memory.kv_policy`, docs/design.md "KV-cache admission and preemption"): a worker holds
+a budget of KV tokens. Its running sequences hold their context, x = n*k + ksum tokens at step k, and decode step k
+writes one more per sequence, so it needs x + n <= budget. Under `preempt_recompute` / `preempt_swap` a group is
+admitted when its prompts (plus the first token each) fit beside that, and when a step would outgrow the budget the
+newest running sequence is evicted until it fits, as vLLM's V1 scheduler does under FCFS
+(vllm/v1/core/sched/scheduler.py: `preempted_req = self.running.pop()`, then `waiting.prepend_request`): evicted
+sequences wait, newest first, ahead of any new group, and resume when completions make room, re-prefilling their
+prompt and generated tokens (recompute) or copying their KV back from host memory (swap, as vLLM V0's
+PreemptionMode.SWAP, vllm/core/scheduler.py; each way costs the worker context x SWAP_S). Under `admit_reserve` a
+sequence reserves prompt + max_new_tokens at admission and nothing is ever evicted. The overflow step is a closed
+form too (the first k with n*(k+1) + ksum > budget), so capacity costs no per-step work. A peek stops where a
+preemption or a resumption would happen (flag KV_EVENT): they change the batch, which only a commit may do.
+
 State lives in small arrays, every worker's stacked in one block (worker w at index w), so the functions
 compile with numba (`cache=True`) and run without it, and take (arrays, w) rather than per-worker views.
 They are compiled without numba's reference counting (`_nrt=False`: they never allocate), which the
@@ -32,25 +45,33 @@ except ImportError:  # pragma: no cover
         return args[0] if args and callable(args[0]) else (lambda f: f)
 
 # Integer scalars (si)
-K_STEP, N_ACTIVE, KSUM, VER, VBASE_STEP, N_FREE, N_GS_FREE, PAUSE_STEP, PAUSE_VER, N_DONE, BSHIFT, NBUCKETS = range(12)
-SI_LEN = 12
-# Float scalars (sf)
-T, VBASE, PAUSE_S, EVT_T = range(4)
-SF_LEN = 4
+(K_STEP, N_ACTIVE, KSUM, VER, VBASE_STEP, N_FREE, N_GS_FREE, PAUSE_STEP, PAUSE_VER, N_DONE, BSHIFT, NBUCKETS,
+ KV_BUDGET, KV_POLICY, MAX_NEW, RESERVED, N_WAIT, ADMIT_SEQ, N_PREEMPT, KV_PEAK, WANT_ROOM) = range(21)
+SI_LEN = 21
+# Float scalars (sf): KV_AREA is the integral of KV tokens in use over decode time (token-seconds)
+T, VBASE, PAUSE_S, EVT_T, SWAP_S, KV_AREA = range(6)
+SF_LEN = 6
+# KV policies (KV_POLICY): `hardware.memory.kv_policy`, in config order
+KV_UNLIMITED, KV_RECOMPUTE, KV_SWAP, KV_RESERVE = range(4)
 # Rows of the per-slot integer table (slot: END is the end step, NXT the next slot in its bucket), of the
 # per-group-slot table (gs; a dry run counts down LEFT_DRY) and of the calendar (cal: bucket heads, and
-# room for the slots that end at one step).
-SID, LEN, KOFF, GS, FREE, END, NXT = range(7)
+# room for the slots that end at one step). KV: ORDER stamps a running sequence's (re)admission (-1: not running),
+# RES its reservation (admit_reserve); an evicted one keeps its context CTX and tokens still to come REMAIN, and
+# WAITQ stacks the evicted slots (the last evicted on top).
+SID, LEN, KOFF, GS, FREE, END, NXT, ORDER, RES, CTX, REMAIN, WAITQ = range(12)
+SLOT_ROWS = 12
 LEFT, GID, GS_FREE, LEFT_DRY = range(4)
 HEADS, DUE = range(2)
 NO_STEP = 1 << 62
 # Event flags returned by advance()
-GROUPS_DONE, SLOTS_FREE = 1, 2
+GROUPS_DONE, SLOTS_FREE, KV_EVENT = 1, 2, 4
 
 
-def new_state(n_workers: int, max_concurrency: int, max_len: int):
+def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int = 0, kv_policy: int = KV_UNLIMITED,
+              swap_s: float = 0.0):
     """Fresh state of n workers whose samples have at most max_len tokens: (si, sf, cal, slot, slot_vstart,
-    gs, done), worker w's at index w of each."""
+    gs, done), worker w's at index w of each. kv_budget: KV tokens a worker holds (with kv_policy; swap_s: seconds
+    to copy one token's KV between device and host)."""
     w, c = n_workers, max_concurrency
     n_buckets = 1 << min(10, max_len.bit_length())
     bshift = 0  # the calendar spans max_len + one bucket, so the window never wraps onto its first bucket
@@ -63,8 +84,11 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int):
     si[:, PAUSE_STEP] = -1
     si[:, BSHIFT] = bshift
     si[:, NBUCKETS] = n_buckets
-    slot = np.zeros((w, 7, c), np.int64)
+    si[:, KV_BUDGET], si[:, KV_POLICY], si[:, MAX_NEW] = kv_budget, kv_policy, max_len
+    sf[:, SWAP_S] = swap_s
+    slot = np.zeros((w, SLOT_ROWS, c), np.int64)
     slot[:, FREE] = np.arange(c)
+    slot[:, ORDER] = -1
     gs = np.zeros((w, 4, c), np.int64)
     gs[:, GS_FREE] = np.arange(c)
     cal = np.full((w, 2, max(n_buckets, c)), -1, np.int64)
@@ -92,6 +116,34 @@ def span_time(xs, ys, row, n, ksum, k1, k2):
 
 
 @njit(cache=True, _nrt=False)
+def span_time_area(xs, ys, row, n, ksum, k1, k2):
+    """(span_time, Σ_{k=k1}^{k2-1} (n*k + ksum + n) * h(n*k + ksum)): the steps' seconds, and the KV tokens each
+    step holds (its context and the token it writes) times its seconds, in one pass. Sums run over j = k - lo from
+    each segment's first step, so that nothing cancels at large k."""
+    if k2 <= k1:
+        return 0.0, 0.0
+    total = area = 0.0
+    m = xs.shape[1]
+    for j in range(m - 1):
+        x0, x1 = xs[row, j], xs[row, j + 1]
+        lo = k1 if j == 0 else max(k1, math.ceil((x0 - ksum) / n))
+        hi = k2 if j == m - 2 else min(k2, math.ceil((x1 - ksum) / n))
+        if hi <= lo:
+            continue
+        slope = (ys[row, j + 1] - ys[row, j]) / (x1 - x0)
+        cnt = hi - lo
+        total += cnt * (ys[row, j] + slope * (ksum - x0)) + slope * n * (lo + hi - 1) * cnt / 2.0
+        a = ys[row, j] - slope * x0  # h(u) = a + slope*u
+        c = float(cnt)
+        u0 = float(n * lo + ksum)  # u = u0 + n*j over the segment's steps
+        j1, j2 = c * (c - 1.0) / 2.0, (c - 1.0) * c * (2.0 * c - 1.0) / 6.0
+        su = c * u0 + n * j1
+        su2 = c * u0 * u0 + 2.0 * u0 * n * j1 + n * n * j2
+        area += a * su + a * n * c + slope * su2 + slope * n * su
+    return total, area
+
+
+@njit(cache=True, _nrt=False)
 def _version_sum(vbase, ver, vbase_step, step):
     """Σ of token versions over decode steps before `step` (VBASE up to VBASE_STEP, then VER per step)."""
     return vbase + ver * (step - vbase_step)
@@ -113,14 +165,80 @@ def _next_end(si, cal, slot, w, k):
 
 
 @njit(cache=True, _nrt=False)
-def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v_mean, until, want_free, dry):
+def _insert(si, cal, slot, w, s):
+    """Put slot s into its end step's bucket, kept in (end, slot) order."""
+    end = slot[w, END, s]
+    b = (end >> si[w, BSHIFT]) & (si[w, NBUCKETS] - 1)
+    prev, nxt = -1, cal[w, HEADS, b]
+    while nxt >= 0 and (slot[w, END, nxt] < end or (slot[w, END, nxt] == end and nxt < s)):
+        prev, nxt = nxt, slot[w, NXT, nxt]
+    slot[w, NXT, s] = nxt
+    if prev < 0:
+        cal[w, HEADS, b] = s
+    else:
+        slot[w, NXT, prev] = s
+
+
+@njit(cache=True, _nrt=False)
+def _unlink(si, cal, slot, w, s):
+    """Take slot s (not ended) out of its bucket."""
+    b = (slot[w, END, s] >> si[w, BSHIFT]) & (si[w, NBUCKETS] - 1)
+    prev, cur = -1, cal[w, HEADS, b]
+    while cur != s:
+        prev, cur = cur, slot[w, NXT, cur]
+    if prev < 0:
+        cal[w, HEADS, b] = slot[w, NXT, s]
+    else:
+        slot[w, NXT, prev] = slot[w, NXT, s]
+
+
+@njit(cache=True, _nrt=False)
+def kv_need(si, w, group_size, prompt_len):
+    """KV tokens worker w must have free to admit a group: each sequence's prompt and first token, or (admit_reserve)
+    its prompt and max_new_tokens; 0 without a budget."""
+    policy = si[w, KV_POLICY]
+    if policy == KV_UNLIMITED:
+        return 0
+    return group_size * (prompt_len + (si[w, MAX_NEW] if policy == KV_RESERVE else 1))
+
+
+@njit(cache=True, _nrt=False)
+def kv_room(si, w):
+    """KV tokens worker w has free at its current step boundary: the budget less its reservations (admit_reserve),
+    or less what its next decode step needs (every running context, plus one token each)."""
+    if si[w, KV_POLICY] == KV_RESERVE:
+        return si[w, KV_BUDGET] - si[w, RESERVED]
+    n = si[w, N_ACTIVE]
+    return si[w, KV_BUDGET] - (n * si[w, K_STEP] + si[w, KSUM] + n)
+
+
+@njit(cache=True, _nrt=False)
+def kv_fits(si, w, group_size, prompt_len):
+    """Whether worker w's KV budget admits a group of prompt_len-token prompts now: no evicted sequence waits (they
+    go first) and the group's need is free. An empty worker admits any group (the config check refuses a budget
+    below one group at its longest)."""
+    if si[w, KV_POLICY] == KV_UNLIMITED:
+        return True
+    if si[w, N_WAIT] > 0:
+        return False
+    return si[w, N_ACTIVE] == 0 or kv_room(si, w) >= kv_need(si, w, group_size, prompt_len)
+
+
+@njit(cache=True, _nrt=False)
+def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v_mean, preempts, pre, until,
+            want_free, dry):
     """Decode worker w until its first event: a group completes (GROUPS_DONE, ids in done[w, :si[w, N_DONE]])
-    or at least `want_free` slots are free (SLOTS_FREE; 0 disables it). Returns the flags, or 0 if the batch
-    empties or the next completion lies beyond `until`. The event time is sf[w, EVT_T]. With `dry`, nothing
-    else is written (group counts are worked on in a copy): a peek at when the next event is."""
+    or at least `want_free` slots are free and the KV budget admits si[w, WANT_ROOM] tokens (SLOTS_FREE; 0
+    disables it). Returns the flags, or 0 if the batch empties or the next completion lies beyond `until`. The
+    event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts are worked on in a copy): a peek
+    at when the next event is, which also stops where sequences would be evicted or resumed (KV_EVENT).
+    preempts: evictions per sample id; pre: the prefill table (prefill_time) that recomputation is charged by."""
     n, k, ksum, ver, vbase_step = si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP]
     n_free, n_gs_free, pause = si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP]
     t, vbase = sf[w, T], sf[w, VBASE]
+    policy, budget = si[w, KV_POLICY], si[w, KV_BUDGET]
+    evicts = policy == KV_RECOMPUTE or policy == KV_SWAP
+    reserved, n_wait, peak, area = si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK], sf[w, KV_AREA]
     bucket_mask, bshift = si[w, NBUCKETS] - 1, si[w, BSHIFT]
     left = LEFT_DRY if dry else LEFT
     if dry:
@@ -131,10 +249,19 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
     while n > 0:
         k_next = _next_end(si, cal, slot, w, k)
         target = pause if 0 <= pause < k_next else k_next
-        t_new = t + span_time(xs, ys, n, n, ksum, k, target)
+        if evicts and n > 1:  # the first step that would outgrow the budget (the last sequence always runs)
+            target = min(target, max(k, (budget - ksum) // n))
+        if policy == KV_UNLIMITED or dry:
+            t_new = t + span_time(xs, ys, n, n, ksum, k, target)
+        else:
+            span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target)
+            t_new = t + span_s
         if t_new > until:
             sf[w, EVT_T] = t_new
             break
+        if policy != KV_UNLIMITED and not dry and target > k:
+            area += span_kv
+            peak = max(peak, n * target + ksum)  # at the segment's last step, n*(target-1) + ksum + n
         t, k = t_new, target
         if target == k_next:
             vsum = _version_sum(vbase, ver, vbase_step, k_next)
@@ -158,7 +285,9 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
                     v_end[sid] = ver
                     v_mean[sid] = (vsum - slot_vstart[w, s]) / slot[w, LEN, s]
                     slot[w, FREE, n_free] = s
+                    slot[w, ORDER, s] = -1
                 ksum -= slot[w, KOFF, s]
+                reserved -= slot[w, RES, s]
                 n_free += 1
                 g = slot[w, GS, s]
                 gs[w, left, g] -= 1
@@ -169,8 +298,50 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
                     n_done += 1
                     n_gs_free += 1
                     flags |= GROUPS_DONE
-            if want_free > 0 and n_free >= want_free:
-                flags |= SLOTS_FREE
+            # Completions made room: the evicted resume, the last evicted first, while their context fits (or the
+            # batch is empty), re-prefilled or swapped back in.
+            while evicts and n_wait > 0:
+                s = slot[w, WAITQ, n_wait - 1]
+                ctx = slot[w, CTX, s]
+                if n > 0 and n * k + ksum + n + ctx + 1 > budget:
+                    break
+                if dry:
+                    flags |= KV_EVENT
+                    break
+                n_wait -= 1
+                slot[w, KOFF, s] = ctx - k
+                ksum += ctx - k
+                n += 1
+                slot[w, END, s] = k + slot[w, REMAIN, s]
+                _insert(si, cal, slot, w, s)
+                slot[w, ORDER, s] = si[w, ADMIT_SEQ]
+                si[w, ADMIT_SEQ] += 1
+                slot_vstart[w, s] = _version_sum(vbase, ver, vbase_step, k) - slot_vstart[w, s]
+                t += prefill_time(pre[0], pre[1], pre[2], ctx) if policy == KV_RECOMPUTE else ctx * sf[w, SWAP_S]
+        # The next step would outgrow the budget: evict the newest running sequences until it fits.
+        while evicts and n > 1 and n * k + ksum + n > budget:
+            if dry:
+                flags |= KV_EVENT
+                break
+            s, newest = -1, -1
+            for i in range(slot.shape[2]):
+                if slot[w, ORDER, i] > newest:
+                    s, newest = i, slot[w, ORDER, i]
+            _unlink(si, cal, slot, w, s)
+            ctx = k + slot[w, KOFF, s]
+            slot[w, CTX, s], slot[w, REMAIN, s], slot[w, ORDER, s] = ctx, slot[w, END, s] - k, -1
+            slot_vstart[w, s] = _version_sum(vbase, ver, vbase_step, k) - slot_vstart[w, s]  # its tokens' versions
+            n -= 1
+            ksum -= slot[w, KOFF, s]
+            slot[w, WAITQ, n_wait] = s
+            n_wait += 1
+            preempts[slot[w, SID, s]] += 1
+            si[w, N_PREEMPT] += 1
+            if policy == KV_SWAP:
+                t += ctx * sf[w, SWAP_S]
+        if target == k_next and want_free > 0 and n_free >= want_free and (policy == KV_UNLIMITED or (
+                n_wait == 0 and budget - (reserved if policy == KV_RESERVE else n * k + ksum + n) >= si[w, WANT_ROOM])):
+            flags |= SLOTS_FREE
         if target == pause:  # an interruptible worker loads new weights at this step boundary
             vbase = _version_sum(vbase, ver, vbase_step, pause)
             vbase_step, ver = pause, si[w, PAUSE_VER]
@@ -182,7 +353,8 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
     if not dry:
         si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP] = n, k, ksum, ver, vbase_step
         si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP], si[w, N_DONE] = n_free, n_gs_free, pause, n_done
-        sf[w, T], sf[w, VBASE] = t, vbase
+        si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK] = reserved, n_wait, peak
+        sf[w, T], sf[w, VBASE], sf[w, KV_AREA] = t, vbase, area
     return flags
 
 
@@ -199,6 +371,9 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
     limit = _next_end(si, cal, slot, w, k) - 1
     if si[w, PAUSE_STEP] >= 0:
         limit = min(limit, si[w, PAUSE_STEP])
+    policy = si[w, KV_POLICY]
+    if (policy == KV_RECOMPUTE or policy == KV_SWAP) and n > 1:  # and short of an eviction (advance's to do)
+        limit = min(limit, max(k, (si[w, KV_BUDGET] - ksum) // n))
     if limit <= k:
         return
     if t + span_time(xs, ys, n, n, ksum, k, limit) < now:
@@ -211,8 +386,14 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
                 hi = mid
             else:
                 lo = mid + 1
-    sf[w, T] = t + span_time(xs, ys, n, n, ksum, k, lo)
     si[w, K_STEP] = lo
+    if policy == KV_UNLIMITED:
+        sf[w, T] = t + span_time(xs, ys, n, n, ksum, k, lo)
+        return
+    span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, lo)
+    sf[w, T] = t + span_s
+    sf[w, KV_AREA] += span_kv
+    si[w, KV_PEAK] = max(si[w, KV_PEAK], n * lo + ksum)
 
 
 @njit(cache=True, _nrt=False)
@@ -228,7 +409,7 @@ def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_l
     gs[w, LEFT, g] = group_size
     gs[w, GID, g] = gid
     vsum = _version_sum(sf[w, VBASE], si[w, VER], si[w, VBASE_STEP], k)
-    bucket_mask, bshift = si[w, NBUCKETS] - 1, si[w, BSHIFT]
+    reserve = prompt_len + si[w, MAX_NEW] if si[w, KV_POLICY] == KV_RESERVE else 0
     for sid in range(gid * group_size, (gid + 1) * group_size):
         si[w, N_FREE] -= 1
         s = slot[w, FREE, si[w, N_FREE]]
@@ -239,17 +420,12 @@ def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_l
         slot_vstart[w, s] = vsum
         si[w, KSUM] += prompt_len - k
         si[w, N_ACTIVE] += 1
-        end = k + lens[sid]
-        slot[w, END, s] = end
-        b = (end >> bshift) & bucket_mask
-        prev, nxt = -1, cal[w, HEADS, b]
-        while nxt >= 0 and (slot[w, END, nxt] < end or (slot[w, END, nxt] == end and nxt < s)):
-            prev, nxt = nxt, slot[w, NXT, nxt]
-        slot[w, NXT, s] = nxt
-        if prev < 0:
-            cal[w, HEADS, b] = s
-        else:
-            slot[w, NXT, prev] = s
+        slot[w, END, s] = k + lens[sid]
+        slot[w, ORDER, s] = si[w, ADMIT_SEQ]
+        si[w, ADMIT_SEQ] += 1
+        slot[w, RES, s] = reserve
+        si[w, RESERVED] += reserve
+        _insert(si, cal, slot, w, s)
     return t_start
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from sim.config import RunConfig
+from sim.config import ConfigError, RunConfig
 from sim.engine import fast
 from sim.engine import kernel as K
 from sim.engine.buffer import Buffer
@@ -23,6 +23,7 @@ from sim.engine.state import World
 from sim.engine.worker import Worker
 from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
 from sim.hardware.measured import IdleCurve, load_profile
+from sim.hardware.memory import KVCapacity, kv_capacity
 from sim.resources import check_simulation_memory, ledger_groups
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
 from sim.workload import GroupStream
@@ -35,7 +36,7 @@ LEDGER = [("g_worker", np.int32, False, -1), ("g_t_admit", np.float64, False, np
           ("g_t_start", np.float64, False, np.nan), ("g_t_consumed", np.float64, False, np.nan),
           ("g_v_start", np.int32, False, -1), ("g_v_consumed", np.int32, False, -1), ("g_step", np.int32, False, -1),
           ("g_dropped", np.bool_, False, False), ("t_end", np.float64, True, np.nan), ("v_end", np.int32, True, -1),
-          ("v_mean", np.float64, True, np.nan),
+          ("v_mean", np.float64, True, np.nan), ("n_preempt", np.int32, True, 0),
           # the workload, from the stream
           ("g_prompt", np.int32, False, None), ("g_tokens", np.int64, False, None),
           ("g_prefill", np.float64, False, None), ("response_len", np.int32, True, None)]
@@ -45,7 +46,10 @@ GROUP_COLUMNS = {"worker_id": "g_worker", "prompt_len": "g_prompt", "t_admit": "
                  "t_consumed": "g_t_consumed", "version_start": "g_v_start", "version_consumed": "g_v_consumed",
                  "learner_step": "g_step", "dropped": "g_dropped"}
 PER_SAMPLE_COLUMNS = {"response_len": "response_len", "t_end": "t_end", "version_end": "v_end",
-                      "version_mean": "v_mean"}
+                      "version_mean": "v_mean", "preemptions": "n_preempt"}
+# hardware.memory.kv_policy -> the kernel's KV_* code
+KV_POLICY_CODES = {"unlimited": K.KV_UNLIMITED, "preempt_recompute": K.KV_RECOMPUTE, "preempt_swap": K.KV_SWAP,
+                   "admit_reserve": K.KV_RESERVE}
 
 
 class SampleTable:
@@ -132,7 +136,11 @@ class Simulation:
         self.activity_event: simpy.Event | None = None  # a training learner's: how many workers generate changed
         self.steps: list[tuple] = []
         self.on_step = None  # optional callback(step) after each learner step, for progress bars
-        self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens)
+        self.kv = kv_capacity_of(cfg)
+        self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens,
+                                        self.kv.budget_tokens or 0, KV_POLICY_CODES[self.kv.policy],
+                                        self.kv.swap_s_per_token)
+        self.prefill_table = self.cost.prefill_table()  # what a recomputed (evicted) sequence's prefill costs
         self.workers = [Worker(self, w) for w in range(cfg.cluster.rollout_workers)]
         self.learner = self.env.process(self.learn())
 
@@ -168,6 +176,13 @@ class Simulation:
                 k = g if per_sample else 1
                 getattr(self, name)[lo * k:hi * k] = until_set
         self.ready = hi
+
+    def next_prompt(self) -> int:
+        """The prompt length of the group to be admitted next (its ledger entries prepared)."""
+        gid = self.world.n_admitted
+        if gid >= self.ready:
+            self.prepare_ledger()
+        return int(self.g_prompt[gid])
 
     def next_group(self) -> int:
         """A new group's id; its ledger entries are prepared."""
@@ -286,11 +301,12 @@ class Simulation:
         or coming (not started yet, or loading weights: it admits when it comes), has room (a static worker: its
         batch ended), and the rules admit at its version. A worker waiting for its next event without listening
         has committed its batch up to then: it admits then, by itself."""
-        g = self.group_size
-        free = self.worker_state[0][:, K.N_FREE]
+        g, si = self.group_size, self.worker_state[0]
+        free, prompt = si[:, K.N_FREE], self.next_prompt()
         eligible = np.array([asking_may if w is asking else (
-            (w.listening or w.coming) and free[w.worker_id] >= g and not (w.static and w.n_active > 0)
-            and self._admission_code(w) == ADMIT) for w in self.workers], np.int64)
+            (w.listening or w.coming) and free[w.worker_id] >= g and K.kv_fits(si, w.worker_id, g, prompt)
+            and not (w.static and w.n_active > 0) and self._admission_code(w) == ADMIT) for w in self.workers],
+            np.int64)
         chosen = choose(self.router, free, eligible, self.world.routed_to)
         return self.workers[chosen] if chosen >= 0 else None
 
@@ -369,6 +385,20 @@ class Simulation:
         return RuntimeError(f"the pipeline stalled at t={self.now:.3f} s after {len(self.steps)} learner steps: "
                             f"the learner waits for data no worker may generate")
 
+    def kv_summary(self) -> dict:
+        """The workers' KV cache over the run (trace header "kv"): policy and budget per worker, evictions, the
+        most tokens a worker's decode step held, and the time-average share of the budget in use (each worker's
+        decoding is integrated up to its last event, over the run's wall time)."""
+        kv = self.kv
+        if kv.budget_tokens is None:
+            return {"policy": kv.policy, "budget_tokens": None}
+        si, sf = self.worker_state[:2]
+        peak = int(si[:, K.KV_PEAK].max())
+        mean = float(sf[:, K.KV_AREA].sum()) / (len(self.workers) * kv.budget_tokens * self.now) if self.now > 0 else 0.0
+        return {"policy": kv.policy, "budget_tokens": kv.budget_tokens, "source": kv.source,
+                "preemptions": int(si[:, K.N_PREEMPT].sum()), "peak_tokens": peak,
+                "peak_occupancy": peak / kv.budget_tokens, "mean_occupancy": mean}
+
     def trace(self) -> Trace:
         """The run's trace: the `trace_columns` of its samples in memory, and the whole table, when that holds
         fewer columns, as chunks built from the ledger when the trace is written."""
@@ -385,9 +415,18 @@ class Simulation:
             steps[col] = np.nan
         header = {"schema": "stalecast.trace/1", **provenance("sim"), "config": self.cfg.model_dump(mode="json"),
                   "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None),
-                  "generation_slowdown": self.cost.gen_slowdown, "worker_idle_charged": self.cost.worker_idle}
+                  "generation_slowdown": self.cost.gen_slowdown, "worker_idle_charged": self.cost.worker_idle,
+                  "kv": self.kv_summary()}
         return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header,
                      sample_chunks=None if whole else table.chunks)
+
+
+def kv_capacity_of(cfg: RunConfig) -> KVCapacity:
+    """The KV budget the workers of cfg hold (sim.hardware.memory.kv_capacity); a ConfigError when it cannot work."""
+    try:
+        return kv_capacity(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def simulate(cfg: RunConfig, cost: CostModel | None = None, engine: str | None = None) -> Trace:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sim.engine.pipeline import Simulation
 
 # Why a worker cannot admit a group right now: SLOTS, or the control's BLOCKED / DRAIN.
-SLOTS = "slots"        # fewer than group_size free slots: wait for completions
+SLOTS = "slots"        # fewer than group_size free slots, or no KV room for the group: wait for completions
 
 
 class Worker:
@@ -65,7 +65,7 @@ class Worker:
     def _advance(self, until: float, want_free: int, dry: bool) -> int:
         sim = self.sim
         return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.t_end, sim.v_end, sim.v_mean,
-                         until, want_free, dry)
+                         sim.n_preempt, sim.prefill_table, until, want_free, dry)
 
     def _commit(self, until: float, want_free: int) -> None:
         """Advance for real up to `until`, handing every completed group to the buffer."""
@@ -109,7 +109,11 @@ class Worker:
         if self.static and self.n_active > 0:
             return SLOTS  # the running batch goes on to its end
         batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
-        while self.si[K.N_FREE] >= g:
+        while True:
+            prompt = sim.next_prompt()
+            if self.si[K.N_FREE] < g or not K.kv_fits(self.state[0], self.worker_id, g, prompt):
+                self.si[K.WANT_ROOM] = K.kv_need(self.state[0], self.worker_id, g, prompt)
+                return SLOTS
             blocked = sim.admission_block(self)
             if blocked:
                 return blocked
@@ -124,11 +128,10 @@ class Worker:
             if self.static:  # one prefill call for the batch: each group adds its share of the call's time
                 before, batch_tokens = batch_tokens, batch_tokens + g * int(sim.g_prompt[gid])
                 prefill = sim.cost.prefill_s(batch_tokens) - (sim.cost.prefill_s(before) if before else 0.0)
-            t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, int(sim.g_prompt[gid]),
-                              self.env.now, prefill)
+            t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, prompt, self.env.now,
+                              prefill)
             sim.group_admitted(gid, self, t_start)
             self._set_generating(True)
-        return SLOTS
 
     def _on_new_weights(self) -> None:
         """Interruptible: pause at the next step boundary and continue in-flight sequences with new weights."""

@@ -334,3 +334,49 @@ def memory_report(cfg, lengths: Lengths, tp: int | None = None, rollout_workers:
 def infeasible_message(report: MemoryReport) -> str:
     """The one-line refusal `stalecast simulate` prints."""
     return f"the configuration does not fit in GPU memory: {report.reason}"
+
+
+# --------------------------------------------------------------------------- KV capacity of the simulation
+@dataclass(frozen=True)
+class KVCapacity:
+    """What the simulator's rollout workers admit and evict against (sim/engine/kernel.py)."""
+    policy: str                 # hardware.memory.kv_policy; "unlimited" when there is no budget
+    budget_tokens: int | None   # per worker; None: no limit
+    source: str                 # where the budget comes from, for reports
+    swap_s_per_token: float     # seconds to copy one token's KV between a worker's GPUs and host memory, one way
+
+
+def kv_capacity(cfg, lengths: Lengths | None = None) -> KVCapacity:
+    """The KV budget a run's workers hold: hardware.memory.kv_budget_tokens, else the memory model's (a GPU
+    modelled and the worker fits), else none. Raises ValueError when a given budget cannot hold one group at its longest (the memory
+    model's own budget is checked by its feasibility) or preempt_swap has no host link to copy over. lengths:
+    the workload's (default: worked out here, only when a budget applies)."""
+    hw, mem = cfg.hardware, cfg.hardware.memory
+    budget, source = mem.kv_budget_tokens, "hardware.memory.kv_budget_tokens"
+    modelled = hw.gpu is not None and hw.constant is None
+    if mem.kv_policy == "unlimited" or (budget is None and not modelled):
+        return KVCapacity("unlimited", None, "", 0.0)
+    if lengths is None:
+        from sim.workload import workload_lengths
+        lengths = workload_lengths(cfg.workload)
+    if budget is None:
+        rollout = memory_report(cfg, lengths).rollout
+        if not rollout.feasible:  # simulated anyway (--allow-infeasible, memory.check false): as if KV were ample
+            return KVCapacity("unlimited", None, "none: the rollout worker does not fit in memory", 0.0)
+        budget, source = rollout.kv_tokens, "the memory model's KV budget"
+    else:
+        need = lengths.group_size * lengths.seq_long
+        if budget < need:
+            raise ValueError(f"hardware.memory.kv_budget_tokens: {budget:,} tokens cannot hold one group at its "
+                             f"longest: {lengths.group_size} sequences of {lengths.seq_long:,} tokens (prompt "
+                             f"{lengths.prompt_long:,} at its 99th percentile + max_new_tokens "
+                             f"{lengths.max_new_tokens:,}) = {need:,}")
+    swap_s = 0.0
+    if mem.kv_policy == "preempt_swap":
+        gbps = mem.swap_gbps if mem.swap_gbps is not None else (GPUS[hw.gpu].host_gbps if hw.gpu else None)
+        if gbps is None:
+            raise ValueError("hardware.memory.swap_gbps: preempt_swap copies KV to host memory and needs the link's "
+                             "bandwidth: give swap_gbps, or hardware.gpu for its spec's")
+        tp = cfg.cluster.gpus_per_worker
+        swap_s = kv_bytes_per_token(resolve_model(hw.model), tp, mem.kv_dtype) / (tp * gbps * GB)
+    return KVCapacity(mem.kv_policy, int(budget), source, swap_s)

@@ -17,6 +17,10 @@ peak of 1.26 GiB and 1.79 GiB of non-torch memory (CUDA context, NCCL and cuBLAS
 (vllm-project/vllm#10511): 3 GB on every NVIDIA part (at TP 2 the same log shows 3.58 GiB of non-torch memory per
 GPU: more with tensor parallelism, which this does not model). The cpu placeholder's 0.25 GB is a guess at a torch
 process's own overhead.
+
+Host link (`host_gbps`, what preempt_swap copies KV over): PCIe per GPU and direction, half the datasheets'
+bidirectional figure: A100 SXM PCIe Gen4 64 GB/s -> 32; H100 SXM, H200, H800 and H20 PCIe Gen5 128 GB/s -> 64. The
+cpu placeholder's 10 GB/s is its "intra-node" in-memory copy.
 """
 
 from __future__ import annotations
@@ -34,33 +38,34 @@ class GPUSpec:
     inter_node_gbps: float  # network per GPU, one direction, GB/s
     allreduce_latency_us: float = 8.0  # one small intra-node all-reduce (tensor parallelism), microseconds
     engine_reserve_gb: float = 3.0     # memory an inference engine holds per device beyond weights and KV, GB
+    host_gbps: float = 64.0            # host link (PCIe) per GPU, one direction, GB/s: what a KV swap copies over
 
 
 GPUS: dict[str, GPUSpec] = {g.name: g for g in (
     # NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM: 312 TFLOPS bf16 dense (624 sparse), 2,039 GB/s
     # HBM2e, 80 GB; NVLink 3: 600 GB/s bidirectional -> 300 per direction. Network: DGX A100 user guide,
     # one ConnectX-6 HDR 200 Gb/s InfiniBand NIC per GPU -> 25 GB/s.
-    GPUSpec("A100-80GB", 312, 2039, 80, 300, 25, 8.0),
+    GPUSpec("A100-80GB", 312, 2039, 80, 300, 25, 8.0, host_gbps=32),
     # NVIDIA H100 Tensor Core GPU datasheet, SXM5: 989 TFLOPS bf16 dense (1,979 sparse), 3.35 TB/s HBM3,
     # 80 GB; NVLink 4: 900 GB/s bidirectional -> 450. Network: DGX H100 user guide, one ConnectX-7
     # NDR 400 Gb/s NIC per GPU -> 50 GB/s.
-    GPUSpec("H100-SXM", 989, 3350, 80, 450, 50, 8.0),
+    GPUSpec("H100-SXM", 989, 3350, 80, 450, 50, 8.0, host_gbps=64),
     # NVIDIA H200 Tensor Core GPU datasheet, SXM: 989 TFLOPS bf16 dense (1,979 sparse), 4.8 TB/s HBM3e,
     # 141 GB; NVLink 900 GB/s bidirectional -> 450. Network: HGX H200, one NDR 400 Gb/s NIC per GPU -> 50.
-    GPUSpec("H200", 989, 4800, 141, 450, 50, 8.0),
+    GPUSpec("H200", 989, 4800, 141, 450, 50, 8.0, host_gbps=64),
     # NVIDIA H800 SXM5 product brief (China-market H100): same compute and memory as H100 SXM, 989 TFLOPS
     # bf16 dense, 3.35 TB/s, 80 GB; NVLink cut to 400 GB/s bidirectional -> 200. Network: one NDR
     # 400 Gb/s NIC per GPU -> 50 GB/s.
-    GPUSpec("H800", 989, 3350, 80, 200, 50, 8.0),
+    GPUSpec("H800", 989, 3350, 80, 200, 50, 8.0, host_gbps=64),
     # NVIDIA HGX H20 spec sheet (China-market Hopper): 148 TFLOPS bf16 dense, 4.0 TB/s HBM3, 96 GB;
     # NVLink 900 GB/s bidirectional -> 450. Network: one NDR 400 Gb/s NIC per GPU -> 50 GB/s.
-    GPUSpec("H20", 148, 4000, 96, 450, 50, 8.0),
+    GPUSpec("H20", 148, 4000, 96, 450, 50, 8.0, host_gbps=64),
     # ROUGH PLACEHOLDER, not a datasheet: a generic 2-core x86 CPU for the tiny CPU example. 0.2 TFLOP/s
     # = 2 cores x 3 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units; bf16 runs no faster without AMX);
     # 20 GB/s = what 2 cores typically draw from dual-channel DDR4; 8 GB RAM; "intra-node" 10 GB/s is an
     # in-memory weight copy, "inter-node" 1.25 GB/s is 10 GbE. Replace it with a measured profile
     # (`stalecast profile`) before trusting any CPU timing.
-    GPUSpec("cpu", 0.2, 20, 8, 10, 1.25, 50.0, 0.25),
+    GPUSpec("cpu", 0.2, 20, 8, 10, 1.25, 50.0, 0.25, host_gbps=10),
 )}
 
 
