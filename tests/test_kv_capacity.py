@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sim.config import ConfigError, parse_config
@@ -14,8 +14,10 @@ from sim.engine.pipeline import ENGINES, Simulation
 from sim.hardware.memory import kv_bytes_per_token, memory_report
 from sim.hardware.specs import resolve_model
 from sim.metrics import compute_metrics
+from sim.trace import Trace
 from sim.workload import workload_lengths
 from test_engine import run_both
+from validate.compare import compare
 
 DECODE, PREFILL = 0.01, 0.001  # seconds per decode step, per prompt token
 
@@ -113,6 +115,10 @@ def budgeted_configs(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=budgeted_configs())
+# One worker blocked by the gate while it evicts: the compiled loop once skipped the wake at the eviction that the
+# SimPy worker takes (one gate refusal fewer).
+@example(cfg=kv_cfg("preempt_recompute", 82, mode="async", batch=2, group=2, concurrency=6, prompt=1, max_new=40,
+                    steps=5, response={"kind": "lognormal", "median": 40 / 3, "sigma": 1.0}, swap_gbps=0.01))
 def test_no_step_outgrows_the_budget_and_every_token_is_accounted(cfg):
     fast, trace = run_both(cfg)
     mem, si = cfg.hardware.memory, fast.worker_state[0]
@@ -164,3 +170,18 @@ def test_metrics_of_a_trace_without_the_column_say_unknown(tiny_trace):
     trace = type(tiny_trace)(tiny_trace.samples.assign(preemptions=np.int32(-1)), tiny_trace.steps, {})
     metrics = compute_metrics(trace)
     assert metrics["kv/preemptions"] is None and metrics["kv/peak_occupancy"] is None
+
+
+# --------------------------------------------------------------------------- validate
+def test_validate_judges_the_share_of_evicted_samples():
+    predicted = Simulation(kv_cfg("preempt_recompute", 131, mode="async", batch=8, group=2, concurrency=64,
+                                  steps=3)).run()
+    share = compute_metrics(predicted)["kv/preempted_share"]
+    assert share > 0.2
+    rows = {r.metric: r for r in compare(predicted, predicted)}
+    assert rows["kv/preempted_share"].ok is True and rows["kv/preemptions"].kind == "reported"
+    never = Trace(predicted.samples.assign(preemptions=np.int32(0)), predicted.steps, predicted.header)
+    row = next(r for r in compare(predicted, never) if r.metric == "kv/preempted_share")
+    assert row.ok is False and row.error == pytest.approx(share)
+    unbudgeted = Simulation(kv_cfg("unlimited", 131, mode="async", batch=8, group=2, concurrency=64)).run()
+    assert not [r for r in compare(unbudgeted, predicted) if r.metric.startswith("kv/")]

@@ -402,12 +402,15 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
         reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
         want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_G]
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
-        if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now:
+        evicts = si[w, K.KV_POLICY] == K.KV_RECOMPUTE or si[w, K.KV_POLICY] == K.KV_SWAP
+        if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now and not evicts:
             # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
             # one while it trains, and pokes every listener when it is done (and a worker alone has no peer to
             # route a group to it). Decoding for real up to then changes nothing anyone sees before the event or
             # the poke, whose commit would decode the same steps: if the event comes first, the worker waits for
             # it as a non-listening one would (no poke can come first); else it peeks at the event from there.
+            # (Not where sequences may be evicted: a peek stops at an eviction, and the worker wakes there and asks
+            # again, which a gate counts as one more refusal.)
             flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre,
                               np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
             if flags:
