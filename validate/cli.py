@@ -72,6 +72,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tol-quantile", type=tolerance, default=defaults.quantile_abs,
                    help="absolute tolerance (versions) on staleness quantiles")
     p.add_argument("--tol-idle", type=tolerance, default=defaults.idle_abs, help="absolute tolerance on idle ratios")
+    p.add_argument("--tol-share", type=tolerance, default=defaults.share_abs,
+                   help="absolute tolerance on the share of samples evicted from the KV cache")
     p.add_argument("--tol-w1", type=tolerance, default=defaults.distance_max,
                    help="largest Wasserstein-1 distance (versions) between the staleness distributions")
     p.set_defaults(func=cmd_validate)
@@ -98,7 +100,7 @@ def cmd_validate(args: argparse.Namespace, console: Console) -> int:
 
     cfg = load_config(args.config, parse_overrides(args.set))
     tol = Tolerances(rel=args.tol_rel, small_mean_abs=args.tol_mean_abs, quantile_abs=args.tol_quantile,
-                     idle_abs=args.tol_idle, distance_max=args.tol_w1)
+                     idle_abs=args.tol_idle, distance_max=args.tol_w1, share_abs=args.tol_share)
     if args.trace is None:  # the loop trains for real
         from real.engine import check_engine
 

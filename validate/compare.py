@@ -26,6 +26,8 @@ class Tolerances:
     quantile_abs: float = field(default=1.0, metadata={"help": "absolute error (versions) on staleness quantiles"})
     idle_abs: float = field(default=0.10, metadata={"help": "absolute error on idle ratios (fractions)"})
     distance_max: float = field(default=0.5, metadata={"help": "largest Wasserstein-1 distance (versions) allowed"})
+    share_abs: float = field(default=0.10, metadata={"help": "absolute error on the share of samples evicted from "
+                                                             "the KV cache (fractions)"})
 
     def __post_init__(self):
         for f in fields(self):
@@ -82,6 +84,7 @@ JUDGED = {
     "throughput/samples_per_s": "rel", "throughput/tokens_per_s": "rel", "time/step_s": "rel",
     "speedup/vs_sync": "rel",
     "idle/trainer": "idle", "idle/rollout": "idle",
+    "kv/preempted_share": "share",
 }
 
 
@@ -95,6 +98,8 @@ def _judge(kind: str, pred: float, meas: float, tol: Tolerances) -> tuple[bool, 
         return err <= tol.quantile_abs, f"±{tol.quantile_abs:g} version"
     if kind == "idle":
         return err <= tol.idle_abs, f"±{tol.idle_abs:g}"
+    if kind == "share":
+        return err <= tol.share_abs, f"±{tol.share_abs:g}"
     return err <= tol.rel * abs(meas), f"±{100 * tol.rel:g}%"
 
 
@@ -104,6 +109,8 @@ def _why_missing(metric: str) -> str:
         return "no sample the learner trained on"
     if metric == "speedup/vs_sync":
         return "no sync-mode step time"
+    if metric.startswith("kv/"):
+        return "no sample records its evictions"
     return "no finite value"
 
 
@@ -114,22 +121,30 @@ def _sides(p, m) -> str:
 def compare(predicted: Trace, measured: Trace, tol: Tolerances = Tolerances(),
             predicted_sync_step_s: float | None = None, measured_sync_step_s: float | None = None) -> list[Row]:
     """Rows for every judged metric plus the distance between the two staleness distributions. speedup/vs_sync is
-    judged only when a sync-mode step time is given (on either side): otherwise it was not requested."""
+    judged only when a sync-mode step time is given (on either side): otherwise it was not requested. The KV-cache
+    evictions have rows only when the prediction modelled a KV budget (its trace header's `kv`)."""
     mp = compute_metrics(predicted, predicted_sync_step_s)
     mm = compute_metrics(measured, measured_sync_step_s)
     sync_requested = predicted_sync_step_s is not None or measured_sync_step_s is not None
+    kv_requested = (predicted.header.get("kv") or {}).get("budget_tokens") is not None
     rows = []
     for metric, kind in JUDGED.items():
         p, m = mp.get(metric), mm.get(metric)
         if metric == "speedup/vs_sync" and not sync_requested:
             rows.append(Row(metric, p, m, None, None, "", None, kind="not requested",
                             note="not requested: no sync-mode step times to compare"))
+        elif kind == "share" and not kv_requested:
+            continue
         elif p is None or m is None:
             rows.append(Row(metric, p, m, None, None, "", None,
                             note=f"not computed on {_sides(p, m)}: {_why_missing(metric)}"))
         else:
             ok, text = _judge(kind, p, m, tol)
             rows.append(Row(metric, p, m, p - m, (p - m) / m if m else None, text, ok))
+    if kv_requested:
+        p, m = mp["kv/preemptions"], mm["kv/preemptions"]
+        rows.append(Row("kv/preemptions", p, m, None if None in (p, m) else p - m,
+                        (p - m) / m if p is not None and m else None, "reported", None, kind="reported"))
     sp, sm = sample_staleness(predicted.samples), sample_staleness(measured.samples)
     if len(sp) and len(sm):
         w1 = wasserstein1(sp, sm)
