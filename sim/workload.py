@@ -6,7 +6,9 @@ the same workload, which keeps speedups free of sampling noise.
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,14 +26,27 @@ def lognormal_sigma(dist: LognormalLen) -> float:
 
 
 def _empirical_values(dist: EmpiricalLen) -> np.ndarray:
+    """The lengths an empirical distribution resamples (read-only). A trace is read once per version of its files:
+    a run's stream, its memory model and its KV budget, and every run of a study, ask for the same column."""
     if dist.values is not None:
         return np.asarray(dist.values, dtype=np.int64)
+    folder = Path(dist.trace)
+    try:
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir()))
+    except OSError:  # no such folder: read_trace says so
+        stamp = None
+    return _trace_lengths(str(folder), dist.column, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _trace_lengths(folder: str, column: str, stamp) -> np.ndarray:
     from sim.trace import read_trace
-    samples = read_trace(dist.trace).samples
-    values = samples[dist.column].to_numpy(np.int64)
+    samples = read_trace(folder).samples
+    values = samples[column].to_numpy(np.int64)
     values = values[values >= 1]
     if len(values) == 0:
-        raise ValueError(f"{dist.trace}: column {dist.column} has no positive lengths to resample")
+        raise ValueError(f"{folder}: column {column} has no positive lengths to resample")
+    values.setflags(write=False)
     return values
 
 

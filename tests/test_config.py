@@ -286,3 +286,20 @@ def test_override_problems_name_the_key(tmp_path, config_data, overrides, messag
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
     assert str(err.value).startswith(f"{path} (override): ") and message in str(err.value)
+
+
+def test_an_empirical_trace_is_read_once_per_version_of_its_files(config_data, tiny_trace, tmp_path, monkeypatch):
+    import sim.trace
+    from sim.workload import workload_lengths
+
+    folder = tiny_trace.write(tmp_path / "lengths")
+    config_data["workload"]["response_len"] = {"kind": "empirical", "trace": str(folder)}
+    wl = parse_config(config_data).workload
+    reads = []
+    real_read = sim.trace.read_trace
+    monkeypatch.setattr(sim.trace, "read_trace", lambda f: reads.append(f) or real_read(f))
+    first = workload_lengths(wl)
+    assert workload_lengths(wl) == first and len(reads) == 1
+    longer = tiny_trace.samples.assign(response_len=tiny_trace.samples["response_len"] + 3)
+    type(tiny_trace)(longer, tiny_trace.steps, tiny_trace.header).write(folder)
+    assert workload_lengths(wl).response_mean > first.response_mean and len(reads) == 2
