@@ -149,6 +149,12 @@ class Cluster(_Section):
                                   "SGLang). static: a worker admits a batch only when its last one has ended, and "
                                   "the batch's groups reach the learner together at its end, with one prefill "
                                   "call for the batch (stalecast train's workers).")
+    admission: Literal["per_group", "per_sample"] = Field(
+        "per_group", description="What a worker admits at once (continuous batching). per_group: a group starts only "
+                                 "when group_size slots are free, all its samples together (stalecast train's "
+                                 "workers). per_sample: as vLLM and SGLang expand a request of n samples into n "
+                                 "sequences (verl, AReaL, prime-rl, TRL): a group is admitted with one free slot, and "
+                                 "its other samples start as slots free, ahead of any new group.")
     router: Literal["least_loaded", "round_robin", "fill_first"] = Field(
         "least_loaded", description="Which worker the next group goes to, among those that could take it now "
                                     "(sim/engine/routers.py): least_loaded, the most free slots (SGLang's and vLLM's "
@@ -157,6 +163,12 @@ class Cluster(_Section):
     learner_gpus: Int = Field(1, ge=1, description="GPUs the learner trains on (L).")
     colocated: Bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
                                                "the hardware colocation slowdowns apply while both run.")
+
+    @model_validator(mode="after")
+    def _per_sample_batches_continuously(self):
+        if self.admission == "per_sample" and self.batching == "static":
+            raise ValueError("admission per_sample needs batching continuous: a static batch is admitted whole")
+        return self
 
     @property
     def total_gpus(self) -> int:

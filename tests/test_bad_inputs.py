@@ -600,6 +600,9 @@ MEMORY = [
     sim(lambda d: d["hardware"].update(gpu=None, memory={"kv_policy": "preempt_swap", "kv_budget_tokens": 100}),
         ["run.yaml: hardware.memory.swap_gbps: preempt_swap copies KV to host memory and needs the link's "
          "bandwidth"], id_="kv-swap-without-a-host-link"),
+    sim(lambda d: d["cluster"].update(batching="static", admission="per_sample"),
+        ["cluster: admission per_sample needs batching continuous: a static batch is admitted whole"],
+        id_="per-sample-static"),
     sim(setting("hardware.memory.kv_policy", "swap"),
         ["hardware.memory.kv_policy: Input should be 'preempt_recompute', 'preempt_swap', 'admit_reserve' or "
          "'unlimited'"], id_="kv-policy-unknown"),

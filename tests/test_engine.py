@@ -368,7 +368,7 @@ def run_both(cfg):
 @st.composite
 def larger_configs(draw):
     """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
-    times), every staleness control, router, batching mode, weight-sync phases, buffer order and capacity,
+    times), every staleness control, router, batching and admission mode, weight-sync phases, buffer order and capacity,
     co-location (a learner whose speed follows the workers'), responses short and long against max_new_tokens (one
     or many decode steps per calendar bucket)."""
     mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async", "async"]))
@@ -391,12 +391,15 @@ def larger_configs(draw):
     if colocated:  # a learner slowed while k of the W workers generate, at a speed that changes mid-step
         hardware["efficiency"] = {"colocation_gen_slowdown": draw(st.sampled_from([1.0, 1.3])),
                                   "colocation_train_slowdown": draw(st.sampled_from([1.0, 1.11, 2.5]))}
+    batching = draw(st.sampled_from(["continuous", "static"]))
     raw = {
         "seed": draw(st.integers(0, 2**16)),
         "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": draw(lengths),
                      "response_len": draw(lengths), "max_new_tokens": draw(st.sampled_from([20, 50, 4000]))},
         "cluster": {"rollout_workers": draw(st.integers(1, 8)), "learner_gpus": draw(st.integers(1, 8)),
-                    "router": draw(routers), "batching": draw(st.sampled_from(["continuous", "static"])),
+                    "router": draw(routers), "batching": batching,
+                    "admission": draw(st.sampled_from(["per_group", "per_sample"])) if batching == "continuous"
+                    else "per_group",
                     "colocated": colocated,
                     "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
         "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},

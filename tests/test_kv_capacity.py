@@ -1,5 +1,6 @@
-"""KV-cache capacity in the simulator (hardware.memory.kv_policy, sim/engine/kernel.py): admission against a budget,
-eviction and resumption, on schedules worked out by hand, and the invariants of random runs, on both engines."""
+"""What a rollout worker admits in the simulator (sim/engine/kernel.py): KV-cache capacity (hardware.memory.kv_policy:
+admission against a budget, eviction and resumption) and admission by group or by sample (cluster.admission), on
+schedules worked out by hand, and the invariants of random runs, on both engines."""
 
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ DECODE, PREFILL = 0.01, 0.001  # seconds per decode step, per prompt token
 
 
 def kv_cfg(policy, budget, *, mode="sync", batch=2, group=1, concurrency=2, prompt=10, response=20, max_new=20,
-           steps=1, workers=1, gpu="H100-SXM", **memory):
+           steps=1, workers=1, gpu="H100-SXM", admission="per_group", **memory):
     return parse_config({
         "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": {"kind": "constant", "value": prompt},
                      "response_len": response if isinstance(response, dict) else {"kind": "constant",
                                                                                   "value": response},
                      "max_new_tokens": max_new},
-        "cluster": {"rollout_workers": workers, "max_concurrency": concurrency},
+        "cluster": {"rollout_workers": workers, "max_concurrency": concurrency, "admission": admission},
         "pipeline": {"mode": mode},
         "hardware": {"gpu": gpu, "constant": {"decode_step_s": DECODE, "prefill_s_per_token": PREFILL, "train_step_s": 1.0},
                      "memory": {"kv_policy": policy, "kv_budget_tokens": budget, **memory}},
@@ -100,6 +101,28 @@ def test_the_budget_admits_exactly_k_groups_at_once(policy, budget, admitted):
         assert trace.header["kv"]["preemptions"] > 0
 
 
+# One worker of 3 slots, groups of 2 samples of a 10-token prompt and 20 tokens. Per group, group 1 waits for 2 free
+# slots: it starts when group 0 ends (step 20, t = 0.01 + 0.20 = 0.21) and ends 0.01 + 0.20 later. Per sample, it is
+# admitted at once with the one free slot (its prefill ends at 0.02): sample 2 decodes beside group 0 and ends at
+# step 20 (0.22); sample 3 waits, starts at step 20 without a prefill of its own (the prompt is cached), ends 0.20
+# later.
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("admission", "ends"), [("per_group", [0.21, 0.21, 0.42, 0.42]),
+                                                 ("per_sample", [0.22, 0.22, 0.22, 0.42])])
+def test_admission_by_group_or_by_sample_by_hand(engine, admission, ends):
+    cfg = kv_cfg("unlimited", None, group=2, concurrency=3, admission=admission)
+    trace = Simulation(cfg, engine=engine).run()
+    assert trace.samples.sort_values("sample_id")["t_end"].iloc[:4].tolist() == pytest.approx(ends, abs=1e-12)
+
+
+def test_per_sample_needs_continuous_batching():
+    with pytest.raises(ConfigError, match="admission per_sample needs batching continuous"):
+        parse_config({"workload": {"batch_prompts": 1, "group_size": 2, "prompt_len": {"kind": "constant", "value": 4},
+                                   "response_len": {"kind": "constant", "value": 4}},
+                      "cluster": {"rollout_workers": 1, "max_concurrency": 2, "batching": "static",
+                                  "admission": "per_sample"}, "run": {"steps": 1}})
+
+
 # --------------------------------------------------------------------------- invariants of random runs
 @st.composite
 def budgeted_configs(draw):
@@ -110,7 +133,8 @@ def budgeted_configs(draw):
                   int(need * draw(st.floats(1.0, 4.0))), mode=draw(st.sampled_from(["async", "sync"])),
                   batch=draw(st.integers(1, 6)), group=group, concurrency=group * draw(st.integers(1, 8)),
                   prompt=prompt, max_new=max_new, steps=draw(st.integers(1, 12)), workers=draw(st.integers(1, 3)),
-                  response={"kind": "lognormal", "median": max_new / 3, "sigma": 1.0}, swap_gbps=0.01)
+                  response={"kind": "lognormal", "median": max_new / 3, "sigma": 1.0}, swap_gbps=0.01,
+                  admission=draw(st.sampled_from(["per_group", "per_sample"])))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -72,7 +72,7 @@ ST_LEN = W_.N_COUNTERS + 16
 F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET, F_EXTRA, F_REMAIN, F_T0, F_SLOW = range(8)
 # The loop's parameters (pi); the rules' are policies.P_* (pp)
 (P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY, P_ROUTER, P_STATIC,
- P_SHARED) = range(12)
+ P_SHARED, P_ADMIT_SLOTS) = range(13)
 ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
 # The learner's data event: none, waited for, triggered (scheduled)
 D_NONE, D_WAIT, D_TRIGGERED = range(3)
@@ -257,8 +257,8 @@ def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
 def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, until, want_free):
     """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
     while True:
-        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre, until,
-                          want_free, False)
+        flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
+                          ledger[PREEMPTS], pre, until, want_free, False)
         if flags & K.GROUPS_DONE:
             _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
         if flags == 0 or flags & K.SLOTS_FREE:
@@ -276,8 +276,7 @@ def _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, asking_may):
             eligible[v] = asking_may
         else:
             coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
-            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and si[v, K.N_FREE] >= pi[P_G] and K.kv_fits(
-                si, v, pi[P_G], prompt) and not (
+            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and K.can_admit(si, v, pi[P_G], prompt) and not (
                 pi[P_STATIC] and si[v, K.N_ACTIVE] > 0) and R.admission(
                 pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
                 st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
@@ -308,7 +307,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
     batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
     while True:
         prompt = ledger[PROMPT][st[S_NGROUPS]]
-        if si[w, K.N_FREE] < g or not K.kv_fits(si, w, g, prompt):
+        if not K.can_admit(si, w, g, prompt):
             si[w, K.WANT_ROOM] = K.kv_need(si, w, g, prompt)
             return R_SLOTS
         oldest = 0
@@ -400,25 +399,26 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
         reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
-        want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_G]
+        want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_ADMIT_SLOTS]
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
-        evicts = si[w, K.KV_POLICY] == K.KV_RECOMPUTE or si[w, K.KV_POLICY] == K.KV_SWAP
-        if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now and not evicts:
+        batch_moves = (si[w, K.KV_POLICY] == K.KV_RECOMPUTE or si[w, K.KV_POLICY] == K.KV_SWAP
+                       or si[w, K.PER_SAMPLE] != 0)
+        if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now and not batch_moves:
             # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
             # one while it trains, and pokes every listener when it is done (and a worker alone has no peer to
             # route a group to it). Decoding for real up to then changes nothing anyone sees before the event or
             # the poke, whose commit would decode the same steps: if the event comes first, the worker waits for
             # it as a non-listening one would (no poke can come first); else it peeks at the event from there.
-            # (Not where sequences may be evicted: a peek stops at an eviction, and the worker wakes there and asks
-            # again, which a gate counts as one more refusal.)
-            flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre,
-                              np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
+            # (Not where the batch changes between events, by evictions or by a group's waiting samples starting: a
+            # peek stops there, and the worker wakes and asks again, which a gate counts as one more refusal.)
+            flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
+                              ledger[PREEMPTS], pre, np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
             if flags:
                 wi[w, W_PC] = P_DONE if flags & K.GROUPS_DONE else P_FREE
                 wi[w, W_TARGET] = _until(st, ev, w, sf[w, K.EVT_T])
                 return
-        flags = K.advance(*ws, w, xs, ys, ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre, np.inf,
-                          want_free, listen)
+        flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
+                          ledger[PREEMPTS], pre, np.inf, want_free, listen)
         t_event = sf[w, K.EVT_T]
         if not listen:
             if flags & K.GROUPS_DONE:
@@ -620,7 +620,7 @@ class _Run:
         self.sim = sim
         self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
                             ctl.sync_every, sim.router, cfg.cluster.batching == "static",
-                            sim.cost.train_slowdown != 1.0], np.int64)
+                            sim.cost.train_slowdown != 1.0, sim.admit_slots], np.int64)
         self.rt = (np.zeros(W, np.int64), np.zeros(W, np.int64))  # the router's scratch: free slots, eligible
         self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)

@@ -21,7 +21,13 @@ prompt and generated tokens (recompute) or copying their KV back from host memor
 PreemptionMode.SWAP, vllm/core/scheduler.py; each way costs the worker context x SWAP_S). Under `admit_reserve` a
 sequence reserves prompt + max_new_tokens at admission and nothing is ever evicted. The overflow step is a closed
 form too (the first k with n*(k+1) + ksum > budget), so capacity costs no per-step work. A peek stops where a
-preemption or a resumption would happen (flag KV_EVENT): they change the batch, which only a commit may do.
+preemption or a resumption would happen (flag BATCH_EVENT): they change the batch, which only a commit may do.
+
+Admission by sample (`cluster.admission: per_sample`, as vLLM and SGLang expand a request of n samples into n
+sequences): a group is admitted when one slot (and KV room for one sequence) is free; its samples start while slots
+and room last, and the rest wait, ahead of any new group but behind evicted sequences, to start one by one at later
+step boundaries where completions free slots. The group's prompt is prefilled once, at admission (later samples
+reuse it, as a prefix cache does).
 
 State lives in small arrays, every worker's stacked in one block (worker w at index w), so the functions
 compile with numba (`cache=True`) and run without it, and take (arrays, w) rather than per-worker views.
@@ -45,9 +51,12 @@ except ImportError:  # pragma: no cover
         return args[0] if args and callable(args[0]) else (lambda f: f)
 
 # Integer scalars (si)
+# PER_SAMPLE (cluster.admission per_sample): a group is admitted with one free slot; its samples that find no slot
+# (or no KV room) wait, N_PEND of them from sample id PEND_SID on, of group slot PEND_GS, and start as room frees.
 (K_STEP, N_ACTIVE, KSUM, VER, VBASE_STEP, N_FREE, N_GS_FREE, PAUSE_STEP, PAUSE_VER, N_DONE, BSHIFT, NBUCKETS,
- KV_BUDGET, KV_POLICY, MAX_NEW, RESERVED, N_WAIT, ADMIT_SEQ, N_PREEMPT, KV_PEAK, WANT_ROOM) = range(21)
-SI_LEN = 21
+ KV_BUDGET, KV_POLICY, MAX_NEW, RESERVED, N_WAIT, ADMIT_SEQ, N_PREEMPT, KV_PEAK, WANT_ROOM, PER_SAMPLE, N_PEND,
+ PEND_SID, PEND_GS, PEND_PROMPT) = range(26)
+SI_LEN = 26
 # Float scalars (sf): KV_AREA is the integral of KV tokens in use over decode time (token-seconds)
 T, VBASE, PAUSE_S, EVT_T, SWAP_S, KV_AREA = range(6)
 SF_LEN = 6
@@ -63,15 +72,15 @@ SLOT_ROWS = 12
 LEFT, GID, GS_FREE, LEFT_DRY = range(4)
 HEADS, DUE = range(2)
 NO_STEP = 1 << 62
-# Event flags returned by advance()
-GROUPS_DONE, SLOTS_FREE, KV_EVENT = 1, 2, 4
+# Event flags returned by advance(); BATCH_EVENT: a peek stopped where sequences would be evicted, resumed or started
+GROUPS_DONE, SLOTS_FREE, BATCH_EVENT = 1, 2, 4
 
 
 def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int = 0, kv_policy: int = KV_UNLIMITED,
-              swap_s: float = 0.0):
+              swap_s: float = 0.0, per_sample: bool = False):
     """Fresh state of n workers whose samples have at most max_len tokens: (si, sf, cal, slot, slot_vstart,
     gs, done), worker w's at index w of each. kv_budget: KV tokens a worker holds (with kv_policy; swap_s: seconds
-    to copy one token's KV between device and host)."""
+    to copy one token's KV between device and host). per_sample: admission by sample rather than by group."""
     w, c = n_workers, max_concurrency
     n_buckets = 1 << min(10, max_len.bit_length())
     bshift = 0  # the calendar spans max_len + one bucket, so the window never wraps onto its first bucket
@@ -84,7 +93,7 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
     si[:, PAUSE_STEP] = -1
     si[:, BSHIFT] = bshift
     si[:, NBUCKETS] = n_buckets
-    si[:, KV_BUDGET], si[:, KV_POLICY], si[:, MAX_NEW] = kv_budget, kv_policy, max_len
+    si[:, KV_BUDGET], si[:, KV_POLICY], si[:, MAX_NEW], si[:, PER_SAMPLE] = kv_budget, kv_policy, max_len, per_sample
     sf[:, SWAP_S] = swap_s
     slot = np.zeros((w, SLOT_ROWS, c), np.int64)
     slot[:, FREE] = np.arange(c)
@@ -193,52 +202,75 @@ def _unlink(si, cal, slot, w, s):
 
 
 @njit(cache=True, _nrt=False)
+def _free_kv(policy, budget, n, k, ksum, reserved):
+    """KV tokens free at step k: the budget less the reservations (admit_reserve), or less what the next decode step
+    needs (the n running contexts, n*k + ksum tokens, and one token each)."""
+    if policy == KV_RESERVE:
+        return budget - reserved
+    return budget - (n * k + ksum + n)
+
+
+@njit(cache=True, _nrt=False)
+def _seq_need(si, w, prompt_len):
+    """KV tokens one more sequence needs to start: its prompt and first token, or (admit_reserve) its prompt and
+    max_new_tokens."""
+    return prompt_len + (si[w, MAX_NEW] if si[w, KV_POLICY] == KV_RESERVE else 1)
+
+
+@njit(cache=True, _nrt=False)
 def kv_need(si, w, group_size, prompt_len):
-    """KV tokens worker w must have free to admit a group: each sequence's prompt and first token, or (admit_reserve)
-    its prompt and max_new_tokens; 0 without a budget."""
-    policy = si[w, KV_POLICY]
-    if policy == KV_UNLIMITED:
-        return 0
-    return group_size * (prompt_len + (si[w, MAX_NEW] if policy == KV_RESERVE else 1))
-
-
-@njit(cache=True, _nrt=False)
-def kv_room(si, w):
-    """KV tokens worker w has free at its current step boundary: the budget less its reservations (admit_reserve),
-    or less what its next decode step needs (every running context, plus one token each)."""
-    if si[w, KV_POLICY] == KV_RESERVE:
-        return si[w, KV_BUDGET] - si[w, RESERVED]
-    n = si[w, N_ACTIVE]
-    return si[w, KV_BUDGET] - (n * si[w, K_STEP] + si[w, KSUM] + n)
-
-
-@njit(cache=True, _nrt=False)
-def kv_fits(si, w, group_size, prompt_len):
-    """Whether worker w's KV budget admits a group of prompt_len-token prompts now: no evicted sequence waits (they
-    go first) and the group's need is free. An empty worker admits any group (the config check refuses a budget
-    below one group at its longest)."""
+    """KV tokens worker w must see free to admit a group of prompt_len-token prompts: the whole group's, or
+    (per_sample) one sequence's; 0 without a budget."""
     if si[w, KV_POLICY] == KV_UNLIMITED:
-        return True
-    if si[w, N_WAIT] > 0:
-        return False
-    return si[w, N_ACTIVE] == 0 or kv_room(si, w) >= kv_need(si, w, group_size, prompt_len)
+        return 0
+    return (1 if si[w, PER_SAMPLE] else group_size) * _seq_need(si, w, prompt_len)
 
 
 @njit(cache=True, _nrt=False)
-def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v_mean, preempts, pre, until,
+def can_admit(si, w, group_size, prompt_len):
+    """Whether worker w may admit a group of prompt_len-token prompts now: no evicted or waiting sample goes first,
+    and the slots and KV room are free for the whole group, or (per_sample) for one sequence. An empty worker takes
+    any group (the config check refuses a KV budget below one group at its longest)."""
+    if si[w, N_WAIT] > 0 or si[w, N_PEND] > 0 or si[w, N_FREE] < (1 if si[w, PER_SAMPLE] else group_size):
+        return False
+    n = si[w, N_ACTIVE]
+    return si[w, KV_POLICY] == KV_UNLIMITED or n == 0 or _free_kv(
+        si[w, KV_POLICY], si[w, KV_BUDGET], n, si[w, K_STEP], si[w, KSUM], si[w, RESERVED]) >= kv_need(
+        si, w, group_size, prompt_len)
+
+
+@njit(cache=True, _nrt=False)
+def _place(si, cal, slot, slot_vstart, w, s, sid, length, prompt_len, gslot, k, vsum, reserve):
+    """Sample sid (of group slot gslot) starts in free slot s at step k; the caller counts it in."""
+    slot[w, SID, s] = sid
+    slot[w, LEN, s] = length
+    slot[w, KOFF, s] = prompt_len - k
+    slot[w, GS, s] = gslot
+    slot_vstart[w, s] = vsum
+    slot[w, END, s] = k + length
+    slot[w, ORDER, s] = si[w, ADMIT_SEQ]
+    si[w, ADMIT_SEQ] += 1
+    slot[w, RES, s] = reserve
+    _insert(si, cal, slot, w, s)
+
+
+@njit(cache=True, _nrt=False)
+def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_end, v_mean, preempts, pre, until,
             want_free, dry):
     """Decode worker w until its first event: a group completes (GROUPS_DONE, ids in done[w, :si[w, N_DONE]])
-    or at least `want_free` slots are free and the KV budget admits si[w, WANT_ROOM] tokens (SLOTS_FREE; 0
-    disables it). Returns the flags, or 0 if the batch empties or the next completion lies beyond `until`. The
-    event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts are worked on in a copy): a peek
-    at when the next event is, which also stops where sequences would be evicted or resumed (KV_EVENT).
-    preempts: evictions per sample id; pre: the prefill table (prefill_time) that recomputation is charged by."""
+    or at least `want_free` slots are free, nothing waits and the KV budget has si[w, WANT_ROOM] tokens free
+    (SLOTS_FREE; 0 disables it). Returns the flags, or 0 if the batch empties or the next completion lies beyond
+    `until`. The event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts are worked on in a
+    copy): a peek at when the next event is, which also stops where sequences would be evicted, resumed or started
+    (BATCH_EVENT). lens: response lengths per sample id; preempts: evictions per sample id; pre: the prefill table
+    (prefill_time) that recomputation is charged by."""
     n, k, ksum, ver, vbase_step = si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP]
     n_free, n_gs_free, pause = si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP]
     t, vbase = sf[w, T], sf[w, VBASE]
     policy, budget = si[w, KV_POLICY], si[w, KV_BUDGET]
     evicts = policy == KV_RECOMPUTE or policy == KV_SWAP
     reserved, n_wait, peak, area = si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK], sf[w, KV_AREA]
+    n_pend, pend_prompt = si[w, N_PEND], si[w, PEND_PROMPT]
     bucket_mask, bshift = si[w, NBUCKETS] - 1, si[w, BSHIFT]
     left = LEFT_DRY if dry else LEFT
     if dry:
@@ -306,7 +338,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
                 if n > 0 and n * k + ksum + n + ctx + 1 > budget:
                     break
                 if dry:
-                    flags |= KV_EVENT
+                    flags |= BATCH_EVENT
                     break
                 n_wait -= 1
                 slot[w, KOFF, s] = ctx - k
@@ -318,10 +350,26 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
                 si[w, ADMIT_SEQ] += 1
                 slot_vstart[w, s] = _version_sum(vbase, ver, vbase_step, k) - slot_vstart[w, s]
                 t += prefill_time(pre[0], pre[1], pre[2], ctx) if policy == KV_RECOMPUTE else ctx * sf[w, SWAP_S]
+            # ... then a group's waiting samples (per_sample) start, one per free slot while KV room lasts.
+            while n_pend > 0 and n_wait == 0 and n_free > 0 and (policy == KV_UNLIMITED or n == 0 or _free_kv(
+                    policy, budget, n, k, ksum, reserved) >= _seq_need(si, w, pend_prompt)):
+                if dry:
+                    flags |= BATCH_EVENT
+                    break
+                sid = si[w, PEND_SID]
+                reserve = pend_prompt + si[w, MAX_NEW] if policy == KV_RESERVE else 0
+                n_free -= 1
+                _place(si, cal, slot, slot_vstart, w, slot[w, FREE, n_free], sid, lens[sid], pend_prompt,
+                       si[w, PEND_GS], k, _version_sum(vbase, ver, vbase_step, k), reserve)
+                n += 1
+                ksum += pend_prompt - k
+                reserved += reserve
+                n_pend -= 1
+                si[w, PEND_SID] += 1
         # The next step would outgrow the budget: evict the newest running sequences until it fits.
         while evicts and n > 1 and n * k + ksum + n > budget:
             if dry:
-                flags |= KV_EVENT
+                flags |= BATCH_EVENT
                 break
             s, newest = -1, -1
             for i in range(slot.shape[2]):
@@ -339,8 +387,8 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
             si[w, N_PREEMPT] += 1
             if policy == KV_SWAP:
                 t += ctx * sf[w, SWAP_S]
-        if target == k_next and want_free > 0 and n_free >= want_free and (policy == KV_UNLIMITED or (
-                n_wait == 0 and budget - (reserved if policy == KV_RESERVE else n * k + ksum + n) >= si[w, WANT_ROOM])):
+        if target == k_next and want_free > 0 and n_free >= want_free and n_wait == 0 and n_pend == 0 and (
+                policy == KV_UNLIMITED or n == 0 or _free_kv(policy, budget, n, k, ksum, reserved) >= si[w, WANT_ROOM]):
             flags |= SLOTS_FREE
         if target == pause:  # an interruptible worker loads new weights at this step boundary
             vbase = _version_sum(vbase, ver, vbase_step, pause)
@@ -353,7 +401,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, t_end, v_end, v
     if not dry:
         si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP] = n, k, ksum, ver, vbase_step
         si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP], si[w, N_DONE] = n_free, n_gs_free, pause, n_done
-        si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK] = reserved, n_wait, peak
+        si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK], si[w, N_PEND] = reserved, n_wait, peak, n_pend
         sf[w, T], sf[w, VBASE], sf[w, KV_AREA] = t, vbase, area
     return flags
 
@@ -399,7 +447,8 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
 @njit(cache=True, _nrt=False)
 def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_len, now, prefill_s):
     """Add group gid to worker w's batch: group_size samples sharing a prompt, sample ids gid*group_size + j,
-    response lengths lens[sample id]. Returns its start time."""
+    response lengths lens[sample id]; per_sample, those that find no free slot or KV room wait (N_PEND). Returns
+    its start time."""
     sf[w, T] = max(sf[w, T], now)  # an idle worker's clock catches up with the world
     t_start = sf[w, T]
     sf[w, T] += prefill_s
@@ -409,23 +458,21 @@ def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_l
     gs[w, LEFT, g] = group_size
     gs[w, GID, g] = gid
     vsum = _version_sum(sf[w, VBASE], si[w, VER], si[w, VBASE_STEP], k)
-    reserve = prompt_len + si[w, MAX_NEW] if si[w, KV_POLICY] == KV_RESERVE else 0
+    policy = si[w, KV_POLICY]
+    reserve = prompt_len + si[w, MAX_NEW] if policy == KV_RESERVE else 0
     for sid in range(gid * group_size, (gid + 1) * group_size):
+        if sid > gid * group_size and si[w, PER_SAMPLE] and (si[w, N_FREE] == 0 or (
+                policy != KV_UNLIMITED and _free_kv(policy, si[w, KV_BUDGET], si[w, N_ACTIVE], k, si[w, KSUM],
+                                                    si[w, RESERVED]) < _seq_need(si, w, prompt_len))):
+            si[w, N_PEND], si[w, PEND_SID] = (gid + 1) * group_size - sid, sid
+            si[w, PEND_GS], si[w, PEND_PROMPT] = g, prompt_len
+            break
         si[w, N_FREE] -= 1
-        s = slot[w, FREE, si[w, N_FREE]]
-        slot[w, SID, s] = sid
-        slot[w, LEN, s] = lens[sid]
-        slot[w, KOFF, s] = prompt_len - k
-        slot[w, GS, s] = g
-        slot_vstart[w, s] = vsum
+        _place(si, cal, slot, slot_vstart, w, slot[w, FREE, si[w, N_FREE]], sid, lens[sid], prompt_len, g, k, vsum,
+               reserve)
         si[w, KSUM] += prompt_len - k
         si[w, N_ACTIVE] += 1
-        slot[w, END, s] = k + lens[sid]
-        slot[w, ORDER, s] = si[w, ADMIT_SEQ]
-        si[w, ADMIT_SEQ] += 1
-        slot[w, RES, s] = reserve
         si[w, RESERVED] += reserve
-        _insert(si, cal, slot, w, s)
     return t_start
 
 

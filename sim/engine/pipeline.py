@@ -139,7 +139,9 @@ class Simulation:
         self.kv = kv_capacity_of(cfg)
         self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens,
                                         self.kv.budget_tokens or 0, KV_POLICY_CODES[self.kv.policy],
-                                        self.kv.swap_s_per_token)
+                                        self.kv.swap_s_per_token, cl.admission == "per_sample")
+        # Free slots a continuous worker waits for before it asks to admit again: a group's, or one (per_sample)
+        self.admit_slots = 1 if cl.admission == "per_sample" else self.group_size
         self.prefill_table = self.cost.prefill_table()  # what a recomputed (evicted) sequence's prefill costs
         self.workers = [Worker(self, w) for w in range(cfg.cluster.rollout_workers)]
         self.learner = self.env.process(self.learn())
@@ -304,7 +306,7 @@ class Simulation:
         g, si = self.group_size, self.worker_state[0]
         free, prompt = si[:, K.N_FREE], self.next_prompt()
         eligible = np.array([asking_may if w is asking else (
-            (w.listening or w.coming) and free[w.worker_id] >= g and K.kv_fits(si, w.worker_id, g, prompt)
+            (w.listening or w.coming) and K.can_admit(si, w.worker_id, g, prompt)
             and not (w.static and w.n_active > 0) and self._admission_code(w) == ADMIT) for w in self.workers],
             np.int64)
         chosen = choose(self.router, free, eligible, self.world.routed_to)

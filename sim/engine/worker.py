@@ -64,8 +64,8 @@ class Worker:
 
     def _advance(self, until: float, want_free: int, dry: bool) -> int:
         sim = self.sim
-        return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.t_end, sim.v_end, sim.v_mean,
-                         sim.n_preempt, sim.prefill_table, until, want_free, dry)
+        return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.response_len, sim.t_end,
+                         sim.v_end, sim.v_mean, sim.n_preempt, sim.prefill_table, until, want_free, dry)
 
     def _commit(self, until: float, want_free: int) -> None:
         """Advance for real up to `until`, handing every completed group to the buffer."""
@@ -111,7 +111,7 @@ class Worker:
         batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
         while True:
             prompt = sim.next_prompt()
-            if self.si[K.N_FREE] < g or not K.kv_fits(self.state[0], self.worker_id, g, prompt):
+            if not K.can_admit(self.state[0], self.worker_id, g, prompt):
                 self.si[K.WANT_ROOM] = K.kv_need(self.state[0], self.worker_id, g, prompt)
                 return SLOTS
             blocked = sim.admission_block(self)
@@ -163,7 +163,7 @@ class Worker:
                 yield self._until(float(self.sf[K.T]))
                 continue
             reason = self._admit()
-            want_free = 0 if reason != SLOTS else sim.cfg.cluster.max_concurrency if self.static else sim.group_size
+            want_free = 0 if reason != SLOTS else sim.cfg.cluster.max_concurrency if self.static else sim.admit_slots
             listen = reason == BLOCKED or interruptible
             # Listening, the world may change before the next event: peek, then commit on waking.
             flags = self._advance(math.inf, want_free, listen)
