@@ -417,6 +417,11 @@ def group_rows(cfg, rec: GroupRecord | None, gid: int | None = None, taken: bool
     gid = rec.gid if rec is not None else gid
     done = rec.done if rec is not None else None
     rec_taken = rec if taken else None
+    # KV-cache evictions per sample (hardware.memory.kv_budget_tokens)
+    if done is None:
+        evictions = [0] * G   # in flight: none reported yet
+    else:
+        evictions = done.preemptions if done.preemptions is not None else [-1] * G   # -1: not measured
     rows = []
     for i in range(G):
         toks = done.tokens[i] if done else []
@@ -432,7 +437,7 @@ def group_rows(cfg, rec: GroupRecord | None, gid: int | None = None, taken: bool
             "version_consumed": rec_taken.version_consumed if rec_taken else -1,
             "learner_step": rec_taken.step if rec_taken else -1, "dropped": rec_taken.dropped if rec_taken else False,
             "reward": rec_taken.rewards[i] if rec_taken is not None and rec_taken.rewards is not None else math.nan,
-            "preemptions": 0,  # the rollout engines hold every admitted sequence's KV cache to its end
+            "preemptions": evictions[i],
         })
     return rows
 

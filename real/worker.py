@@ -8,7 +8,10 @@ shared memory (`Ledger`) under one lock, so an admission decision and its bookke
 A worker generates with a rollout engine (`real.engine`, real/engine/) of `cluster.max_concurrency` slots, one
 decode step at a time, and batches as the simulator does (`cluster.batching`, real/engine/batching.py): continuous,
 a group is admitted at the next decode step once G slots are free; static, only into an empty engine. Finished
-sequences leave the decode batch at once, so a step costs what its active sequences cost.
+sequences leave the decode batch at once, so a step costs what its active sequences cost. With
+`hardware.memory.kv_budget_tokens` the engine is held to that KV budget under `hardware.memory.kv_policy`
+(real/engine/kv.py, the simulator's rule): a group is admitted only when it fits, and sequences may be evicted and
+resumed; each sample reports its evictions.
 
 Messages to the learner (one `mp.Queue`, per-worker order preserved): `Admitted` when a group is admitted
 (so in-flight groups appear in the trace), `GroupDone` when it is generated, `Loaded` per weight load,
@@ -24,12 +27,17 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from real.engine.batching import GroupBatcher
+from real.engine.kv import kv_budgeted
 from sim.engine.control import Control, oldest_unconsumed
+
+if TYPE_CHECKING:
+    from real.task import Prompt
 
 WAKE_CHECK_S = 0.1   # how often a blocked worker, woken by nothing, checks that it should go on
 CHECK_EVERY_S = 0.02  # how often a generating worker checks that it should go on
@@ -110,13 +118,20 @@ class Ledger:
         """Groups admitted and not dropped (the gate's "accepted + running"); ids waiting to be redone are not."""
         return self.n_admitted.value - self.n_dropped.value - (self.n_redo - self.redo_next.value)
 
+    def next_id(self) -> int:
+        """The group id `take_id` hands out next (under the lock): one to redo, else a new one."""
+        if self.redo_next.value < self.n_redo:
+            return int(self.redo[self.redo_next.value])
+        return self.n_admitted.value
+
     def take_id(self) -> int:
-        """The next group id to admit (under the lock): one to redo, else a new one."""
+        """Hand out `next_id` (under the lock)."""
+        gid = self.next_id()
         if self.redo_next.value < self.n_redo:
             self.redo_next.value += 1
-            return int(self.redo[self.redo_next.value - 1])
-        self.n_admitted.value += 1
-        return self.n_admitted.value - 1
+        else:
+            self.n_admitted.value += 1
+        return gid
 
     def wake_workers(self) -> None:
         for wake in self.wake:
@@ -172,6 +187,7 @@ class GroupDone:
     tokens: list[list[int]]       # per sample, EOS included when emitted
     logprobs: list[list[float]]   # behavior log-probs per token
     versions: list[list[int]]     # policy version per token
+    preemptions: list[int] | None = None   # per sample: times its KV cache was evicted (None: not measured)
 
 
 @dataclass
@@ -197,7 +213,7 @@ def engine_for(cfg, model, tok, task, version: int, generator: torch.Generator |
                        max_prompt_len=task.max_prompt_len)
 
 
-def prompt_for(task, seed: int, gid: int):
+def prompt_for(task, seed: int, gid: int) -> Prompt:
     """A group's prompt depends on (seed, group id) only: any worker, any mode, the same prompt."""
     return task.sample(np.random.default_rng([seed, gid]), 1)[0]
 
@@ -222,7 +238,10 @@ class RolloutWorker:
         self.version = -1
         # A resumed run's segment draws a stream of its own: the same seed, not a replay of the killed segment's.
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + worker_id + 1 + 7919 * segment)
-        self.engine = engine_for(cfg, self.model, self.tok, self.task, self.version, self.generator)
+        engine = engine_for(cfg, self.model, self.tok, self.task, self.version, self.generator)
+        self.kv = kv_budgeted(engine, cfg.hardware.memory)   # None without a KV budget
+        self.engine = self.kv or engine
+        self.kv_refused: int | None = None   # prompt length of the group the KV budget refused last
         self.batcher = GroupBatcher(self.engine, cfg.workload.group_size, cfg.cluster.batching == "static")
         import multiprocessing as mp
         self.parent = mp.parent_process()
@@ -250,13 +269,21 @@ class RolloutWorker:
         self.engine.weights_loaded(self.version)
         self.queue.put(Loaded(self.id, self.version, self.now(), seconds))
 
-    def admit(self, room: int) -> tuple[list[int], bool]:
-        """Admit up to `room` whole groups while the rules allow; one atomic decision. Returns the groups and whether
-        the rules stopped it (rather than the room)."""
-        gids: list[int] = []
+    def admit(self, room: int) -> tuple[list[tuple[int, Prompt]], bool]:
+        """Admit up to `room` whole groups while the KV budget and the rules allow; one atomic decision. Returns the
+        groups with their prompts, and whether the rules stopped it (rather than the room or the KV budget). As the
+        simulator's worker (sim/engine/worker.py `_admit_groups`), the budget is asked first, with the next group's
+        prompt: a refusal is remembered in `kv_refused`."""
+        groups: list[tuple[int, Prompt]] = []
         L = self.ledger
+        self.kv_refused = None
         with L.locked(self.check):
-            while len(gids) < room:
+            while len(groups) < room:
+                prompt = prompt_for(self.task, self.cfg.seed, L.next_id())
+                if self.kv is not None and not self.kv.fits(
+                        self.batcher.G, [*(len(p.ids) for _, p in groups), len(prompt.ids)]):
+                    self.kv_refused = len(prompt.ids)
+                    return groups, False
                 latest = self.channel.latest_version()
                 block = self.control.admission_block(
                     version=self.version, latest=latest, n_admitted=L.n_admitted.value, live=L.live(),
@@ -264,12 +291,17 @@ class RolloutWorker:
                     oldest=L.oldest(latest),
                     since_sync=L.since_sync.value)
                 if block is not None:
-                    return gids, True
+                    return groups, True
                 L.count(self.version, +1)
                 L.running.value += 1
                 L.since_sync.value += 1
-                gids.append(L.take_id())
-        return gids, False
+                groups.append((L.take_id(), prompt))   # the id next_id named: the lock is held
+        return groups, False
+
+    def kv_may_admit(self) -> bool:
+        """Whether the KV budget takes the group it refused last, if any. Its room only grows when sequences finish:
+        asking again before (at every decode step) would take the ledger's lock for nothing."""
+        return self.kv_refused is None or self.kv.fits(self.batcher.G, [self.kv_refused])
 
     def run(self) -> None:
         """Decode step after decode step while sequences are in flight, admitting groups into free slots between
@@ -295,14 +327,13 @@ class RolloutWorker:
                     ask_after = 0.0
                     continue
             room = batcher.room()
-            gids = []
-            if room and time.monotonic() >= ask_after:
-                gids, refused = self.admit(room)
+            groups = []
+            if room and time.monotonic() >= ask_after and self.kv_may_admit():
+                groups, refused = self.admit(room)
                 ask_after = time.monotonic() + WAKE_CHECK_S if refused else 0.0
-            if gids:
+            if groups:
                 t_admit = self.now()
-                for gid in gids:
-                    prompt = prompt_for(self.task, self.cfg.seed, gid)
+                for gid, prompt in groups:
                     self.queue.put(Admitted(gid, self.id, len(prompt.ids), t_admit, self.version))
                     batcher.admit(gid, prompt.ids, t_admit)
             if batcher.empty:
@@ -327,7 +358,8 @@ class RolloutWorker:
         if self.control.caps_running:
             self.ledger.wake_workers()  # a worker refused for the running cap may admit now
         self.queue.put(GroupDone(group.gid, self.id, group.t_start, group.t_end, [s.tokens for s in group.samples],
-                                 [s.logprobs for s in group.samples], [s.versions for s in group.samples]))
+                                 [s.logprobs for s in group.samples], [s.versions for s in group.samples],
+                                 [s.preemptions for s in group.samples]))
         self.ledger.groups_done[self.id] += 1
 
 

@@ -3,12 +3,14 @@
 Design:
 - KV cache: per layer K and V of [slots, kv_heads, max_len, head_dim] in the model's dtype, max_len =
   max_prompt_len + max_new_tokens (`max_prompt_len` is required; a longer prompt is refused). A sequence owns
-  one slot for its whole life and takes the lowest free one, so the active slots stay packed at the front.
+  one slot until it finishes or is evicted, and takes the lowest free one, so the active slots stay packed at the
+  front. An evicted sequence's slot is simply free again; resumed, it takes a free slot like an admission.
 - A step decodes first, then prefills: the decode forward runs over the first b slots, b the smallest bucket
   (powers of two below `slots`, and `slots`) that covers the highest slot active since an earlier step; the
-  prefill forward runs over the prompts admitted since the last step, right-padded into one batch (causal
-  attention among its own tokens, so no prompt sees padding), writing each prompt's K/V at positions 0..len-1 of
-  its slot. One `sample` call then draws a token for every active sequence.
+  prefill forward runs over the sequences admitted or resumed since the last step (a prompt, or a resumed
+  sequence's prompt and tokens), right-padded into one batch (causal attention among its own tokens, so no sequence
+  sees padding), writing each one's K/V at positions 0..len-1 of its slot. One `sample` call then draws a token
+  for every active sequence.
 - Slots in the decode bucket that hold no sequence (or one admitted this step) compute garbage: it writes K/V at
   the slot's position (0 for a free slot) and its logits are dropped. That is harmless because a sequence attends
   only to positions 0..pos, every one of which it wrote itself (prefill, or its own decode step) after any garbage
@@ -35,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from real.engine import Finished, Generation, Sampling, check_admission, sample
+from real.engine import Finished, Generation, Sampling, check_admission, check_resumption, sample
 
 FAMILIES = ("qwen2", "llama")
 SPAN_ROUND = 32  # eager decode attends to the longest context rounded up to this many positions
@@ -103,7 +105,7 @@ class FastEngine:
             self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)       # [L, d]
         self.seqs: list[Generation | None] = [None] * slots   # by slot
         self.ctx = [0] * slots                          # by slot: tokens in its cache (0 when free)
-        self.new: list[int] = []                        # slots admitted since the last step, not yet prefilled
+        self.new: list[int] = []                        # slots admitted or resumed since the last step, not prefilled
 
     def active(self) -> int:
         return sum(s is not None for s in self.seqs)
@@ -116,13 +118,33 @@ class FastEngine:
         # copy keeps: nothing to refresh.
         self.version = version
 
+    def _held(self) -> set[int]:
+        return {s.seq_id for s in self.seqs if s is not None}
+
     def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
-        check_admission(seq_ids, prompts, self.free_slots(), {s.seq_id for s in self.seqs if s is not None},
-                        self.max_prompt_len)
+        check_admission(seq_ids, prompts, self.free_slots(), self._held(), self.max_prompt_len)
+        self._take([Generation(sid, p) for sid, p in zip(seq_ids, prompts)])
+
+    def resume(self, generations: Sequence[Generation]) -> None:
+        check_resumption(generations, self.free_slots(), self._held(), self.sampling, self.max_prompt_len)
+        self._take(generations)
+
+    def _take(self, generations: Sequence[Generation]) -> None:
+        """Into the lowest free slots, prefilled at the next step."""
         free = [i for i, s in enumerate(self.seqs) if s is None]
-        for slot, sid, p in zip(free, seq_ids, prompts):
-            self.seqs[slot] = Generation(sid, p)
+        for slot, gen in zip(free, generations):
+            self.seqs[slot] = gen
             self.new.append(slot)
+
+    def evict(self, seq_id: int) -> Generation:
+        slot = next((i for i, s in enumerate(self.seqs) if s is not None and s.seq_id == seq_id), None)
+        if slot is None:
+            raise ValueError(f"evict: sequence {seq_id} is not in the engine")
+        if slot in self.new:   # admitted or resumed since the last step: nothing of it is cached yet
+            self.new.remove(slot)
+        # The slot's K/V stay as garbage: whoever takes the slot next writes each position before attending to it.
+        gen, self.seqs[slot], self.ctx[slot] = self.seqs[slot], None, 0
+        return gen
 
     def _h2d(self, values: list[int]) -> torch.Tensor:
         """A long tensor on the device, copied without blocking the host (pinned memory on CUDA)."""
@@ -205,8 +227,9 @@ class FastEngine:
         return logits
 
     def _prefill(self, slots: list[int]) -> torch.Tensor:
-        """Prefill the prompts of `slots` in one right-padded batch; the logits [n, V] at each one's last token."""
-        prompts = [self.seqs[s].prompt for s in slots]
+        """Prefill the contexts (prompt and tokens so far) of `slots` in one right-padded batch; the logits [n, V] at
+        each one's last token."""
+        prompts = [self.seqs[s].context() for s in slots]
         n, width = len(prompts), max(map(len, prompts))
         ids = self._h2d([t for p in prompts for t in (*p, *[0] * (width - len(p)))]).view(n, width)   # [n, W]
         dest = self._h2d(slots)                                                    # [n]
@@ -248,7 +271,7 @@ class FastEngine:
         finished = []
         for slot, t, lp in zip(order, toks, logps):
             seq = self.seqs[slot]
-            self.ctx[slot] = len(seq.prompt) if slot in fresh else self.ctx[slot] + 1
+            self.ctx[slot] = len(seq.prompt) + len(seq.tokens) if slot in fresh else self.ctx[slot] + 1
             if (done := seq.add(int(t), lp, self.version, self.sampling)) is not None:
                 finished.append(done)
                 self.seqs[slot], self.ctx[slot] = None, 0

@@ -1,9 +1,10 @@
 """The reference rollout engine: the transformers model's own forward with a `DynamicCache`.
 
 Sequences admitted together form a cohort: their prompts are left-padded and prefilled in one call, and the cohort
-keeps one cache, from which finished rows are dropped (so a decode step costs what its active sequences cost). A
-step runs one forward per cohort, so continuous batching works, but every admission adds a cohort and its launches:
-this engine is the readable yardstick that `fast.FastEngine` is tested against, not a fast one.
+keeps one cache, from which finished and evicted rows are dropped (so a decode step costs what its active sequences
+cost). Sequences resumed together form a cohort too, prefilling their prompts and tokens so far. A step runs one
+forward per cohort, so continuous batching works, but every admission adds a cohort and its launches: this engine
+is the readable yardstick that `fast.FastEngine` is tested against, not a fast one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Sequence
 import torch
 from transformers import DynamicCache
 
-from real.engine import Finished, Generation, Sampling, check_admission, sample
+from real.engine import Finished, Generation, Sampling, check_admission, check_resumption, sample
 
 
 def _cache_kw(model) -> str:
@@ -26,7 +27,7 @@ def _cache_kw(model) -> str:
 @dataclass
 class _Cohort:
     seq_ids: list[int]                    # [a] rows still in the cohort
-    prompts: list[Sequence[int]] | None   # until prefilled
+    prefill: list[list[int]] | None       # until prefilled: each row's context (prompt, tokens so far)
     cache: DynamicCache
     mask: torch.Tensor | None = None      # [a, width + tokens so far], 1 on real tokens
     last: torch.Tensor | None = None      # [a] each row's last sampled token (the next forward's input)
@@ -51,23 +52,50 @@ class ReferenceEngine:
 
     def admit(self, seq_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
         check_admission(seq_ids, prompts, self.free_slots(), set(self.records))
-        if not seq_ids:
+        self._take([Generation(sid, p) for sid, p in zip(seq_ids, prompts)])
+
+    def resume(self, generations: Sequence[Generation]) -> None:
+        check_resumption(generations, self.free_slots(), set(self.records), self.sampling)
+        self._take(generations)
+
+    def _take(self, generations: Sequence[Generation]) -> None:
+        """One new cohort, prefilled at the next step."""
+        if not generations:
             return
-        for sid, p in zip(seq_ids, prompts):
-            self.records[sid] = Generation(sid, p)
-        self.cohorts.append(_Cohort(list(seq_ids), list(prompts), DynamicCache(config=self.model.config)))
+        self.records.update((g.seq_id, g) for g in generations)
+        self.cohorts.append(_Cohort([g.seq_id for g in generations], [g.context() for g in generations],
+                                    DynamicCache(config=self.model.config)))
+
+    def evict(self, seq_id: int) -> Generation:
+        if seq_id not in self.records:
+            raise ValueError(f"evict: sequence {seq_id} is not in the engine")
+        c = next(c for c in self.cohorts if seq_id in c.seq_ids)
+        self._keep_rows(c, [row for row, sid in enumerate(c.seq_ids) if sid != seq_id])
+        if not c.seq_ids:
+            self.cohorts.remove(c)
+        return self.records.pop(seq_id)
+
+    def _keep_rows(self, c: _Cohort, keep: list[int]) -> None:
+        """Cohort c keeps only rows `keep` (indices in c.seq_ids): their contexts, or their cache, mask, last token."""
+        c.seq_ids = [c.seq_ids[r] for r in keep]
+        if c.prefill is not None:
+            c.prefill = [c.prefill[r] for r in keep]
+        elif keep:
+            rows = torch.as_tensor(keep, device=self.device)                      # [kept]
+            c.cache.batch_select_indices(rows)
+            c.mask, c.last = c.mask[rows], c.last[rows]
 
     @torch.inference_mode()
     def _logits(self, c: _Cohort) -> torch.Tensor:
         """The next token's logits [a, V] of every row of cohort c: its prefill, or one decode forward."""
-        if c.prompts is not None:
-            n, width = len(c.prompts), max(map(len, c.prompts))
+        if c.prefill is not None:
+            n, width = len(c.prefill), max(map(len, c.prefill))
             ids = torch.full((n, width), 0, dtype=torch.long)                    # [a, width], left-padded
             mask = torch.zeros((n, width), dtype=torch.long)                     # [a, width]
-            for row, p in enumerate(c.prompts):
+            for row, p in enumerate(c.prefill):
                 ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
                 mask[row, width - len(p):] = 1
-            ids, c.mask, c.prompts = ids.to(self.device), mask.to(self.device), None
+            ids, c.mask, c.prefill = ids.to(self.device), mask.to(self.device), None
             pos = (c.mask.cumsum(-1) - 1).clamp(min=0)                           # [a, width], RoPE positions
             return self.model(input_ids=ids, attention_mask=c.mask, position_ids=pos, use_cache=True,
                               logits_to_keep=1, **{self.kw: c.cache}).logits[:, -1]
@@ -90,10 +118,6 @@ class ReferenceEngine:
                 else:
                     keep.append(row)
             if len(keep) < len(c.seq_ids):
-                c.seq_ids = [c.seq_ids[r] for r in keep]
-                if keep:
-                    rows = torch.as_tensor(keep, device=self.device)
-                    c.cache.batch_select_indices(rows)
-                    c.mask, c.last = c.mask[rows], c.last[rows]
+                self._keep_rows(c, keep)
         self.cohorts = [c for c in self.cohorts if c.seq_ids]
         return finished
