@@ -5,8 +5,8 @@ two cells with one worker count share their sync runs' configs, as a sync pipeli
     python3 table.py                   the static-batching cells (w*-s*, policy-*) of the README's table
     python3 table.py 'continuous-*'    the continuous-batching cells, with the staleness distribution's W1 and the
                                        measured staleness values beside
-    python3 table.py 'kv-*'            the small-KV-budget cells (kv-w3-s4-400: 400 KV tokens a worker), with W1 and
-                                       the share of samples evicted from the KV cache
+    python3 table.py 'kv*'             the small-KV-budget cell (kv-w1-s4-160: 160 KV tokens a worker) and the same
+                                       cell without a budget (kvbase-w1-s4), with W1 and the share of samples evicted
 """
 import json
 import re
@@ -21,7 +21,7 @@ patterns = sys.argv[1:] or ["w*-s*", "policy-*"]
 distribution = bool(sys.argv[1:])
 if distribution:
     METRICS.insert(2, ("staleness/wasserstein1", "W1 (versions)"))
-if any(p.startswith("kv-") for p in patterns):
+if any(p.startswith("kv") for p in patterns):
     METRICS.insert(3, ("kv/preempted_share", "share evicted"))
 cells = [p for pattern in patterns for p in sorted(HERE.glob(f"{pattern}/report.json"))]
 reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
@@ -30,9 +30,9 @@ reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
 def cell(name: str) -> tuple[str, str]:
     """(workers, bound) of a cell: w1-s4 is stalecast's rule; policy-NAME is another system's, one worker;
     continuous-w3-s4 as w3-s4, batching continuously; kv-w3-s4-400 with a KV budget of 400 tokens a worker."""
-    if name.startswith("kv-"):
-        w, s, budget = re.fullmatch(r"kv-w(\d+)-s(\d+)-(\d+)", name).groups()
-        return w, f"{s}, KV {budget} tokens"
+    if name.startswith("kv"):  # kv-w1-s4-160: a KV budget of 160 tokens; kvbase-w1-s4: the same cell without one
+        w, s, budget = re.fullmatch(r"kv(?:base)?-w(\d+)-s(\d+)-?(\d*)", name).groups()
+        return w, f"{s}, KV {budget} tokens" if budget else f"{s}, no KV budget"
     name = name.removeprefix("continuous-")
     return ("1", name.removeprefix("policy-")) if name.startswith("policy-") else tuple(name[1:].split("-s"))
 
@@ -43,6 +43,9 @@ for name, data in reports.items():
     w, s = cell(name)
     out = []
     for key, _ in METRICS:
+        if key not in rows:  # a row the report has not (the evictions of a cell without a KV budget)
+            out.append("—")
+            continue
         r = rows[key]
         if r["predicted"] is None:  # a distance: one number, judged against its bound
             out.append(f"{r['error']:.3f}{'' if r['ok'] else ' ✗'}")
