@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import async_pipelines
 from sim.config import load_config, parse_config
-from sim.engine.kernel import span_time
+from sim.engine.kernel import span_time, span_time_area
 from sim.engine.policies import P_CAPACITY
 from sim.engine.routers import ROUTERS
 from sim.engine.pipeline import ENGINES, Simulation, settled_cost_model, simulate
@@ -46,7 +46,7 @@ def step_periods(trace) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- closed forms
-def test_span_time_matches_step_by_step_sum():
+def test_span_time_and_kv_area_match_step_by_step_sums():
     rng = np.random.default_rng(1)
     for _ in range(200):
         m = rng.integers(2, 6)
@@ -63,6 +63,10 @@ def test_span_time_matches_step_by_step_sum():
 
         brute = sum(h(n * k + ksum) for k in range(k1, k2))
         assert span_time(xs[None], ys[None], 0, n, ksum, k1, k2) == pytest.approx(brute, rel=1e-9, abs=1e-12)
+        # ... and the KV tokens each step holds (context n*k + ksum and one written token per sequence) x seconds
+        area = sum((n * k + ksum + n) * h(n * k + ksum) for k in range(k1, k2))
+        assert span_time_area(xs[None], ys[None], 0, n, ksum, k1, k2, True) == pytest.approx(
+            (brute, area), rel=1e-9, abs=1e-9)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -105,30 +105,11 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
 
 
 @njit(cache=True, _nrt=False)
-def span_time(xs, ys, row, n, ksum, k1, k2):
-    """Σ_{k=k1}^{k2-1} h(n*k + ksum) for h piecewise linear through (xs[row], ys[row]), extrapolated past the
-    ends."""
-    if k2 <= k1:
-        return 0.0
-    total = 0.0
-    m = xs.shape[1]
-    for j in range(m - 1):
-        x0, x1 = xs[row, j], xs[row, j + 1]
-        lo = k1 if j == 0 else max(k1, math.ceil((x0 - ksum) / n))
-        hi = k2 if j == m - 2 else min(k2, math.ceil((x1 - ksum) / n))
-        if hi <= lo:
-            continue
-        slope = (ys[row, j + 1] - ys[row, j]) / (x1 - x0)
-        cnt = hi - lo
-        total += cnt * (ys[row, j] + slope * (ksum - x0)) + slope * n * (lo + hi - 1) * cnt / 2.0
-    return total
-
-
-@njit(cache=True, _nrt=False)
-def span_time_area(xs, ys, row, n, ksum, k1, k2):
-    """(span_time, Σ_{k=k1}^{k2-1} (n*k + ksum + n) * h(n*k + ksum)): the steps' seconds, and the KV tokens each
-    step holds (its context and the token it writes) times its seconds, in one pass. Sums run over j = k - lo from
-    each segment's first step, so that nothing cancels at large k."""
+def span_time_area(xs, ys, row, n, ksum, k1, k2, with_area):
+    """(Σ_{k=k1}^{k2-1} h(n*k + ksum), Σ_{k=k1}^{k2-1} (n*k + ksum + n) * h(n*k + ksum)) for h piecewise linear
+    through (xs[row], ys[row]), extrapolated past the ends: the steps' seconds and, `with_area`, the KV tokens each
+    step holds (its context and the token it writes) times its seconds (else 0). The area's sums run over j = k - lo
+    from each segment's first step, so that nothing cancels at large k."""
     if k2 <= k1:
         return 0.0, 0.0
     total = area = 0.0
@@ -142,14 +123,21 @@ def span_time_area(xs, ys, row, n, ksum, k1, k2):
         slope = (ys[row, j + 1] - ys[row, j]) / (x1 - x0)
         cnt = hi - lo
         total += cnt * (ys[row, j] + slope * (ksum - x0)) + slope * n * (lo + hi - 1) * cnt / 2.0
-        a = ys[row, j] - slope * x0  # h(u) = a + slope*u
-        c = float(cnt)
-        u0 = float(n * lo + ksum)  # u = u0 + n*j over the segment's steps
-        j1, j2 = c * (c - 1.0) / 2.0, (c - 1.0) * c * (2.0 * c - 1.0) / 6.0
-        su = c * u0 + n * j1
-        su2 = c * u0 * u0 + 2.0 * u0 * n * j1 + n * n * j2
-        area += a * su + a * n * c + slope * su2 + slope * n * su
+        if with_area:
+            a = ys[row, j] - slope * x0  # h(u) = a + slope*u
+            c = float(cnt)
+            u0 = float(n * lo + ksum)  # u = u0 + n*j over the segment's steps
+            j1, j2 = c * (c - 1.0) / 2.0, (c - 1.0) * c * (2.0 * c - 1.0) / 6.0
+            su = c * u0 + n * j1
+            su2 = c * u0 * u0 + 2.0 * u0 * n * j1 + n * n * j2
+            area += a * su + a * n * c + slope * su2 + slope * n * su
     return total, area
+
+
+@njit(cache=True, _nrt=False)
+def span_time(xs, ys, row, n, ksum, k1, k2):
+    """The seconds of decode steps k1..k2-1 (span_time_area's first sum)."""
+    return span_time_area(xs, ys, row, n, ksum, k1, k2, False)[0]
 
 
 @njit(cache=True, _nrt=False)
@@ -286,7 +274,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
         if policy == KV_UNLIMITED or dry:
             t_new = t + span_time(xs, ys, n, n, ksum, k, target)
         else:
-            span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target)
+            span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target, True)
             t_new = t + span_s
         if t_new > until:
             sf[w, EVT_T] = t_new
@@ -438,7 +426,7 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
     if policy == KV_UNLIMITED:
         sf[w, T] = t + span_time(xs, ys, n, n, ksum, k, lo)
         return
-    span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, lo)
+    span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, lo, True)
     sf[w, T] = t + span_s
     sf[w, KV_AREA] += span_kv
     si[w, KV_PEAK] = max(si[w, KV_PEAK], n * lo + ksum)
