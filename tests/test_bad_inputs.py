@@ -557,6 +557,12 @@ TRAIN = [
     case("train-cuda-without-gpu", "train {cfg} --out {out}",
          ["real.device: 'cuda', but torch sees no CUDA device", "set real.device to 'auto' or 'cpu'"],
          config=TINY_TRAIN, change=setting("real.device", "cuda"), setup=_no_cuda),
+    case("train-kv-budget-below-a-group", "train {cfg} --out {out}",
+         ["hardware.memory.kv_budget_tokens: 10 tokens cannot hold one group at its longest"],
+         config=TINY_TRAIN, change=setting("hardware.memory.kv_budget_tokens", 10)),
+    case("train-kv-swap", "train {cfg} --out {out}",
+         ["hardware.memory.kv_policy: 'preempt_swap' cannot run for real"],
+         config=TINY_TRAIN, change=setting("hardware.memory.kv_policy", "preempt_swap")),
 ]
 
 # GPU memory (hardware.memory, sim/hardware/memory.py): its fields, and configurations that do not fit. Memory is

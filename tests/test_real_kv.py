@@ -251,6 +251,8 @@ def test_bad_input_and_no_budget():
 def test_what_the_real_workers_do_not_implement_is_refused():
     with pytest.raises(ConfigError, match="hardware.memory.kv_policy.*recompute"):
         check_engine(load_config(TINY, {"hardware.memory.kv_policy": "preempt_swap"}))
+    with pytest.raises(ConfigError, match="kv_budget_tokens: 100 tokens cannot hold one group at its longest"):
+        check_engine(load_config(TINY, {"hardware.memory.kv_budget_tokens": 100}))
     with pytest.raises(ConfigError, match="cluster.admission: 'per_sample' is simulated only"):
         check_engine(load_config(TINY, {"cluster.admission": "per_sample", "cluster.batching": "continuous"}))
 

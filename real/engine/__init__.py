@@ -150,14 +150,22 @@ def check_engine(cfg) -> None:
     """A ConfigError, before any process starts or any output is written, when `real.engine` cannot run
     `real.model` (the fast engine's forward is written for the Qwen2 and Llama families; the presets are Qwen2), or
     asks for what the real workers do not implement: admission by sample (`cluster.admission`), or eviction by
-    swapping to host memory (`hardware.memory.kv_policy`; they recompute)."""
+    swapping to host memory (`hardware.memory.kv_policy`; they recompute), or gives a KV budget below one group at
+    its longest."""
     from sim.config import ConfigError
     from sim.hardware.specs import MODELS
 
     if cfg.cluster.admission == "per_sample":
         raise ConfigError("cluster.admission: 'per_sample' is simulated only: stalecast train's workers admit whole "
                           "groups (per_group)")
-    if cfg.hardware.memory.kv_policy == "preempt_swap":
+    memory = cfg.hardware.memory
+    if memory.kv_budget_tokens is not None and memory.kv_policy in ("preempt_recompute", "admit_reserve"):
+        from sim.hardware.memory import kv_capacity
+        try:  # one group at its longest must fit, as `simulate` asks
+            kv_capacity(cfg)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if memory.kv_policy == "preempt_swap":
         raise ConfigError("hardware.memory.kv_policy: 'preempt_swap' cannot run for real: the real rollout engines "
                           "recompute an evicted sequence's KV cache rather than swap it to host memory; use "
                           "preempt_recompute (or admit_reserve, unlimited)")
