@@ -568,7 +568,8 @@ def _build_loop(digest: str):
                 ev[3][F_QUIET] = ev[3][F_NOW] + ev[3][F_TRAIN_S]
                 _schedule(st, ev, ev[3][F_QUIET], NORMAL, EV_LEARNER << 32)
         while True:
-            # One event schedules at most W interrupts and three more events, and admits at most c // g groups.
+            # One event schedules at most W interrupts and three more events, and admits at most c // g groups
+            # (per_sample: one more).
             if st[S_NGROUPS] > st[S_ROOM] or st[S_NEV] + pi[P_W] + 3 > ev[0].shape[0]:
                 return NEED_ROOM
             if st[S_NEV] == 0:
@@ -629,7 +630,8 @@ class _Run:
         self.wi = np.zeros((W, WI_LEN), np.int64)
         self.wi[:, W_FRESH_STEP] = -1
         self.wt = np.zeros(W)  # the event time a listening worker's pending commit runs to
-        self.fresh = np.zeros((W, c // sim.group_size), np.int64)
+        # groups admitted at one step boundary: whole ones, and per_sample one more whose samples partly wait
+        self.fresh = np.zeros((W, c // sim.group_size + 1), np.int64)
         self.held = np.zeros((W, c // sim.group_size), np.int64)  # static: a batch's completed groups
         self.unconsumed = np.zeros(cfg.run.steps + 2, np.int64)  # versions never pass the step count
         self.batch = np.zeros(sim.B, np.int64)
@@ -643,12 +645,13 @@ class _Run:
 
     def _make_room(self) -> None:
         """Room for the loop to go on: in the event queue, and prepared ledger entries (and buffer room) for
-        more groups than one worker wake admits (c // g), and the one after them (its prompt decides KV room)."""
+        more groups than one worker wake admits, and the one after them (its prompt decides KV room)."""
         sim, st = self.sim, self.st
         if st[S_NEV] + sim.cfg.cluster.rollout_workers + 3 > len(self.ev[0]):
             n = 2 * len(self.ev[0])
             self.ev = (*(_extend(a, n) for a in self.ev[:3]), self.ev[3])
-        wake = sim.cfg.cluster.max_concurrency // sim.group_size + 1  # and the next group, which routing reads
+        # groups one wake admits (c // g, and per_sample one more partly started) and the next, which routing reads
+        wake = sim.cfg.cluster.max_concurrency // sim.group_size + 2
         while sim.ready - wake <= st[S_NGROUPS]:
             sim.prepare_ledger()
         n = len(sim.g_worker)

@@ -89,7 +89,7 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
     si = np.zeros((w, SI_LEN), np.int64)
     sf = np.zeros((w, SF_LEN), np.float64)
     si[:, N_FREE] = c
-    si[:, N_GS_FREE] = c
+    si[:, N_GS_FREE] = c + 1  # groups in flight: one per held slot, and per_sample a last one whose samples wait
     si[:, PAUSE_STEP] = -1
     si[:, BSHIFT] = bshift
     si[:, NBUCKETS] = n_buckets
@@ -98,10 +98,10 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
     slot = np.zeros((w, SLOT_ROWS, c), np.int64)
     slot[:, FREE] = np.arange(c)
     slot[:, ORDER] = -1
-    gs = np.zeros((w, 4, c), np.int64)
-    gs[:, GS_FREE] = np.arange(c)
+    gs = np.zeros((w, 4, c + 1), np.int64)
+    gs[:, GS_FREE] = np.arange(c + 1)
     cal = np.full((w, 2, max(n_buckets, c)), -1, np.int64)
-    return si, sf, cal, slot, np.zeros((w, c), np.float64), gs, np.zeros((w, c), np.int64)
+    return si, sf, cal, slot, np.zeros((w, c), np.float64), gs, np.zeros((w, c + 1), np.int64)
 
 
 @njit(cache=True, _nrt=False)
@@ -199,6 +199,13 @@ def _free_kv(policy, budget, n, k, ksum, reserved):
 
 
 @njit(cache=True, _nrt=False)
+def _overflow_step(budget, n, k, ksum):
+    """The first step at or after k whose decode would outgrow the budget: the first k' with n*(k'+1) + ksum >
+    budget (an evicting worker stops there to evict)."""
+    return max(k, (budget - ksum) // n)
+
+
+@njit(cache=True, _nrt=False)
 def _seq_need(si, w, prompt_len):
     """KV tokens one more sequence needs to start: its prompt and first token, or (admit_reserve) its prompt and
     max_new_tokens."""
@@ -270,7 +277,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
         k_next = _next_end(si, cal, slot, w, k)
         target = pause if 0 <= pause < k_next else k_next
         if evicts and n > 1:  # the first step that would outgrow the budget (the last sequence always runs)
-            target = min(target, max(k, (budget - ksum) // n))
+            target = min(target, _overflow_step(budget, n, k, ksum))
         if policy == KV_UNLIMITED or dry:
             t_new = t + span_time(xs, ys, n, n, ksum, k, target)
         else:
@@ -323,7 +330,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             while evicts and n_wait > 0:
                 s = slot[w, WAITQ, n_wait - 1]
                 ctx = slot[w, CTX, s]
-                if n > 0 and n * k + ksum + n + ctx + 1 > budget:
+                if n > 0 and _free_kv(policy, budget, n, k, ksum, reserved) < ctx + 1:
                     break
                 if dry:
                     flags |= BATCH_EVENT
@@ -355,7 +362,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
                 n_pend -= 1
                 si[w, PEND_SID] += 1
         # The next step would outgrow the budget: evict the newest running sequences until it fits.
-        while evicts and n > 1 and n * k + ksum + n > budget:
+        while evicts and n > 1 and _free_kv(policy, budget, n, k, ksum, reserved) < 0:
             if dry:
                 flags |= BATCH_EVENT
                 break
@@ -409,7 +416,7 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
         limit = min(limit, si[w, PAUSE_STEP])
     policy = si[w, KV_POLICY]
     if (policy == KV_RECOMPUTE or policy == KV_SWAP) and n > 1:  # and short of an eviction (advance's to do)
-        limit = min(limit, max(k, (si[w, KV_BUDGET] - ksum) // n))
+        limit = min(limit, _overflow_step(si[w, KV_BUDGET], n, k, ksum))
     if limit <= k:
         return
     if t + span_time(xs, ys, n, n, ksum, k, limit) < now:
