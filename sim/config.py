@@ -107,6 +107,36 @@ LengthDist = Annotated[Union[ConstantLen, ExponentialLen, LognormalLen, Empirica
 
 
 # --------------------------------------------------------------------------- sections
+class Turns(_Section):
+    """Multi-turn (agentic) samples: a sample is `count` generation turns, each but the last followed by an
+    environment call (a tool, a code run, a user simulator) whose output joins the context (docs/design.md
+    "Multi-turn samples")."""
+    count: Int = Field(ge=1, description="Generation turns per sample. Each turn's length is drawn from "
+                                         "workload.response_len and capped at max_new_tokens (an engine's max_tokens "
+                                         "is per request, and each turn is one request).")
+    env_s: Float = Field(ge=0, description="Seconds an environment call takes (its median when env_s_p99 is given).")
+    env_s_p99: Float | None = Field(None, gt=0, description="99th percentile of an environment call's seconds: calls "
+                                                            "are then lognormal with median env_s; null: every call "
+                                                            "takes env_s.")
+    tool_tokens: LengthDist | None = Field(None, description="Tokens an environment call returns, appended to the "
+                                                             "context and prefilled when the sample resumes; null: "
+                                                             "none.")
+    kv: Literal["keep", "release"] = Field(
+        "keep", description="While the environment runs: keep, the sample keeps its KV cache (it counts against the "
+                            "KV budget, as a prefix cache that is not evicted) and prefills only the tool tokens on "
+                            "return; release, it frees its KV cache and re-prefills its whole context on return. "
+                            "Either way it keeps its slot: max_concurrency counts samples in flight, environment "
+                            "calls included, as AReaL's max_concurrent_rollouts does.")
+
+    @model_validator(mode="after")
+    def _spread(self):
+        if self.env_s_p99 is not None and self.env_s == 0:
+            raise ValueError("env_s_p99 makes calls lognormal with median env_s, which must then be above 0")
+        if self.env_s_p99 is not None and self.env_s_p99 <= self.env_s:
+            raise ValueError(f"env_s_p99 ({self.env_s_p99}) must exceed env_s ({self.env_s}), the median")
+        return self
+
+
 class Workload(_Section):
     batch_prompts: Int = Field(ge=1, description="Prompts (GRPO groups) the learner consumes per step.")
     group_size: Int = Field(ge=1, description="Samples generated per prompt (the GRPO group).")
@@ -122,6 +152,8 @@ class Workload(_Section):
                                                      "change as training goes on change in the simulation too; "
                                                      "false: resample uniformly.")
     max_new_tokens: Int = Field(ge=1, description="Cap on response length; longer draws are truncated to it.")
+    turns: Turns | None = Field(None, description="Multi-turn (agentic) samples: generation turns separated by "
+                                                  "environment calls; null: one turn.")
 
     @model_validator(mode="after")
     def _one_length_source(self):
@@ -137,7 +169,14 @@ class Workload(_Section):
             if bad is not None:
                 raise ValueError(f"each of groups is [prompt length, {self.group_size} response lengths] "
                                  f"(group_size {self.group_size}); found {len(bad)} numbers")
+            if self.turns is not None:
+                raise ValueError("turns draws each turn's length from response_len; give prompt_len and "
+                                 "response_len, not groups")
         return self
+
+    @property
+    def n_turns(self) -> int:
+        return 1 if self.turns is None else self.turns.count
 
 
 class Cluster(_Section):
@@ -627,6 +666,14 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _turns_reserve(self):
+        if self.workload.n_turns > 1 and self.hardware.memory.kv_policy == "admit_reserve":
+            raise ValueError("hardware.memory.kv_policy admit_reserve reserves prompt + max_new_tokens per sequence, "
+                             "which a multi-turn sample (workload.turns) outgrows: use preempt_recompute, "
+                             "preempt_swap or unlimited")
+        return self
+
+    @model_validator(mode="after")
     def _mini_batches_fit(self):
         if self.real.mini_batches > self.workload.batch_prompts:
             raise ValueError(f"real.mini_batches ({self.real.mini_batches}) must be at most workload.batch_prompts "
@@ -653,7 +700,7 @@ _DIST_KINDS: dict[str, type[BaseModel]] = {"constant": ConstantLen, "exponential
 def _is_tag(loc: tuple, i: int) -> bool:
     """A discriminator tag ("lognormal") that pydantic inserts after a length-distribution field; only there,
     so a real field of the same name (`hardware.constant`) stays in the path."""
-    return i > 0 and loc[i] in _DIST_KINDS and loc[i - 1] in ("prompt_len", "response_len")
+    return i > 0 and loc[i] in _DIST_KINDS and loc[i - 1] in ("prompt_len", "response_len", "tool_tokens")
 
 
 def _field_path(loc: tuple) -> str:
@@ -867,6 +914,8 @@ def _resolve_paths(cfg: RunConfig, path: Path, overridden: set[str] = frozenset(
     for dotted, value in (("hardware.profile", cfg.hardware.profile),
                           ("workload.prompt_len.trace", getattr(cfg.workload.prompt_len, "trace", None)),
                           ("workload.response_len.trace", getattr(cfg.workload.response_len, "trace", None)),
+                          ("workload.turns.tool_tokens.trace", getattr(getattr(cfg.workload.turns, "tool_tokens", None),
+                                                                      "trace", None)),
                           ("real.digits.trace", getattr(cfg.real.digits, "trace", None)),
                           ("stability.fit", cfg.stability.fit)):
         if value is None:
@@ -918,7 +967,7 @@ def config_help() -> str:
                 walk(section, indent + "  ")
 
     walk(RunConfig, "")
-    lines.append("length distributions (workload.prompt_len / response_len), by kind:")
+    lines.append("length distributions (workload.prompt_len / response_len / turns.tool_tokens), by kind:")
     for model in (ConstantLen, ExponentialLen, LognormalLen, EmpiricalLen):
         walk(model, "  ")
     return "\n".join(lines)

@@ -25,7 +25,9 @@ from sim.trace import SAMPLE_COLUMNS
 # per sample (sim/workload.py, GroupStream.block).
 WORKLOAD_BYTES_PER_GROUP, WORKLOAD_BYTES_PER_SAMPLE = 16, 8
 ENGINE_BYTES_PER_GROUP = 8          # the compiled loop's buffer queue: one int64 group id (sim/engine/fast.py)
-ENGINE_BYTES_PER_SLOT = 18 * 8      # a worker's kernel state per decode slot (sim/engine/kernel.py, new_state)
+ENGINE_BYTES_PER_SLOT = 22 * 8      # a worker's kernel state per decode slot (sim/engine/kernel.py, new_state)
+# A multi-turn workload's stream also caches, per sample and turn, a length, tool tokens (int64) and seconds.
+WORKLOAD_BYTES_PER_TURN = 24
 ENGINE_BYTES_PER_WORKER = 2 * 1024 * 8  # a worker's completion calendar (at most 1024 buckets of two int64)
 # A learner step: the loop's step arrays (56 B), the Simulation's list of step tuples (~330 B), the steps table.
 BYTES_PER_STEP = 512
@@ -105,12 +107,15 @@ class SimulationFootprint:
 def simulation_footprint(cfg: RunConfig, trace_columns: Iterable[str] = SAMPLE_COLUMNS) -> SimulationFootprint:
     """The memory a Simulation of cfg needs, with the trace holding `trace_columns` in memory (per-sample ledger
     columns are views: they cost nothing more)."""
-    from sim.engine.pipeline import LEDGER, PER_SAMPLE_COLUMNS
+    from sim.engine.pipeline import LEDGER, PER_SAMPLE_COLUMNS, TURN_LEDGER
 
     g, cl = cfg.workload.group_size, cfg.cluster
     groups = ledger_groups(cfg)
     ledger_group = sum(np.dtype(dtype).itemsize for _, dtype, per_sample, _ in LEDGER if not per_sample)
     ledger_sample = sum(np.dtype(dtype).itemsize for _, dtype, per_sample, _ in LEDGER if per_sample)
+    if cfg.workload.n_turns > 1:
+        ledger_sample += cfg.workload.n_turns * (sum(np.dtype(dtype).itemsize for _, dtype in TURN_LEDGER)
+                                                 + WORKLOAD_BYTES_PER_TURN)
     held = sum(np.dtype(SAMPLE_COLUMNS[c]).itemsize for c in set(trace_columns) if c not in PER_SAMPLE_COLUMNS)
     return SimulationFootprint(
         groups=groups, samples=groups * g,

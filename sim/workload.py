@@ -72,8 +72,18 @@ class LengthSampler:
         return np.minimum(x, self.cap) if self.cap is not None else x
 
 
+def draw_env_seconds(turns, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n environment-call durations of a multi-turn workload (config.Turns): env_s each, or lognormal with median
+    env_s and 99th percentile env_s_p99."""
+    if turns.env_s_p99 is None:
+        return np.full(n, turns.env_s)
+    return rng.lognormal(math.log(turns.env_s), math.log(turns.env_s_p99 / turns.env_s) / Z99, n)
+
+
 class GroupStream:
-    """Lengths of group n (its prompt and its group_size responses), drawn in blocks from two seeded streams."""
+    """Lengths of group n (its prompt and its group_size responses), drawn in blocks from two seeded streams.
+    A multi-turn workload (workload.turns) draws each turn's length from the response stream, and the environment
+    calls' tool tokens and seconds from two more."""
 
     BLOCK = 4096
 
@@ -85,10 +95,17 @@ class GroupStream:
         if self._groups is None:
             self._prompt = LengthSampler(wl.prompt_len)
             self._response = LengthSampler(wl.response_len, cap=wl.max_new_tokens)
-        prompt_seed, response_seed = seed_seq.spawn(2)
+        self.turns = wl.turns
+        self.n_turns = wl.n_turns
+        prompt_seed, response_seed, tool_seed, env_seed = seed_seq.spawn(4)  # children 0, 1 as with two streams
         self._prompt_rng = np.random.default_rng(prompt_seed)
         self._response_rng = np.random.default_rng(response_seed)
+        self._tool_rng = np.random.default_rng(tool_seed)
+        self._env_rng = np.random.default_rng(env_seed)
+        self._tool = None if self.turns is None or self.turns.tool_tokens is None else LengthSampler(
+            self.turns.tool_tokens)
         self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._turn_blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def _draw(self) -> tuple[np.ndarray, np.ndarray]:
         """The next block's prompt lengths [BLOCK] and response lengths [BLOCK, group_size]."""
@@ -100,16 +117,38 @@ class GroupStream:
                 rows = self._groups[self._prompt_rng.integers(0, len(self._groups), self.BLOCK)]
             return rows[:, 0], np.minimum(rows[:, 1:], self.cap)
         prompts = self._prompt.draw(self._prompt_rng, self.BLOCK)
-        responses = self._response.draw(self._response_rng, self.BLOCK * self.group_size)
-        return prompts, responses.reshape(self.BLOCK, self.group_size)
+        n, T = self.BLOCK * self.group_size, self.n_turns
+        responses = self._response.draw(self._response_rng, n * T)
+        if T == 1:
+            return prompts, responses.reshape(self.BLOCK, self.group_size)
+        # Turn j of every sample, and the environment call after it (none after the last turn).
+        turn_len = responses.reshape(n, T)
+        tool = np.zeros((n, T), np.int64)
+        env = np.zeros((n, T))
+        if self._tool is not None:
+            tool[:, :-1] = self._tool.draw(self._tool_rng, n * (T - 1)).reshape(n, T - 1)
+        env[:, :-1] = draw_env_seconds(self.turns, self._env_rng, n * (T - 1)).reshape(n, T - 1)
+        self._turn_blocks.append((turn_len.ravel(), tool.ravel(), env.ravel()))
+        return prompts, turn_len.sum(axis=1).reshape(self.BLOCK, self.group_size)
 
     def block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Groups b*BLOCK .. (b+1)*BLOCK-1: their prompt lengths, response lengths (BLOCK x group_size) and
-        total tokens (prompt counted once per sample)."""
+        """Groups b*BLOCK .. (b+1)*BLOCK-1: their prompt lengths, response lengths (BLOCK x group_size; a
+        multi-turn sample's over all its turns) and total tokens (prompt counted once per sample, tool tokens
+        included: the learner trains over the whole context)."""
         while b >= len(self._blocks):
             prompts, responses = self._draw()
-            self._blocks.append((prompts, responses, self.group_size * prompts + responses.sum(axis=1)))
+            tokens = self.group_size * prompts + responses.sum(axis=1)
+            if self.n_turns > 1:
+                tokens = tokens + self._turn_blocks[-1][1].reshape(self.BLOCK, -1).sum(axis=1)
+            self._blocks.append((prompts, responses, tokens))
         return self._blocks[b]
+
+    def turn_block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A multi-turn workload's block b, per sample and turn (flat, sample-major: entry sid*turns + j): each
+        turn's length, the tool tokens of the environment call after it, and that call's seconds (0 after the
+        last turn)."""
+        self.block(b)
+        return self._turn_blocks[b]
 
     def group(self, n: int) -> tuple[int, np.ndarray, int]:
         """Group n's prompt length, response lengths and total tokens (prompt counted once per sample)."""
@@ -151,7 +190,9 @@ def _long(dist: LengthDist, values: np.ndarray | None) -> int:
 
 def workload_lengths(wl) -> "Lengths":
     """The lengths GPU memory depends on (sim.hardware.memory.Lengths): mean and long prompt, mean response after
-    the cap. Reads an empirical trace's column when the workload resamples one."""
+    the cap. Reads an empirical trace's column when the workload resamples one. A multi-turn sample's "response" is
+    its context beyond the prompt: its turns and tool outputs (the longest: every turn at the cap, every tool output
+    at its 99th percentile)."""
     from sim.hardware.memory import Lengths
 
     cap = wl.max_new_tokens
@@ -165,4 +206,10 @@ def workload_lengths(wl) -> "Lengths":
         values = _empirical_values(dist) if isinstance(dist, EmpiricalLen) else None
         stats.append((_capped_mean(dist, dist_cap, values), _long(dist, values)))
     (prompt_mean, prompt_long), (response_mean, _) = stats
-    return Lengths(prompt_mean, prompt_long, response_mean, cap, wl.group_size, wl.batch_prompts)
+    turns, T = wl.turns, wl.n_turns
+    if T > 1:  # a sample's context beyond its prompt: every turn and every tool output (at most each turn's cap)
+        tool = turns.tool_tokens
+        values = _empirical_values(tool) if isinstance(tool, EmpiricalLen) else None
+        tool_mean, tool_long = (0.0, 0) if tool is None else (_capped_mean(tool, None, values), _long(tool, values))
+        response_mean, cap = T * response_mean + (T - 1) * tool_mean, T * cap + (T - 1) * tool_long
+    return Lengths(prompt_mean, prompt_long, response_mean, cap, wl.group_size, wl.batch_prompts, T)

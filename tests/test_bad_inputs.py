@@ -115,6 +115,19 @@ def numeric_fields(model=RunConfig, prefix=""):
 
 
 NUMERIC = list(numeric_fields())
+# Optional sections with required fields: a case sets the section valid first, then the field it tests.
+VALID_SECTIONS = {"workload.turns": {"count": 2, "env_s": 1.0}}
+
+
+def valid_setting(path: str, value) -> Callable:
+    section = next((s for s in VALID_SECTIONS if path.startswith(s + ".")), None)
+    if section is None:
+        return setting(path, value)
+
+    def change(d):
+        put(d, section, dict(VALID_SECTIONS[section]))
+        put(d, path, value)
+    return change
 
 
 def _generated():
@@ -122,19 +135,19 @@ def _generated():
         for m in meta:
             if isinstance(m, Ge):
                 low = m.ge - 1 if kind is int else m.ge - 0.5
-                yield sim(setting(path, low), [path, f"greater than or equal to {m.ge}", f"got {low}"],
+                yield sim(valid_setting(path, low), [path, f"greater than or equal to {m.ge}", f"got {low}"],
                           id_=f"{path}-below-{m.ge}")
             elif isinstance(m, Gt):
-                yield sim(setting(path, m.gt), [path, f"greater than {m.gt}"], id_=f"{path}-not-above-{m.gt}")
+                yield sim(valid_setting(path, m.gt), [path, f"greater than {m.gt}"], id_=f"{path}-not-above-{m.gt}")
             elif isinstance(m, Le):
-                yield sim(setting(path, m.le + 0.5), [path, f"less than or equal to {m.le}"],
+                yield sim(valid_setting(path, m.le + 0.5), [path, f"less than or equal to {m.le}"],
                           id_=f"{path}-above-{m.le}")
-        yield sim(setting(path, True), [path, "expected a number, not a boolean", "got true"], id_=f"{path}-bool")
+        yield sim(valid_setting(path, True), [path, "expected a number, not a boolean", "got true"], id_=f"{path}-bool")
         if kind is float:
             for value, name in ((float("inf"), "inf"), (float("-inf"), "-inf"), (float("nan"), "nan")):
-                yield sim(setting(path, value), [path, "finite number"], id_=f"{path}-{name}")
+                yield sim(valid_setting(path, value), [path, "finite number"], id_=f"{path}-{name}")
         else:
-            yield sim(setting(path, 2.5), [path, "valid integer", "fractional part"], id_=f"{path}-fraction")
+            yield sim(valid_setting(path, 2.5), [path, "valid integer", "fractional part"], id_=f"{path}-fraction")
 
 
 def test_every_numeric_field_has_cases():
@@ -563,6 +576,9 @@ TRAIN = [
     case("train-kv-swap", "train {cfg} --out {out}",
          ["hardware.memory.kv_policy: 'preempt_swap' cannot run for real"],
          config=TINY_TRAIN, change=setting("hardware.memory.kv_policy", "preempt_swap")),
+    case("train-multi-turn", "train {cfg} --out {out}",
+         ["workload.turns: multi-turn samples are simulated only"],
+         config=TINY_TRAIN, change=setting("workload.turns", {"count": 2, "env_s": 1.0})),
 ]
 
 # GPU memory (hardware.memory, sim/hardware/memory.py): its fields, and configurations that do not fit. Memory is

@@ -374,7 +374,7 @@ def larger_configs(draw):
     """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
     times), every staleness control, router, batching and admission mode, weight-sync phases, buffer order and capacity,
     co-location (a learner whose speed follows the workers'), responses short and long against max_new_tokens (one
-    or many decode steps per calendar bucket)."""
+    or many decode steps per calendar bucket), KV budgets, multi-turn samples."""
     mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async", "async"]))
     group = draw(st.integers(1, 4))
     batch = draw(st.integers(1, 8))
@@ -408,9 +408,17 @@ def larger_configs(draw):
                     "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
         "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},
     }
+    if draw(st.integers(0, 3)) == 0:  # multi-turn samples: environment calls, kept or released caches
+        env = draw(st.sampled_from([0.0, 0.01, 0.3]))
+        raw["workload"]["turns"] = {"count": draw(st.integers(2, 4)), "env_s": env,
+                                    "env_s_p99": draw(st.sampled_from([None, 1.0])) if env else None,
+                                    "kv": draw(st.sampled_from(["keep", "release"])),
+                                    "tool_tokens": draw(st.sampled_from([None, {"kind": "constant", "value": 7},
+                                                                         {"kind": "exponential", "mean": 30}]))}
     # A KV budget from one group at its longest (the least a budget may be) to a few: admission waits for room,
     # sequences are evicted and resume.
-    policy = draw(st.sampled_from([None, "preempt_recompute", "preempt_swap", "admit_reserve"]))
+    policy = draw(st.sampled_from([None, "preempt_recompute", "preempt_swap"] + (
+        [] if "turns" in raw["workload"] else ["admit_reserve"])))
     if policy is not None:
         need = group * workload_lengths(parse_config(raw).workload).seq_long
         hardware["memory"] = {"kv_policy": policy, "swap_gbps": 1e-5,

@@ -31,7 +31,7 @@ def test_estimate_by_hand(config_data):
     engine_group = 8
     all_columns = 8 + 8 + 4 + 4 + 8 + 8 + 8 + 4 + 4 + 4 + 1 + 4  # every sample column but the ledger's views
     metrics_sample = 16
-    slots = 2 * (4 * 18 * 8 + 2 * 1024 * 8)  # 12 slot rows, its version sum, 4 group rows, a done entry
+    slots = 2 * (4 * 22 * 8 + 2 * 1024 * 8)  # 15 slot rows, its 2 float rows, 4 group rows, a done entry
     expected = (groups * (ledger_group + workload_group + engine_group)
                 + groups * 2 * (ledger_sample + workload_sample + all_columns + metrics_sample) + 3 * 512 + slots)
     assert resources.simulation_footprint(cfg).total == expected
@@ -40,6 +40,10 @@ def test_estimate_by_hand(config_data):
     assert resources.simulation_footprint(cfg, views).total == expected - groups * 2 * all_columns
     assert (resources.simulation_footprint(cfg, ("group_id", "dropped")).total
             == expected - groups * 2 * (all_columns - 8 - 1))
+    # Multi-turn: per sample and turn, the ledger's length, tool tokens (int32) and seconds, and the stream's copies
+    # (int64, int64, float64).
+    turns = parse_config({**config_data, "workload": {**config_data["workload"], "turns": {"count": 3, "env_s": 1.0}}})
+    assert resources.simulation_footprint(turns).total == expected + groups * 2 * 3 * (4 + 4 + 8 + 24)
     # The estimate counts the groups the Simulation makes room for (it rounds up to whole workload blocks).
     sim = Simulation(cfg)
     block = sim.stream.BLOCK

@@ -149,12 +149,16 @@ def check_resumption(generations: Sequence[Generation], free: int, held: set[int
 def check_engine(cfg) -> None:
     """A ConfigError, before any process starts or any output is written, when `real.engine` cannot run
     `real.model` (the fast engine's forward is written for the Qwen2 and Llama families; the presets are Qwen2), or
-    asks for what the real workers do not implement: admission by sample (`cluster.admission`), or eviction by
+    asks for what the real workers do not implement: multi-turn samples (`workload.turns`), admission by sample
+    (`cluster.admission`), or eviction by
     swapping to host memory (`hardware.memory.kv_policy`; they recompute), or gives a KV budget below one group at
     its longest."""
     from sim.config import ConfigError
     from sim.hardware.specs import MODELS
 
+    if cfg.workload.turns is not None:
+        raise ConfigError("workload.turns: multi-turn samples are simulated only: stalecast train's task is one turn "
+                          "(no environment to call)")
     if cfg.cluster.admission == "per_sample":
         raise ConfigError("cluster.admission: 'per_sample' is simulated only: stalecast train's workers admit whole "
                           "groups (per_group)")

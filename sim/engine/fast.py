@@ -36,9 +36,10 @@ oldest_unconsumed = njit(R.oldest_unconsumed)
 
 # The ledger arrays the loop writes, in this order (Simulation attributes).
 LEDGER = ("g_worker", "g_prompt", "g_t_admit", "g_t_start", "g_t_consumed", "g_v_start", "g_v_consumed", "g_step",
-          "g_dropped", "g_tokens", "response_len", "t_end", "v_end", "v_mean", "g_prefill", "n_preempt")
+          "g_dropped", "g_tokens", "response_len", "t_end", "v_end", "v_mean", "g_prefill", "n_preempt", "turn_len",
+          "turn_tool", "turn_env")
 (WORKER, PROMPT, T_ADMIT, T_START, T_CONSUMED, V_START, V_CONSUMED, STEP, DROPPED, TOKENS, RESPONSE_LEN, T_END,
- V_END, V_MEAN, PREFILL, PREEMPTS) = range(len(LEDGER))
+ V_END, V_MEAN, PREFILL, PREEMPTS, TURN_LEN, TURN_TOOL, TURN_ENV) = range(len(LEDGER))
 # Events: what = kind << 32 | actor (worker id; the learner is actor W at its start)
 URGENT, NORMAL = 0, 1
 EV_START, EV_WAKE, EV_INTERRUPT, EV_LEARNER, EV_END, EV_TRAIN = range(6)
@@ -233,11 +234,18 @@ def _set_generating(st, ev, wi, w, on):
 
 
 @njit
+def _advance(ws, ledger, pre, xs, ys, w, until, want_free, dry):
+    """kernel.advance of worker w over the ledger's workload and results."""
+    return K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[TURN_LEN], ledger[TURN_TOOL], ledger[TURN_ENV],
+                     ledger[T_END], ledger[V_END], ledger[V_MEAN], ledger[PREEMPTS], pre, until, want_free, dry)
+
+
+@njit
 def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
     """Worker._completed: the groups the kernel just completed go to the buffer (static: once their whole batch
     has ended, in the order they completed)."""
     done = ws[6]
-    if ws[0][w, K.N_ACTIVE] == 0:
+    if K.in_flight(ws[0], w) == 0:
         _set_generating(st, ev, wi, w, 0)
     if not pi[P_STATIC]:
         for i in range(ws[0][w, K.N_DONE]):
@@ -246,7 +254,7 @@ def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
     for i in range(ws[0][w, K.N_DONE]):
         held[w, wi[w, W_N_HELD]] = done[w, i]
         wi[w, W_N_HELD] += 1
-    if ws[0][w, K.N_ACTIVE] > 0:
+    if K.in_flight(ws[0], w) > 0:
         return
     for i in range(wi[w, W_N_HELD]):
         _group_done(pi, pp, st, ev, q, ledger, unconsumed, held[w, i])
@@ -257,8 +265,7 @@ def _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w):
 def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, until, want_free):
     """Worker._commit: advance for real up to `until`, handing every completed group to the buffer."""
     while True:
-        flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
-                          ledger[PREEMPTS], pre, until, want_free, False)
+        flags = _advance(ws, ledger, pre, xs, ys, w, until, want_free, False)
         if flags & K.GROUPS_DONE:
             _completed(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, w)
         if flags == 0 or flags & K.SLOTS_FREE:
@@ -277,7 +284,7 @@ def _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, asking_may):
         else:
             coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
             eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and K.can_admit(si, v, pi[P_G], prompt) and not (
-                pi[P_STATIC] and si[v, K.N_ACTIVE] > 0) and R.admission(
+                pi[P_STATIC] and K.in_flight(si, v) > 0) and R.admission(
                 pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
                 st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
     return RT.choose(pi[P_ROUTER], free, eligible, st[S_ROUTED])
@@ -302,7 +309,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
     g = pi[P_G]
     now = ev[3][F_NOW]
     static = pi[P_STATIC] != 0
-    if static and si[w, K.N_ACTIVE] > 0:
+    if static and K.in_flight(si, w) > 0:
         return R_SLOTS  # the running batch goes on to its end
     batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
     while True:
@@ -338,7 +345,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
             prefill = K.prefill_time(pre[0], pre[1], pre[2], batch_tokens) - (
                 K.prefill_time(pre[0], pre[1], pre[2], before) if before else 0.0)
         t_start = K.admit(ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], w, gid, g, ledger[RESPONSE_LEN],
-                          prompt, now, prefill)
+                          ledger[TURN_LEN], prompt, now, prefill)
         v = si[w, K.VER]  # Simulation.group_admitted
         ledger[WORKER][gid], ledger[T_ADMIT][gid], ledger[T_START][gid], ledger[V_START][gid] = w, now, t_start, v
         unconsumed[v] += 1
@@ -392,7 +399,7 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
             wi[w, W_LISTENING] = 0
             _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w, wt[w], wi[w, W_WANT])
     while True:
-        if si[w, K.N_ACTIVE] == 0:
+        if K.in_flight(si, w) == 0:
             target = R.load_target(pp, si[w, K.VER], st[S_LATEST], st[S_NGROUPS])
             if target >= 0:
                 K.load_now(si, sf, w, target, load_s, now)
@@ -402,23 +409,22 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
         want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_ADMIT_SLOTS]
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
         batch_moves = (si[w, K.KV_POLICY] == K.KV_RECOMPUTE or si[w, K.KV_POLICY] == K.KV_SWAP
-                       or si[w, K.PER_SAMPLE] != 0)
+                       or si[w, K.PER_SAMPLE] != 0 or si[w, K.TURNS] > 1)
         if listen and not pi[P_INTERRUPTIBLE] and pi[P_W] == 1 and ev[3][F_QUIET] > now and not batch_moves:
             # Blocked, Worker.run peeks at its next event and listens for the learner; but the learner pokes no
             # one while it trains, and pokes every listener when it is done (and a worker alone has no peer to
             # route a group to it). Decoding for real up to then changes nothing anyone sees before the event or
             # the poke, whose commit would decode the same steps: if the event comes first, the worker waits for
             # it as a non-listening one would (no poke can come first); else it peeks at the event from there.
-            # (Not where the batch changes between events, by evictions or by a group's waiting samples starting: a
-            # peek stops there, and the worker wakes and asks again, which a gate counts as one more refusal.)
-            flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
-                              ledger[PREEMPTS], pre, np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
+            # (Not where the batch changes between events, by evictions, a group's waiting samples starting or
+            # environment calls: a peek stops there, and the worker wakes and asks again, which a gate counts as one
+            # more refusal.)
+            flags = _advance(ws, ledger, pre, xs, ys, w, np.nextafter(ev[3][F_QUIET], -np.inf), want_free, False)
             if flags:
                 wi[w, W_PC] = P_DONE if flags & K.GROUPS_DONE else P_FREE
                 wi[w, W_TARGET] = _until(st, ev, w, sf[w, K.EVT_T])
                 return
-        flags = K.advance(*ws, w, xs, ys, ledger[RESPONSE_LEN], ledger[T_END], ledger[V_END], ledger[V_MEAN],
-                          ledger[PREEMPTS], pre, np.inf, want_free, listen)
+        flags = _advance(ws, ledger, pre, xs, ys, w, np.inf, want_free, listen)
         t_event = sf[w, K.EVT_T]
         if not listen:
             if flags & K.GROUPS_DONE:

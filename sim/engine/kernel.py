@@ -29,6 +29,12 @@ and room last, and the rest wait, ahead of any new group but behind evicted sequ
 step boundaries where completions free slots. The group's prompt is prefilled once, at admission (later samples
 reuse it, as a prefix cache does).
 
+Multi-turn samples (`workload.turns`, docs/design.md "Multi-turn samples"): a turn that ends leaves the batch at its
+step boundary but keeps its slot, its version sum set aside as an evicted sequence's is, and waits in a heap of
+environment calls ordered by return time (its cache kept, counted in HELD, or released). It joins the batch at the
+first step boundary at or after its return (found like catch_up's boundary), charged the prefill of its tool output
+(kept cache) or of its whole context, and decodes its next turn. Kept caches give way before any eviction.
+
 State lives in small arrays, every worker's stacked in one block (worker w at index w), so the functions
 compile with numba (`cache=True`) and run without it, and take (arrays, w) rather than per-worker views.
 They are compiled without numba's reference counting (`_nrt=False`: they never allocate), which the
@@ -53,10 +59,12 @@ except ImportError:  # pragma: no cover
 # Integer scalars (si)
 # PER_SAMPLE (cluster.admission per_sample): a group is admitted with one free slot; its samples that find no slot
 # (or no KV room) wait, N_PEND of them from sample id PEND_SID on, of group slot PEND_GS, and start as room frees.
+# Multi-turn (workload.turns): TURNS per sample; N_TOOL samples in environment calls (a heap, TOOLQ[:N_TOOL]); HELD
+# KV tokens their kept caches hold; TOOL_RELEASE: they free their cache instead.
 (K_STEP, N_ACTIVE, KSUM, VER, VBASE_STEP, N_FREE, N_GS_FREE, PAUSE_STEP, PAUSE_VER, N_DONE, BSHIFT, NBUCKETS,
  KV_BUDGET, KV_POLICY, MAX_NEW, RESERVED, N_WAIT, ADMIT_SEQ, N_PREEMPT, KV_PEAK, WANT_ROOM, PER_SAMPLE, N_PEND,
- PEND_SID, PEND_GS, PEND_PROMPT) = range(26)
-SI_LEN = 26
+ PEND_SID, PEND_GS, PEND_PROMPT, TURNS, TOOL_RELEASE, N_TOOL, HELD) = range(30)
+SI_LEN = 30
 # Float scalars (sf): KV_AREA is the integral of KV tokens in use over decode time (token-seconds)
 T, VBASE, PAUSE_S, EVT_T, SWAP_S, KV_AREA = range(6)
 SF_LEN = 6
@@ -66,9 +74,14 @@ KV_UNLIMITED, KV_RECOMPUTE, KV_SWAP, KV_RESERVE = range(4)
 # per-group-slot table (gs; a dry run counts down LEFT_DRY) and of the calendar (cal: bucket heads, and
 # room for the slots that end at one step). KV: ORDER stamps a running sequence's (re)admission (-1: not running),
 # RES its reservation (admit_reserve); an evicted one keeps its context CTX and tokens still to come REMAIN, and
-# WAITQ stacks the evicted slots (the last evicted on top).
-SID, LEN, KOFF, GS, FREE, END, NXT, ORDER, RES, CTX, REMAIN, WAITQ = range(12)
-SLOT_ROWS = 12
+# WAITQ stacks the evicted slots (the last evicted on top). Multi-turn: TURN is the turn a sample is in (or returns to
+# from its environment call, with its context CTX, its cache held while KEPT), TOOLQ is a heap of the slots in calls
+# (the first to return at its root).
+SID, LEN, KOFF, GS, FREE, END, NXT, ORDER, RES, CTX, REMAIN, WAITQ, TURN, TOOLQ, KEPT = range(15)
+SLOT_ROWS = 15
+# Rows of the per-slot float table (slot_f): the version sum its tokens started from (while out of the batch, the
+# sum of its tokens' versions so far), and when its environment call returns
+VSTART, T_RET = range(2)
 LEFT, GID, GS_FREE, LEFT_DRY = range(4)
 HEADS, DUE = range(2)
 NO_STEP = 1 << 62
@@ -77,10 +90,11 @@ GROUPS_DONE, SLOTS_FREE, BATCH_EVENT = 1, 2, 4
 
 
 def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int = 0, kv_policy: int = KV_UNLIMITED,
-              swap_s: float = 0.0, per_sample: bool = False):
-    """Fresh state of n workers whose samples have at most max_len tokens: (si, sf, cal, slot, slot_vstart,
-    gs, done), worker w's at index w of each. kv_budget: KV tokens a worker holds (with kv_policy; swap_s: seconds
-    to copy one token's KV between device and host). per_sample: admission by sample rather than by group."""
+              swap_s: float = 0.0, per_sample: bool = False, turns: int = 1, tool_release: bool = False):
+    """Fresh state of n workers whose samples (each turn of a sample) have at most max_len tokens: (si, sf, cal,
+    slot, slot_f, gs, done), worker w's at index w of each. kv_budget: KV tokens a worker holds (with kv_policy;
+    swap_s: seconds to copy one token's KV between device and host). per_sample: admission by sample rather than
+    by group. turns: generation turns per sample; tool_release: a sample in an environment call frees its cache."""
     w, c = n_workers, max_concurrency
     n_buckets = 1 << min(10, max_len.bit_length())
     bshift = 0  # the calendar spans max_len + one bucket, so the window never wraps onto its first bucket
@@ -94,6 +108,7 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
     si[:, BSHIFT] = bshift
     si[:, NBUCKETS] = n_buckets
     si[:, KV_BUDGET], si[:, KV_POLICY], si[:, MAX_NEW], si[:, PER_SAMPLE] = kv_budget, kv_policy, max_len, per_sample
+    si[:, TURNS], si[:, TOOL_RELEASE] = turns, tool_release
     sf[:, SWAP_S] = swap_s
     slot = np.zeros((w, SLOT_ROWS, c), np.int64)
     slot[:, FREE] = np.arange(c)
@@ -101,7 +116,7 @@ def new_state(n_workers: int, max_concurrency: int, max_len: int, kv_budget: int
     gs = np.zeros((w, 4, c + 1), np.int64)
     gs[:, GS_FREE] = np.arange(c + 1)
     cal = np.full((w, 2, max(n_buckets, c)), -1, np.int64)
-    return si, sf, cal, slot, np.zeros((w, c), np.float64), gs, np.zeros((w, c + 1), np.int64)
+    return si, sf, cal, slot, np.zeros((w, 2, c), np.float64), gs, np.zeros((w, c + 1), np.int64)
 
 
 @njit(cache=True, _nrt=False)
@@ -144,6 +159,49 @@ def span_time(xs, ys, row, n, ksum, k1, k2):
 def _version_sum(vbase, ver, vbase_step, step):
     """Σ of token versions over decode steps before `step` (VBASE up to VBASE_STEP, then VER per step)."""
     return vbase + ver * (step - vbase_step)
+
+
+@njit(cache=True, _nrt=False)
+def in_flight(si, w):
+    """Worker w's samples not yet complete: decoding, evicted, waiting for a slot, or in an environment call."""
+    return si[w, N_ACTIVE] + si[w, N_WAIT] + si[w, N_PEND] + si[w, N_TOOL]
+
+
+@njit(cache=True, _nrt=False)
+def _returns_before(slot_f, w, a, b):
+    """Whether slot a's environment call returns before slot b's (ties: the lower slot first)."""
+    ra, rb = slot_f[w, T_RET, a], slot_f[w, T_RET, b]
+    return ra < rb or (ra == rb and a < b)
+
+
+@njit(cache=True, _nrt=False)
+def _push_call(slot, slot_f, w, n_tool, s):
+    """Put slot s into worker w's heap of environment calls (TOOLQ[:n_tool], the first to return at the root)."""
+    i = n_tool
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _returns_before(slot_f, w, s, slot[w, TOOLQ, parent]):
+            break
+        slot[w, TOOLQ, i] = slot[w, TOOLQ, parent]
+        i = parent
+    slot[w, TOOLQ, i] = s
+
+
+@njit(cache=True, _nrt=False)
+def _pop_call(slot, slot_f, w, n_tool):
+    """Take the first call to return off the heap of n_tool calls; returns its slot."""
+    first, n = slot[w, TOOLQ, 0], n_tool - 1
+    last, i = slot[w, TOOLQ, n], 0
+    while 2 * i + 1 < n:
+        child = 2 * i + 1
+        if child + 1 < n and _returns_before(slot_f, w, slot[w, TOOLQ, child + 1], slot[w, TOOLQ, child]):
+            child += 1
+        if not _returns_before(slot_f, w, slot[w, TOOLQ, child], last):
+            break
+        slot[w, TOOLQ, i] = slot[w, TOOLQ, child]
+        i = child
+    slot[w, TOOLQ, i] = last
+    return first
 
 
 @njit(cache=True, _nrt=False)
@@ -224,25 +282,34 @@ def kv_need(si, w, group_size, prompt_len):
 @njit(cache=True, _nrt=False)
 def can_admit(si, w, group_size, prompt_len):
     """Whether worker w may admit a group of prompt_len-token prompts now: no evicted or waiting sample goes first,
-    and the slots and KV room are free for the whole group, or (per_sample) for one sequence. An empty worker takes
-    any group (the config check refuses a KV budget below one group at its longest)."""
+    and the slots and KV room (beside the caches kept through environment calls) are free for the whole group, or
+    (per_sample) for one sequence. A worker decoding nothing takes any group (the config check refuses a KV budget
+    below one group at its longest; kept caches give way)."""
     if si[w, N_WAIT] > 0 or si[w, N_PEND] > 0 or si[w, N_FREE] < (1 if si[w, PER_SAMPLE] else group_size):
         return False
     n = si[w, N_ACTIVE]
     return si[w, KV_POLICY] == KV_UNLIMITED or n == 0 or _free_kv(
-        si[w, KV_POLICY], si[w, KV_BUDGET], n, si[w, K_STEP], si[w, KSUM], si[w, RESERVED]) >= kv_need(
+        si[w, KV_POLICY], si[w, KV_BUDGET] - si[w, HELD], n, si[w, K_STEP], si[w, KSUM], si[w, RESERVED]) >= kv_need(
         si, w, group_size, prompt_len)
 
 
 @njit(cache=True, _nrt=False)
-def _place(si, cal, slot, slot_vstart, w, s, sid, length, prompt_len, gslot, k, vsum, reserve):
-    """Sample sid (of group slot gslot) starts in free slot s at step k; the caller counts it in."""
+def _first_turn(si, w, sid, lens, turn_len):
+    """Tokens sample sid generates before its first environment call: its whole response in a one-turn workload."""
+    return lens[sid] if si[w, TURNS] == 1 else turn_len[sid * si[w, TURNS]]
+
+
+@njit(cache=True, _nrt=False)
+def _place(si, cal, slot, slot_f, w, s, sid, length, first, prompt_len, gslot, k, vsum, reserve):
+    """Sample sid (of group slot gslot; `length` tokens in all, `first` in its first turn) starts in free slot s at
+    step k; the caller counts it in."""
     slot[w, SID, s] = sid
     slot[w, LEN, s] = length
     slot[w, KOFF, s] = prompt_len - k
     slot[w, GS, s] = gslot
-    slot_vstart[w, s] = vsum
-    slot[w, END, s] = k + length
+    slot[w, TURN, s] = 0
+    slot_f[w, VSTART, s] = vsum
+    slot[w, END, s] = k + first
     slot[w, ORDER, s] = si[w, ADMIT_SEQ]
     si[w, ADMIT_SEQ] += 1
     slot[w, RES, s] = reserve
@@ -250,15 +317,17 @@ def _place(si, cal, slot, slot_vstart, w, s, sid, length, prompt_len, gslot, k, 
 
 
 @njit(cache=True, _nrt=False)
-def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_end, v_mean, preempts, pre, until,
-            want_free, dry):
+def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn_tool, turn_env, t_end, v_end, v_mean,
+            preempts, pre, until, want_free, dry):
     """Decode worker w until its first event: a group completes (GROUPS_DONE, ids in done[w, :si[w, N_DONE]])
     or at least `want_free` slots are free, nothing waits and the KV budget has si[w, WANT_ROOM] tokens free
-    (SLOTS_FREE; 0 disables it). Returns the flags, or 0 if the batch empties or the next completion lies beyond
+    (SLOTS_FREE; 0 disables it). Returns the flags, or 0 if nothing is left in flight or the next event lies beyond
     `until`. The event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts are worked on in a
-    copy): a peek at when the next event is, which also stops where sequences would be evicted, resumed or started
-    (BATCH_EVENT). lens: response lengths per sample id; preempts: evictions per sample id; pre: the prefill table
-    (prefill_time) that recomputation is charged by."""
+    copy): a peek at when the next event is, which also stops where sequences would be evicted, resumed, started,
+    leave for an environment call or come back from one (BATCH_EVENT). lens: response lengths per sample id
+    (turn_len, turn_tool, turn_env: multi-turn, per sample id and turn, each turn's length and the tool tokens and
+    seconds of the call after it); preempts: evictions per sample id; pre: the prefill table (prefill_time) that
+    recomputation and returns from environment calls are charged by."""
     n, k, ksum, ver, vbase_step = si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP]
     n_free, n_gs_free, pause = si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP]
     t, vbase = sf[w, T], sf[w, VBASE]
@@ -266,6 +335,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
     evicts = policy == KV_RECOMPUTE or policy == KV_SWAP
     reserved, n_wait, peak, area = si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK], sf[w, KV_AREA]
     n_pend, pend_prompt = si[w, N_PEND], si[w, PEND_PROMPT]
+    turns, n_tool, held = si[w, TURNS], si[w, N_TOOL], si[w, HELD]
     bucket_mask, bshift = si[w, NBUCKETS] - 1, si[w, BSHIFT]
     left = LEFT_DRY if dry else LEFT
     if dry:
@@ -273,22 +343,42 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             gs[w, LEFT_DRY, i] = gs[w, LEFT, i]
     sf[w, EVT_T] = np.inf
     flags = n_done = 0
-    while n > 0:
-        k_next = _next_end(si, cal, slot, w, k)
-        target = pause if 0 <= pause < k_next else k_next
-        if evicts and n > 1:  # the first step that would outgrow the budget (the last sequence always runs)
-            target = min(target, _overflow_step(budget, n, k, ksum))
-        if policy == KV_UNLIMITED or dry:
-            t_new = t + span_time(xs, ys, n, n, ksum, k, target)
+    while n > 0 or n_tool > 0:
+        # The next return from an environment call joins at the first step boundary at or after it.
+        t_ret = np.inf
+        if n_tool > 0:
+            t_ret = slot_f[w, T_RET, slot[w, TOOLQ, 0]]
+        span_s = span_kv = 0.0
+        k_next = NO_STEP
+        if n == 0:  # nothing decodes: the worker waits for the environment
+            target, t_new = k, max(t, t_ret)
         else:
-            span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target, True)
+            k_next = _next_end(si, cal, slot, w, k)
+            target = pause if 0 <= pause < k_next else k_next
+            if evicts and (n > 1 or held > 0):  # the first step that would outgrow the budget (the last sequence
+                target = min(target, _overflow_step(budget - held, n, k, ksum))  # always runs, kept caches give way)
+            if t_ret <= t:
+                target = k
+            elif t_ret <= t + span_time(xs, ys, n, n, ksum, k, target):  # the first boundary at or after t_ret
+                lo, hi = k + 1, target
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if t + span_time(xs, ys, n, n, ksum, k, mid) >= t_ret:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                target = lo
+            if policy == KV_UNLIMITED or dry:
+                span_s = span_time(xs, ys, n, n, ksum, k, target)
+            else:
+                span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target, True)
             t_new = t + span_s
         if t_new > until:
             sf[w, EVT_T] = t_new
             break
         if policy != KV_UNLIMITED and not dry and target > k:
-            area += span_kv
-            peak = max(peak, n * target + ksum)  # at the segment's last step, n*(target-1) + ksum + n
+            area += span_kv + held * span_s
+            peak = max(peak, n * target + ksum + held)  # at the segment's last step, n*(target-1) + ksum + n
         t, k = t_new, target
         if target == k_next:
             vsum = _version_sum(vbase, ver, vbase_step, k_next)
@@ -306,15 +396,28 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             for i in range(m):
                 s = cal[w, DUE, i]
                 n -= 1
-                if not dry:
-                    sid = slot[w, SID, s]
-                    t_end[sid] = t
-                    v_end[sid] = ver
-                    v_mean[sid] = (vsum - slot_vstart[w, s]) / slot[w, LEN, s]
-                    slot[w, FREE, n_free] = s
-                    slot[w, ORDER, s] = -1
                 ksum -= slot[w, KOFF, s]
                 reserved -= slot[w, RES, s]
+                sid, turn = slot[w, SID, s], slot[w, TURN, s]
+                if turn + 1 < turns:  # the turn ends, not the sample: it leaves for an environment call
+                    if dry:
+                        flags |= BATCH_EVENT
+                        continue
+                    ctx = k + slot[w, KOFF, s]
+                    slot[w, CTX, s], slot[w, TURN, s], slot[w, ORDER, s] = ctx, turn + 1, -1
+                    slot_f[w, VSTART, s] = vsum - slot_f[w, VSTART, s]  # its tokens' versions so far
+                    slot_f[w, T_RET, s] = t + turn_env[sid * turns + turn]
+                    slot[w, KEPT, s] = 1 - si[w, TOOL_RELEASE]
+                    held += ctx * slot[w, KEPT, s]
+                    _push_call(slot, slot_f, w, n_tool, s)
+                    n_tool += 1
+                    continue
+                if not dry:
+                    t_end[sid] = t
+                    v_end[sid] = ver
+                    v_mean[sid] = (vsum - slot_f[w, VSTART, s]) / slot[w, LEN, s]
+                    slot[w, FREE, n_free] = s
+                    slot[w, ORDER, s] = -1
                 n_free += 1
                 g = slot[w, GS, s]
                 gs[w, left, g] -= 1
@@ -330,7 +433,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             while evicts and n_wait > 0:
                 s = slot[w, WAITQ, n_wait - 1]
                 ctx = slot[w, CTX, s]
-                if n > 0 and _free_kv(policy, budget, n, k, ksum, reserved) < ctx + 1:
+                if n > 0 and _free_kv(policy, budget - held, n, k, ksum, reserved) < ctx + 1:
                     break
                 if dry:
                     flags |= BATCH_EVENT
@@ -343,29 +446,65 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
                 _insert(si, cal, slot, w, s)
                 slot[w, ORDER, s] = si[w, ADMIT_SEQ]
                 si[w, ADMIT_SEQ] += 1
-                slot_vstart[w, s] = _version_sum(vbase, ver, vbase_step, k) - slot_vstart[w, s]
+                slot_f[w, VSTART, s] = _version_sum(vbase, ver, vbase_step, k) - slot_f[w, VSTART, s]
                 t += prefill_time(pre[0], pre[1], pre[2], ctx) if policy == KV_RECOMPUTE else ctx * sf[w, SWAP_S]
             # ... then a group's waiting samples (per_sample) start, one per free slot while KV room lasts.
             while n_pend > 0 and n_wait == 0 and n_free > 0 and (policy == KV_UNLIMITED or n == 0 or _free_kv(
-                    policy, budget, n, k, ksum, reserved) >= _seq_need(si, w, pend_prompt)):
+                    policy, budget - held, n, k, ksum, reserved) >= _seq_need(si, w, pend_prompt)):
                 if dry:
                     flags |= BATCH_EVENT
                     break
                 sid = si[w, PEND_SID]
                 reserve = pend_prompt + si[w, MAX_NEW] if policy == KV_RESERVE else 0
                 n_free -= 1
-                _place(si, cal, slot, slot_vstart, w, slot[w, FREE, n_free], sid, lens[sid], pend_prompt,
-                       si[w, PEND_GS], k, _version_sum(vbase, ver, vbase_step, k), reserve)
+                _place(si, cal, slot, slot_f, w, slot[w, FREE, n_free], sid, lens[sid],
+                       _first_turn(si, w, sid, lens, turn_len), pend_prompt, si[w, PEND_GS], k,
+                       _version_sum(vbase, ver, vbase_step, k), reserve)
                 n += 1
                 ksum += pend_prompt - k
                 reserved += reserve
                 n_pend -= 1
                 si[w, PEND_SID] += 1
-        # The next step would outgrow the budget: evict the newest running sequences until it fits.
-        while evicts and n > 1 and _free_kv(policy, budget, n, k, ksum, reserved) < 0:
+        # Samples back from their environment calls by now join the batch, the earliest first, with the tool output
+        # prefilled onto their kept cache, or their whole context re-prefilled.
+        while n_tool > 0 and slot_f[w, T_RET, slot[w, TOOLQ, 0]] <= t:
             if dry:
                 flags |= BATCH_EVENT
                 break
+            s = _pop_call(slot, slot_f, w, n_tool)
+            n_tool -= 1
+            sid, turn = slot[w, SID, s], slot[w, TURN, s]
+            before = slot[w, CTX, s]
+            ctx = before + turn_tool[sid * turns + turn - 1]
+            cost = prefill_time(pre[0], pre[1], pre[2], ctx)
+            if slot[w, KEPT, s]:
+                held -= before
+                cost = max(0.0, cost - prefill_time(pre[0], pre[1], pre[2], before))
+            slot[w, KOFF, s] = ctx - k
+            ksum += ctx - k
+            n += 1
+            slot[w, END, s] = k + turn_len[sid * turns + turn]
+            _insert(si, cal, slot, w, s)
+            slot[w, ORDER, s] = si[w, ADMIT_SEQ]
+            si[w, ADMIT_SEQ] += 1
+            slot_f[w, VSTART, s] = _version_sum(vbase, ver, vbase_step, k) - slot_f[w, VSTART, s]
+            t += cost
+        # The next step would outgrow the budget: drop the kept caches of samples in environment calls, the one
+        # back last first (they re-prefill on return), then evict the newest running sequences until it fits.
+        while evicts and (n > 1 or held > 0) and _free_kv(policy, budget - held, n, k, ksum, reserved) < 0:
+            if dry:
+                flags |= BATCH_EVENT
+                break
+            if held > 0:
+                s = -1
+                for i in range(n_tool):
+                    c = slot[w, TOOLQ, i]
+                    if slot[w, KEPT, c] and (s < 0 or slot_f[w, T_RET, c] > slot_f[w, T_RET, s] or (
+                            slot_f[w, T_RET, c] == slot_f[w, T_RET, s] and c < s)):
+                        s = c
+                slot[w, KEPT, s] = 0
+                held -= slot[w, CTX, s]
+                continue
             s, newest = -1, -1
             for i in range(slot.shape[2]):
                 if slot[w, ORDER, i] > newest:
@@ -373,7 +512,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             _unlink(si, cal, slot, w, s)
             ctx = k + slot[w, KOFF, s]
             slot[w, CTX, s], slot[w, REMAIN, s], slot[w, ORDER, s] = ctx, slot[w, END, s] - k, -1
-            slot_vstart[w, s] = _version_sum(vbase, ver, vbase_step, k) - slot_vstart[w, s]  # its tokens' versions
+            slot_f[w, VSTART, s] = _version_sum(vbase, ver, vbase_step, k) - slot_f[w, VSTART, s]  # its tokens' versions
             n -= 1
             ksum -= slot[w, KOFF, s]
             slot[w, WAITQ, n_wait] = s
@@ -383,7 +522,8 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
             if policy == KV_SWAP:
                 t += ctx * sf[w, SWAP_S]
         if target == k_next and want_free > 0 and n_free >= want_free and n_wait == 0 and n_pend == 0 and (
-                policy == KV_UNLIMITED or n == 0 or _free_kv(policy, budget, n, k, ksum, reserved) >= si[w, WANT_ROOM]):
+                policy == KV_UNLIMITED or n == 0 or _free_kv(policy, budget - held, n, k, ksum, reserved) >= si[
+                    w, WANT_ROOM]):
             flags |= SLOTS_FREE
         if target == pause:  # an interruptible worker loads new weights at this step boundary
             vbase = _version_sum(vbase, ver, vbase_step, pause)
@@ -397,6 +537,7 @@ def advance(si, sf, cal, slot, slot_vstart, gs, done, w, xs, ys, lens, t_end, v_
         si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP] = n, k, ksum, ver, vbase_step
         si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP], si[w, N_DONE] = n_free, n_gs_free, pause, n_done
         si[w, RESERVED], si[w, N_WAIT], si[w, KV_PEAK], si[w, N_PEND] = reserved, n_wait, peak, n_pend
+        si[w, N_TOOL], si[w, HELD] = n_tool, held
         sf[w, T], sf[w, VBASE], sf[w, KV_AREA] = t, vbase, area
     return flags
 
@@ -414,9 +555,9 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
     limit = _next_end(si, cal, slot, w, k) - 1
     if si[w, PAUSE_STEP] >= 0:
         limit = min(limit, si[w, PAUSE_STEP])
-    policy = si[w, KV_POLICY]
-    if (policy == KV_RECOMPUTE or policy == KV_SWAP) and n > 1:  # and short of an eviction (advance's to do)
-        limit = min(limit, _overflow_step(si[w, KV_BUDGET], n, k, ksum))
+    policy, held = si[w, KV_POLICY], si[w, HELD]
+    if (policy == KV_RECOMPUTE or policy == KV_SWAP) and (n > 1 or held > 0):  # and short of an eviction
+        limit = min(limit, _overflow_step(si[w, KV_BUDGET] - held, n, k, ksum))
     if limit <= k:
         return
     if t + span_time(xs, ys, n, n, ksum, k, limit) < now:
@@ -435,15 +576,15 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
         return
     span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, lo, True)
     sf[w, T] = t + span_s
-    sf[w, KV_AREA] += span_kv
-    si[w, KV_PEAK] = max(si[w, KV_PEAK], n * lo + ksum)
+    sf[w, KV_AREA] += span_kv + held * span_s
+    si[w, KV_PEAK] = max(si[w, KV_PEAK], n * lo + ksum + held)
 
 
 @njit(cache=True, _nrt=False)
-def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_len, now, prefill_s):
+def admit(si, sf, cal, slot, slot_f, gs, w, gid, group_size, lens, turn_len, prompt_len, now, prefill_s):
     """Add group gid to worker w's batch: group_size samples sharing a prompt, sample ids gid*group_size + j,
-    response lengths lens[sample id]; per_sample, those that find no free slot or KV room wait (N_PEND). Returns
-    its start time."""
+    response lengths lens[sample id] (turn_len: of each turn, multi-turn); per_sample, those that find no free slot
+    or KV room wait (N_PEND). Returns its start time."""
     sf[w, T] = max(sf[w, T], now)  # an idle worker's clock catches up with the world
     t_start = sf[w, T]
     sf[w, T] += prefill_s
@@ -457,14 +598,14 @@ def admit(si, sf, cal, slot, slot_vstart, gs, w, gid, group_size, lens, prompt_l
     reserve = prompt_len + si[w, MAX_NEW] if policy == KV_RESERVE else 0
     for sid in range(gid * group_size, (gid + 1) * group_size):
         if sid > gid * group_size and si[w, PER_SAMPLE] and (si[w, N_FREE] == 0 or (
-                policy != KV_UNLIMITED and _free_kv(policy, si[w, KV_BUDGET], si[w, N_ACTIVE], k, si[w, KSUM],
-                                                    si[w, RESERVED]) < _seq_need(si, w, prompt_len))):
+                policy != KV_UNLIMITED and _free_kv(policy, si[w, KV_BUDGET] - si[w, HELD], si[w, N_ACTIVE], k,
+                                                    si[w, KSUM], si[w, RESERVED]) < _seq_need(si, w, prompt_len))):
             si[w, N_PEND], si[w, PEND_SID] = (gid + 1) * group_size - sid, sid
             si[w, PEND_GS], si[w, PEND_PROMPT] = g, prompt_len
             break
         si[w, N_FREE] -= 1
-        _place(si, cal, slot, slot_vstart, w, slot[w, FREE, si[w, N_FREE]], sid, lens[sid], prompt_len, g, k, vsum,
-               reserve)
+        _place(si, cal, slot, slot_f, w, slot[w, FREE, si[w, N_FREE]], sid, lens[sid],
+               _first_turn(si, w, sid, lens, turn_len), prompt_len, g, k, vsum, reserve)
         si[w, KSUM] += prompt_len - k
         si[w, N_ACTIVE] += 1
         si[w, RESERVED] += reserve

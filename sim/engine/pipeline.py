@@ -40,6 +40,9 @@ LEDGER = [("g_worker", np.int32, False, -1), ("g_t_admit", np.float64, False, np
           # the workload, from the stream
           ("g_prompt", np.int32, False, None), ("g_tokens", np.int64, False, None),
           ("g_prefill", np.float64, False, None), ("response_len", np.int32, True, None)]
+# A multi-turn workload's ledger, per sample and turn (entry sid*turns + j): each turn's length, and the tool tokens
+# and seconds of the environment call after it (empty for one turn)
+TURN_LEDGER = [("turn_len", np.int32), ("turn_tool", np.int32), ("turn_env", np.float64)]
 # The trace's sample columns read off the ledger: a group column repeats for each of the group's samples, a
 # per-sample column is a view (sample_id, group_id and reward are made: ids in order, no reward).
 GROUP_COLUMNS = {"worker_id": "g_worker", "prompt_len": "g_prompt", "t_admit": "g_t_admit", "t_start": "g_t_start",
@@ -139,7 +142,8 @@ class Simulation:
         self.kv = kv_capacity_of(cfg)
         self.worker_state = K.new_state(cl.rollout_workers, cl.max_concurrency, wl.max_new_tokens,
                                         self.kv.budget_tokens or 0, KV_POLICY_CODES[self.kv.policy],
-                                        self.kv.swap_s_per_token, cl.admission == "per_sample")
+                                        self.kv.swap_s_per_token, cl.admission == "per_sample", wl.n_turns,
+                                        wl.turns is not None and wl.turns.kv == "release")
         # Free slots a continuous worker waits for before it asks to admit again: a group's, or one (per_sample)
         self.admit_slots = 1 if cl.admission == "per_sample" else self.group_size
         self.prefill_table = self.cost.prefill_table()  # what a recomputed (evicted) sequence's prefill costs
@@ -151,8 +155,10 @@ class Simulation:
         """Room for n_groups in the ledger, unfilled: prepare_ledger fills entries as a run reaches them, so
         pages a run never reaches cost nothing."""
         old = getattr(self, "g_worker", None)
-        for name, dtype, per_sample, _ in LEDGER:
-            k = self.group_size if per_sample else 1
+        turns = self.cfg.workload.n_turns
+        per_turn = self.group_size * turns if turns > 1 else 0
+        for name, dtype, k in [(name, dtype, self.group_size if per_sample else 1) for name, dtype, per_sample, _ in
+                               LEDGER] + [(name, dtype, per_turn) for name, dtype in TURN_LEDGER]:
             arr = np.empty(n_groups * k, dtype)
             if old is not None:
                 arr[: len(old) * k] = getattr(self, name)
@@ -168,6 +174,10 @@ class Simulation:
             self._grow(max(hi, len(self.g_worker) * 5 // 4))
         self.g_prompt[lo:hi], self.g_tokens[lo:hi] = prompts, tokens
         self.response_len[lo * g:hi * g] = responses.ravel()
+        if self.stream.n_turns > 1:
+            k = g * self.stream.n_turns
+            for (name, _), values in zip(TURN_LEDGER, self.stream.turn_block(lo // self.stream.BLOCK)):
+                getattr(self, name)[lo * k:hi * k] = values
         if prompts.max() >= len(self._prefill):
             self._prefill = np.concatenate([self._prefill, np.full(prompts.max() + 1 - len(self._prefill), np.nan)])
         for p in np.unique(prompts[np.isnan(self._prefill[prompts])]).tolist():  # the cost model is Python
@@ -227,7 +237,10 @@ class Simulation:
         """Tokens the learner step over `batch` (group ids) is charged for (hardware.train_tokens)."""
         if self.cfg.hardware.train_tokens == "packed":
             return int(self.g_tokens[batch].sum())
-        longest = self.g_prompt[batch] + self.response_len.reshape(-1, self.group_size)[batch].max(axis=1)
+        context = self.response_len.reshape(-1, self.group_size)[batch]
+        if self.stream.n_turns > 1:  # tool outputs are in the context too
+            context = context + self.turn_tool.reshape(-1, self.group_size, self.stream.n_turns)[batch].sum(axis=2)
+        longest = self.g_prompt[batch] + context.max(axis=1)
         return len(batch) * self.group_size * int(longest.max())
 
     def activity_changed(self) -> None:
@@ -307,7 +320,7 @@ class Simulation:
         free, prompt = si[:, K.N_FREE], self.next_prompt()
         eligible = np.array([asking_may if w is asking else (
             (w.listening or w.coming) and K.can_admit(si, w.worker_id, g, prompt)
-            and not (w.static and w.n_active > 0) and self._admission_code(w) == ADMIT) for w in self.workers],
+            and not (w.static and w.in_flight > 0) and self._admission_code(w) == ADMIT) for w in self.workers],
             np.int64)
         chosen = choose(self.router, free, eligible, self.world.routed_to)
         return self.workers[chosen] if chosen >= 0 else None

@@ -47,7 +47,13 @@ class Worker:
 
     @property
     def n_active(self) -> int:
+        """Sequences decoding now."""
         return int(self.si[K.N_ACTIVE])
+
+    @property
+    def in_flight(self) -> int:
+        """Samples admitted and not complete: decoding, evicted, waiting for a slot or in an environment call."""
+        return int(K.in_flight(self.state[0], self.worker_id))
 
     def poke(self) -> None:
         """Called by the learner when something this worker may be waiting on has changed."""
@@ -64,8 +70,9 @@ class Worker:
 
     def _advance(self, until: float, want_free: int, dry: bool) -> int:
         sim = self.sim
-        return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.response_len, sim.t_end,
-                         sim.v_end, sim.v_mean, sim.n_preempt, sim.prefill_table, until, want_free, dry)
+        return K.advance(*self.state, self.worker_id, sim.decode_x, sim.decode_y, sim.response_len, sim.turn_len,
+                         sim.turn_tool, sim.turn_env, sim.t_end, sim.v_end, sim.v_mean, sim.n_preempt,
+                         sim.prefill_table, until, want_free, dry)
 
     def _commit(self, until: float, want_free: int) -> None:
         """Advance for real up to `until`, handing every completed group to the buffer."""
@@ -79,11 +86,11 @@ class Worker:
     def _completed(self, t: float) -> None:
         """Hand the groups the kernel just completed to the buffer (static: once their whole batch has ended)."""
         gids = [int(gid) for gid in self.done[: self.si[K.N_DONE]]]
-        if self.n_active == 0:
+        if self.in_flight == 0:
             self._set_generating(False)
         if self.static:
             self.held += gids
-            if self.n_active > 0:
+            if self.in_flight > 0:
                 return
             gids, self.held = self.held, []
         for gid in gids:
@@ -106,7 +113,7 @@ class Worker:
 
     def _admit_groups(self) -> str:
         sim, g = self.sim, self.sim.group_size
-        if self.static and self.n_active > 0:
+        if self.static and self.in_flight > 0:
             return SLOTS  # the running batch goes on to its end
         batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
         while True:
@@ -128,8 +135,8 @@ class Worker:
             if self.static:  # one prefill call for the batch: each group adds its share of the call's time
                 before, batch_tokens = batch_tokens, batch_tokens + g * int(sim.g_prompt[gid])
                 prefill = sim.cost.prefill_s(batch_tokens) - (sim.cost.prefill_s(before) if before else 0.0)
-            t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, prompt, self.env.now,
-                              prefill)
+            t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, sim.turn_len, prompt,
+                              self.env.now, prefill)
             sim.group_admitted(gid, self, t_start)
             self._set_generating(True)
 
@@ -156,7 +163,7 @@ class Worker:
         while True:
             self.coming = False
             # Drained and due for new weights: load them (the worker is busy meanwhile).
-            target = sim.load_target(self) if self.n_active == 0 else None
+            target = sim.load_target(self) if self.in_flight == 0 else None
             if target is not None:
                 K.load_now(*self.state[:2], self.worker_id, target, sim.load_s, env.now)
                 self.coming = True

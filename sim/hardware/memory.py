@@ -46,7 +46,8 @@ memory. Each side is given what the other leaves at its minimum (the learner at 
 or micro_batch_tokens; the workers at one group each), and the configuration is feasible when both minimums fit.
 
 Lengths (`Lengths`, from `sim.workload.workload_lengths`): prompt_long is the prompt's 99th percentile (the largest
-value of an empirical list or of whole groups); a response's longest is max_new_tokens.
+value of an empirical list or of whole groups); a response's longest is max_new_tokens (multi-turn, workload.turns:
+every turn at max_new_tokens and every tool output at its 99th percentile).
 """
 
 from __future__ import annotations
@@ -113,10 +114,11 @@ class Lengths:
     """The workload's lengths that memory depends on (tokens)."""
     prompt_mean: float
     prompt_long: int          # 99th percentile (largest of a finite list)
-    response_mean: float      # after the max_new_tokens cap
-    max_new_tokens: int
+    response_mean: float      # after the max_new_tokens cap (multi-turn: every turn and tool output)
+    max_new_tokens: int       # a response's longest (multi-turn: every turn at the cap, every tool output long)
     group_size: int
     batch_prompts: int
+    turns: int = 1
 
     @property
     def seq_mean(self) -> float:
@@ -125,6 +127,11 @@ class Lengths:
     @property
     def seq_long(self) -> int:
         return self.prompt_long + self.max_new_tokens
+
+    @property
+    def response_long_label(self) -> str:
+        """How an error message names max_new_tokens: the field, or (multi-turn) what it adds up."""
+        return "max_new_tokens" if self.turns == 1 else f"{self.turns} turns and their tool outputs at the longest"
 
     @property
     def step_tokens(self) -> float:
@@ -238,7 +245,7 @@ def learner_memory(gpu: GPUSpec, model: ModelShape, gpus: int, mem, lengths: Len
     problem = None
     if given is not None and given < long_seq:
         problem = (f"learner: micro_batch_tokens {given:,} cannot hold the longest sequence, {long_seq:,} tokens "
-                   f"(prompt {lengths.prompt_long:,} + max_new_tokens {lengths.max_new_tokens:,})")
+                   f"(prompt {lengths.prompt_long:,} + {lengths.response_long_label} {lengths.max_new_tokens:,})")
     elif max(given or 0, long_seq) > max_tokens:
         need = max(given or 0, long_seq)
         what = (f"a {need:,}-token micro-batch (micro_batch_tokens)" if given is not None
@@ -369,7 +376,7 @@ def kv_capacity(cfg, lengths: Lengths | None = None) -> KVCapacity:
         if budget < need:
             raise ValueError(f"hardware.memory.kv_budget_tokens: {budget:,} tokens cannot hold one group at its "
                              f"longest: {lengths.group_size} sequences of {lengths.seq_long:,} tokens (prompt "
-                             f"{lengths.prompt_long:,} at its 99th percentile + max_new_tokens "
+                             f"{lengths.prompt_long:,} at its 99th percentile + {lengths.response_long_label} "
                              f"{lengths.max_new_tokens:,}) = {need:,}")
     swap_s = 0.0
     if mem.kv_policy == "preempt_swap":
