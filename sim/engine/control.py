@@ -99,6 +99,16 @@ class Control:
         """At consumption: discard a group staler than the policy's drop bound."""
         return bool(P.dropped(self.p, learner_version, version_start))
 
+    @property
+    def drops(self) -> bool:
+        """Whether generated groups may go untrained (dropped at consumption, or pushed out of a full buffer)."""
+        return bool(self.p[P.P_DROP_S] >= 0 or self.p[P.P_EVICT_AT] >= 0)
+
+    @property
+    def drop_may_admit(self) -> bool:
+        """Whether a dropped group can let a waiting worker admit (the learner then wakes the workers)."""
+        return bool(P.drop_may_admit(self.p))
+
     def evicts(self, buffered: int) -> bool:
         """queue_drop: a completing group pushes the oldest waiting one out of a full buffer."""
         return bool(P.evicts_oldest(self.p, buffered))

@@ -541,7 +541,8 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
             return 0
         if R.dropped(pp, st[S_LVER], ledger[V_START][gid]):
             _retire(st, ev, ledger, unconsumed, gid, step, True)
-            _poke(st, ev, wi)
+            if R.drop_may_admit(pp):
+                _poke(st, ev, wi)
             continue
         batch[st[S_NBATCH]] = gid
         st[S_NBATCH] += 1

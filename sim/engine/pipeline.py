@@ -129,9 +129,11 @@ class Simulation:
         self.unconsumed = [0] * 1024  # count of unconsumed groups per version_start
         self.now = 0.0                 # simulated time; at the end of a run, when its last step ended
         cl = cfg.cluster
-        # Room for the groups a run usually admits (consumed, in flight, a few batches waiting), in whole stream
-        # blocks plus one (prepare_ledger goes a block at a time); more grows it.
-        self._grow((ledger_groups(cfg) // self.stream.BLOCK + 2) * self.stream.BLOCK)
+        # Room for the groups a run usually admits (consumed, in flight, a few batches waiting; twice that where groups
+        # are dropped, which are generated too), in whole stream blocks plus one (prepare_ledger goes a block at a
+        # time); more grows it, a copy of the whole ledger. Room a run never reaches costs no memory.
+        expected = ledger_groups(cfg) * (2 if self.control.drops else 1)
+        self._grow((expected // self.stream.BLOCK + 2) * self.stream.BLOCK)
         self.ready = 0                 # groups whose ledger entries are prepared (prepare_ledger)
         self._prefill = np.zeros(0)    # prefill seconds by prompt length (NaN: not asked yet)
         self.buffer = Buffer(pl.queue_order, self.B if self.lag is not None else None)
@@ -353,7 +355,8 @@ class Simulation:
                     continue
                 if self.control.drop(world.learner_version, int(self.g_v_start[gid])):
                     self._retire(gid, step, dropped=True)
-                    self._poke_workers()  # buffer space and gate budget just opened
+                    if self.control.drop_may_admit:  # buffer space or gate budget just opened
+                        self._poke_workers()
                     continue
                 batch.append(gid)
             t_start = env.now

@@ -136,6 +136,18 @@ def dropped(p, learner_version, version_start):
 
 
 @rule
+def drop_may_admit(p):
+    """Whether a group the learner drops can turn a worker's answer to ADMIT, so that the workers must be woken: it
+    frees buffer room (a capacity), and it leaves `live`, moves `oldest` and counts as `trained`, which the gates
+    of oldest_unconsumed, areal, prime_rl and tinker read. The rules of drop, queue_drop and none, and the fixed
+    schedules of the lag modes, read none of these: waking every worker at each drop would change nothing."""
+    if p[P_CAPACITY] >= 0:
+        return True
+    policy = p[P_POLICY]
+    return p[P_LAG] < 0 and policy != DROP and policy != QUEUE_DROP and policy != NONE
+
+
+@rule
 def load_target(p, version, latest, n_admitted):
     """The version an idle worker (nothing in flight) should load now, or -1."""
     lag = p[P_LAG]
