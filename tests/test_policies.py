@@ -100,6 +100,20 @@ def test_queue_drop_evicts_from_a_full_buffer_and_admits_always():
     assert admits(c, live=10_000, running=10_000) and c.evicts(2) and not c.evicts(1)
 
 
+def test_a_drop_wakes_the_workers_only_where_it_can_open_admission():
+    # A drop leaves `live`, moves `oldest` and counts as `trained`, and frees buffer room: only the rules reading
+    # these can turn to ADMIT. TRL's drop reads the groups generating, which a drop (of a generated group) leaves.
+    c = rules("drop")
+    assert not c.drop_may_admit and c.drops
+    assert admits(c, running=7) == admits(c, running=7, live=0, trained=9, oldest=3)  # what a drop changes
+    assert rules("drop", queue_capacity=8).drop_may_admit
+    for policy in ("oldest_unconsumed", "areal", "prime_rl", "tinker"):
+        assert rules(policy).drop_may_admit
+    assert not rules("queue_drop", queue_drop={"capacity": 4}).drop_may_admit and rules(
+        "queue_drop", queue_drop={"capacity": 4}).drops
+    assert not rules("areal").drops
+
+
 def test_workers_take_weights_in_flight_as_their_system_does():
     assert [rules(p, **({"queue_drop": {"capacity": 1}} if p == "queue_drop" else {})).interruptible
             for p in ("areal", "prime_rl", "tinker", "drop", "queue_drop", "none")] == [True] * 4 + [False] * 2
