@@ -194,6 +194,13 @@ class Cluster(_Section):
                                  "workers). per_sample: as vLLM and SGLang expand a request of n samples into n "
                                  "sequences (verl, AReaL, prime-rl, TRL): a group is admitted with one free slot, and "
                                  "its other samples start as slots free, ahead of any new group.")
+    group_prefill: Literal["auto", "shared", "per_sample"] = Field(
+        "auto", description="What a group's admission prefills. shared: its prompt once (vLLM V1 fans a request of n "
+                            "samples out into n requests, vllm/v1/engine/parallel_sampling.py, and its prefix cache "
+                            "computes a prompt repeated within a batch once, vllm-project/vllm#10980); per_sample: "
+                            "every sample's copy, group_size x the prompt (stalecast train's engines, an engine "
+                            "without prefix caching); auto: per_sample under static batching, shared under "
+                            "continuous. stalecast validate predicts with per_sample.")
     router: Literal["least_loaded", "round_robin", "fill_first"] = Field(
         "least_loaded", description="Which worker the next group goes to, among those that could take it now "
                                     "(sim/engine/routers.py): least_loaded, the most free slots (SGLang's and vLLM's "
@@ -208,6 +215,13 @@ class Cluster(_Section):
         if self.admission == "per_sample" and self.batching == "static":
             raise ValueError("admission per_sample needs batching continuous: a static batch is admitted whole")
         return self
+
+    @property
+    def prefill_copies(self) -> bool:
+        """Whether a group prefills every sample's copy of its prompt (group_prefill, auto resolved)."""
+        if self.group_prefill == "auto":
+            return self.batching == "static"
+        return self.group_prefill == "per_sample"
 
     @property
     def total_gpus(self) -> int:

@@ -403,7 +403,7 @@ def larger_configs(draw):
         "cluster": {"rollout_workers": draw(st.integers(1, 8)), "learner_gpus": draw(st.integers(1, 8)),
                     "router": draw(routers), "batching": batching,
                     "admission": draw(st.sampled_from(["per_group", "per_sample"])) if batching == "continuous"
-                    else "per_group",
+                    else "per_group", "group_prefill": draw(st.sampled_from(["auto", "shared", "per_sample"])),
                     "colocated": colocated,
                     "max_concurrency": group * draw(st.integers(1, 6)) + draw(st.integers(0, 2))},
         "pipeline": pipeline, "hardware": hardware, "run": {"steps": draw(st.integers(1, 40))},

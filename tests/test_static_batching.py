@@ -44,13 +44,27 @@ def test_static_batches_start_when_the_last_ends_and_release_together():
 
 def test_one_group_per_batch_is_continuous_batching():
     """With room for one group and free prefill, a static batch is what the continuous batch does: the same
-    trace. (Prefill differs by design: a static batch prefills every sample's copy of the prompt, g x p
-    tokens, where a continuous engine prefills a group's shared prompt once.)"""
+    trace. (Prefill differs by default: a static batch prefills every sample's copy of the prompt, g x p
+    tokens, where a continuous engine prefills a group's shared prompt once; cluster.group_prefill sets either.)"""
     gated = {"max_staleness": 2, "staleness_control": "oldest_unconsumed", "prefill": 0.0}
     a = simulate(cfg_of("static", concurrency=2, **gated))
     b = simulate(cfg_of("continuous", concurrency=2, **gated), engine="simpy")
     pd.testing.assert_frame_equal(a.samples, b.samples)
     pd.testing.assert_frame_equal(a.steps, b.steps)
+
+
+@pytest.mark.parametrize("engine", ["fast", "simpy"])
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_group_prefill_charges_one_prompt_or_every_samples_copy(engine, batching):
+    """One group of 2 samples, a 10-token prompt at 0.001 s a token, 0.01 s a decode step: its first sample ends
+    0.01 (one copy) or 0.02 s (two copies) of prefill plus its decode steps after the start."""
+    for mode, copies in (("shared", 1), ("per_sample", 2)):
+        cfg = cfg_of(batching, concurrency=2, steps=1).with_overrides({"cluster.group_prefill": mode})
+        s = simulate(cfg, engine=engine).samples.sort_values("sample_id").iloc[0]
+        assert s["t_end"] - s["t_start"] == pytest.approx(copies * 10 * 0.001 + s["response_len"] * 0.01, abs=1e-12)
+    auto = simulate(cfg_of(batching, concurrency=2, steps=1), engine=engine).samples.sort_values("sample_id").iloc[0]
+    assert auto["t_end"] - auto["t_start"] == pytest.approx((2 if batching == "static" else 1) * 10 * 0.001
+                                                            + auto["response_len"] * 0.01, abs=1e-12)
 
 
 def test_static_batching_runs_on_the_compiled_engine_as_on_simpy():

@@ -110,9 +110,11 @@ def measured_seeds(cfg: RunConfig, repeats: int) -> list[int]:
 
 def prediction_config(cfg: RunConfig, profile_path: Path) -> RunConfig:
     """The config the loop predicts with: the measured profile, learner steps charged for padded tokens (stalecast
-    train's learner pads each batch to its longest row: a step costs those tokens), and no KV budget unless
-    kv_budget_tokens gives one (the real workers impose no other: real/engine/kv.py)."""
-    overrides = {"hardware.profile": str(Path(profile_path).resolve()), "hardware.train_tokens": "padded"}
+    train's learner pads each batch to its longest row: a step costs those tokens), every sample's copy of a group's
+    prompt prefilled (the real engines admit a group as group_size sequences: real/engine/batching.py), and no KV
+    budget unless kv_budget_tokens gives one (the real workers impose no other: real/engine/kv.py)."""
+    overrides = {"hardware.profile": str(Path(profile_path).resolve()), "hardware.train_tokens": "padded",
+                 "cluster.group_prefill": "per_sample"}
     if cfg.hardware.memory.kv_budget_tokens is None:
         overrides["hardware.memory.kv_policy"] = "unlimited"
     return cfg.with_overrides(overrides)

@@ -73,7 +73,7 @@ ST_LEN = W_.N_COUNTERS + 16
 F_NOW, F_TRAIN_S, F_STEP_START, F_QUIET, F_EXTRA, F_REMAIN, F_T0, F_SLOW = range(8)
 # The loop's parameters (pi); the rules' are policies.P_* (pp)
 (P_B, P_G, P_GATING, P_INTERRUPTIBLE, P_ORDER, P_STEPS, P_W, P_C, P_SYNC_EVERY, P_ROUTER, P_STATIC,
- P_SHARED, P_ADMIT_SLOTS) = range(13)
+ P_SHARED, P_ADMIT_SLOTS, P_PREFILL_COPIES) = range(14)
 ORDER_FIFO, ORDER_FRESHEST, ORDER_BATCH = range(3)
 # The learner's data event: none, waited for, triggered (scheduled)
 D_NONE, D_WAIT, D_TRIGGERED = range(3)
@@ -311,7 +311,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
     static = pi[P_STATIC] != 0
     if static and K.in_flight(si, w) > 0:
         return R_SLOTS  # the running batch goes on to its end
-    batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
+    batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (cluster.group_prefill's copies)
     while True:
         prompt = ledger[PROMPT][st[S_NGROUPS]]
         if not K.can_admit(si, w, g, prompt):
@@ -341,7 +341,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
         prefill = ledger[PREFILL][gid]
         if static:  # one prefill call for the batch: each group adds its share of the call's time
             before = batch_tokens
-            batch_tokens += g * ledger[PROMPT][gid]
+            batch_tokens += pi[P_PREFILL_COPIES] * ledger[PROMPT][gid]
             prefill = K.prefill_time(pre[0], pre[1], pre[2], batch_tokens) - (
                 K.prefill_time(pre[0], pre[1], pre[2], before) if before else 0.0)
         t_start = K.admit(ws[0], ws[1], ws[2], ws[3], ws[4], ws[5], w, gid, g, ledger[RESPONSE_LEN],
@@ -628,7 +628,7 @@ class _Run:
         self.sim = sim
         self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
                             ctl.sync_every, sim.router, cfg.cluster.batching == "static",
-                            sim.cost.train_slowdown != 1.0, sim.admit_slots], np.int64)
+                            sim.cost.train_slowdown != 1.0, sim.admit_slots, sim.prefill_copies], np.int64)
         self.rt = (np.zeros(W, np.int64), np.zeros(W, np.int64))  # the router's scratch: free slots, eligible
         self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)

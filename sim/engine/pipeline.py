@@ -146,6 +146,8 @@ class Simulation:
                                         self.kv.budget_tokens or 0, KV_POLICY_CODES[self.kv.policy],
                                         self.kv.swap_s_per_token, cl.admission == "per_sample", wl.n_turns,
                                         wl.turns is not None and wl.turns.kv == "release")
+        # Copies of a group's prompt its admission prefills (cluster.group_prefill): each sample's, or one
+        self.prefill_copies = self.group_size if cl.prefill_copies else 1
         # Free slots a continuous worker waits for before it asks to admit again: a group's, or one (per_sample)
         self.admit_slots = 1 if cl.admission == "per_sample" else self.group_size
         self.prefill_table = self.cost.prefill_table()  # what a recomputed (evicted) sequence's prefill costs
@@ -183,7 +185,7 @@ class Simulation:
         if prompts.max() >= len(self._prefill):
             self._prefill = np.concatenate([self._prefill, np.full(prompts.max() + 1 - len(self._prefill), np.nan)])
         for p in np.unique(prompts[np.isnan(self._prefill[prompts])]).tolist():  # the cost model is Python
-            self._prefill[p] = self.cost.prefill_s(p)
+            self._prefill[p] = self.cost.prefill_s(p * self.prefill_copies)
         self.g_prefill[lo:hi] = self._prefill[prompts]
         for name, _, per_sample, until_set in LEDGER:
             if until_set is not None:

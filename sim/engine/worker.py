@@ -115,7 +115,7 @@ class Worker:
         sim, g = self.sim, self.sim.group_size
         if self.static and self.in_flight > 0:
             return SLOTS  # the running batch goes on to its end
-        batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (every sample's copy)
+        batch_tokens = 0  # static: prompt tokens prefilled so far in this batch (cluster.group_prefill's copies)
         while True:
             prompt = sim.next_prompt()
             if not K.can_admit(self.state[0], self.worker_id, g, prompt):
@@ -133,7 +133,7 @@ class Worker:
             self.fresh.append(gid)
             prefill = float(sim.g_prefill[gid])
             if self.static:  # one prefill call for the batch: each group adds its share of the call's time
-                before, batch_tokens = batch_tokens, batch_tokens + g * int(sim.g_prompt[gid])
+                before, batch_tokens = batch_tokens, batch_tokens + sim.prefill_copies * int(sim.g_prompt[gid])
                 prefill = sim.cost.prefill_s(batch_tokens) - (sim.cost.prefill_s(before) if before else 0.0)
             t_start = K.admit(*self.state[:6], self.worker_id, gid, g, sim.response_len, sim.turn_len, prompt,
                               self.env.now, prefill)
