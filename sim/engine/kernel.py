@@ -156,6 +156,20 @@ def span_time(xs, ys, row, n, ksum, k1, k2):
 
 
 @njit(cache=True, _nrt=False)
+def _first_boundary_at(xs, ys, n, ksum, k, hi, t, when):
+    """The first step boundary k' in (k, hi] that n sequences decoding from step k at time t reach at or after
+    `when` (the caller knows boundary hi does)."""
+    lo = k + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if t + span_time(xs, ys, n, n, ksum, k, mid) >= when:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@njit(cache=True, _nrt=False)
 def _version_sum(vbase, ver, vbase_step, step):
     """Σ of token versions over decode steps before `step` (VBASE up to VBASE_STEP, then VER per step)."""
     return vbase + ver * (step - vbase_step)
@@ -359,15 +373,8 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
                 target = min(target, _overflow_step(budget - held, n, k, ksum))  # always runs, kept caches give way)
             if t_ret <= t:
                 target = k
-            elif t_ret <= t + span_time(xs, ys, n, n, ksum, k, target):  # the first boundary at or after t_ret
-                lo, hi = k + 1, target
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if t + span_time(xs, ys, n, n, ksum, k, mid) >= t_ret:
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                target = lo
+            elif t_ret <= t + span_time(xs, ys, n, n, ksum, k, target):
+                target = _first_boundary_at(xs, ys, n, ksum, k, target, t, t_ret)
             if policy == KV_UNLIMITED or dry:
                 span_s = span_time(xs, ys, n, n, ksum, k, target)
             else:
@@ -562,14 +569,8 @@ def catch_up(si, sf, cal, slot, w, xs, ys, now):
         return
     if t + span_time(xs, ys, n, n, ksum, k, limit) < now:
         lo = limit  # every step before the limit ends before now
-    else:  # the smallest k' in (k, limit] whose boundary is at or after now
-        lo, hi = k + 1, limit
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if t + span_time(xs, ys, n, n, ksum, k, mid) >= now:
-                hi = mid
-            else:
-                lo = mid + 1
+    else:
+        lo = _first_boundary_at(xs, ys, n, ksum, k, limit, t, now)
     si[w, K_STEP] = lo
     if policy == KV_UNLIMITED:
         sf[w, T] = t + span_time(xs, ys, n, n, ksum, k, lo)
