@@ -123,8 +123,9 @@ class Turns(_Section):
                                                              "none.")
     kv: Literal["keep", "release"] = Field(
         "keep", description="While the environment runs: keep, the sample keeps its KV cache (it counts against the "
-                            "KV budget, as a prefix cache that is not evicted) and prefills only the tool tokens on "
-                            "return; release, it frees its KV cache and re-prefills its whole context on return. "
+                            "KV budget, and gives way before any running sequence is evicted) and prefills only the "
+                            "tool tokens on return; release, it frees its KV cache and re-prefills its whole context "
+                            "on return. "
                             "Either way it keeps its slot: max_concurrency counts samples in flight, environment "
                             "calls included, as AReaL's max_concurrent_rollouts does.")
 
