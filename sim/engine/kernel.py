@@ -331,6 +331,18 @@ def _place(si, cal, slot, slot_f, w, s, sid, length, first, prompt_len, gslot, k
 
 
 @njit(cache=True, _nrt=False)
+def _rejoin(si, cal, slot, slot_f, w, s, ctx, remaining, k, vsum):
+    """Slot s, out of the batch (evicted, or back from an environment call) with a context of ctx tokens, decodes
+    again from step k (version sum vsum) for `remaining` tokens; the caller counts it in (n, ksum += ctx - k)."""
+    slot[w, KOFF, s] = ctx - k
+    slot[w, END, s] = k + remaining
+    _insert(si, cal, slot, w, s)
+    slot[w, ORDER, s] = si[w, ADMIT_SEQ]
+    si[w, ADMIT_SEQ] += 1
+    slot_f[w, VSTART, s] = vsum - slot_f[w, VSTART, s]  # from the sum of its tokens' versions so far
+
+
+@njit(cache=True, _nrt=False)
 def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn_tool, turn_env, t_end, v_end, v_mean,
             preempts, pre, until, want_free, dry):
     """Decode worker w until its first event: a group completes (GROUPS_DONE, ids in done[w, :si[w, N_DONE]])
@@ -371,14 +383,17 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
             target = pause if 0 <= pause < k_next else k_next
             if evicts and (n > 1 or held > 0):  # the first step that would outgrow the budget (the last sequence
                 target = min(target, _overflow_step(budget - held, n, k, ksum))  # always runs, kept caches give way)
+            timed = False  # span_s holds the span to target
             if t_ret <= t:
                 target = k
-            elif t_ret <= t + span_time(xs, ys, n, n, ksum, k, target):
-                target = _first_boundary_at(xs, ys, n, ksum, k, target, t, t_ret)
-            if policy == KV_UNLIMITED or dry:
-                span_s = span_time(xs, ys, n, n, ksum, k, target)
-            else:
+            elif n_tool > 0:
+                span_s, timed = span_time(xs, ys, n, n, ksum, k, target), True
+                if t_ret <= t + span_s:
+                    target, timed = _first_boundary_at(xs, ys, n, ksum, k, target, t, t_ret), False
+            if policy != KV_UNLIMITED and not dry:
                 span_s, span_kv = span_time_area(xs, ys, n, n, ksum, k, target, True)
+            elif not timed:
+                span_s = span_time(xs, ys, n, n, ksum, k, target)
             t_new = t + span_s
         if t_new > until:
             sf[w, EVT_T] = t_new
@@ -446,14 +461,10 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
                     flags |= BATCH_EVENT
                     break
                 n_wait -= 1
-                slot[w, KOFF, s] = ctx - k
+                _rejoin(si, cal, slot, slot_f, w, s, ctx, slot[w, REMAIN, s], k,
+                        _version_sum(vbase, ver, vbase_step, k))
                 ksum += ctx - k
                 n += 1
-                slot[w, END, s] = k + slot[w, REMAIN, s]
-                _insert(si, cal, slot, w, s)
-                slot[w, ORDER, s] = si[w, ADMIT_SEQ]
-                si[w, ADMIT_SEQ] += 1
-                slot_f[w, VSTART, s] = _version_sum(vbase, ver, vbase_step, k) - slot_f[w, VSTART, s]
                 t += prefill_time(pre[0], pre[1], pre[2], ctx) if policy == KV_RECOMPUTE else ctx * sf[w, SWAP_S]
             # ... then a group's waiting samples (per_sample) start, one per free slot while KV room lasts.
             while n_pend > 0 and n_wait == 0 and n_free > 0 and (policy == KV_UNLIMITED or n == 0 or _free_kv(
@@ -487,14 +498,10 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
             if slot[w, KEPT, s]:
                 held -= before
                 cost = max(0.0, cost - prefill_time(pre[0], pre[1], pre[2], before))
-            slot[w, KOFF, s] = ctx - k
+            _rejoin(si, cal, slot, slot_f, w, s, ctx, turn_len[sid * turns + turn], k,
+                    _version_sum(vbase, ver, vbase_step, k))
             ksum += ctx - k
             n += 1
-            slot[w, END, s] = k + turn_len[sid * turns + turn]
-            _insert(si, cal, slot, w, s)
-            slot[w, ORDER, s] = si[w, ADMIT_SEQ]
-            si[w, ADMIT_SEQ] += 1
-            slot_f[w, VSTART, s] = _version_sum(vbase, ver, vbase_step, k) - slot_f[w, VSTART, s]
             t += cost
         # The next step would outgrow the budget: drop the kept caches of samples in environment calls, the one
         # back last first (they re-prefill on return), then evict the newest running sequences until it fits.
