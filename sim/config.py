@@ -125,9 +125,8 @@ class Turns(_Section):
         "keep", description="While the environment runs: keep, the sample keeps its KV cache (it counts against the "
                             "KV budget, and gives way before any running sequence is evicted) and prefills only the "
                             "tool tokens on return; release, it frees its KV cache and re-prefills its whole context "
-                            "on return. "
-                            "Either way it keeps its slot: max_concurrency counts samples in flight, environment "
-                            "calls included, as AReaL's max_concurrent_rollouts does.")
+                            "on return. Either way it keeps its slot: max_concurrency counts samples in flight, "
+                            "environment calls included, as AReaL's max_concurrent_rollouts does.")
 
     @model_validator(mode="after")
     def _spread(self):
@@ -218,7 +217,7 @@ class Cluster(_Section):
         return self
 
     @property
-    def prefill_copies(self) -> bool:
+    def prefills_every_copy(self) -> bool:
         """Whether a group prefills every sample's copy of its prompt (group_prefill, auto resolved)."""
         if self.group_prefill == "auto":
             return self.batching == "static"

@@ -188,6 +188,12 @@ def _long(dist: LengthDist, values: np.ndarray | None) -> int:
     return max(1, math.ceil(dist.median * math.exp(Z99 * lognormal_sigma(dist)) - 1e-9))
 
 
+def _mean_and_long(dist: LengthDist, cap: int | None) -> tuple[float, int]:
+    """A length distribution's mean after the cap, and its 99th percentile (reading an empirical trace once)."""
+    values = _empirical_values(dist) if isinstance(dist, EmpiricalLen) else None
+    return _capped_mean(dist, cap, values), _long(dist, values)
+
+
 def workload_lengths(wl) -> "Lengths":
     """The lengths GPU memory depends on (sim.hardware.memory.Lengths): mean and long prompt, mean response after
     the cap. Reads an empirical trace's column when the workload resamples one. A multi-turn sample's "response" is
@@ -201,15 +207,11 @@ def workload_lengths(wl) -> "Lengths":
         prompts, responses = rows[:, 0], np.minimum(rows[:, 1:], cap)
         return Lengths(float(prompts.mean()), int(prompts.max()), float(responses.mean()), cap, wl.group_size,
                        wl.batch_prompts)
-    stats = []
-    for dist, dist_cap in ((wl.prompt_len, None), (wl.response_len, cap)):
-        values = _empirical_values(dist) if isinstance(dist, EmpiricalLen) else None
-        stats.append((_capped_mean(dist, dist_cap, values), _long(dist, values)))
-    (prompt_mean, prompt_long), (response_mean, _) = stats
-    turns, T = wl.turns, wl.n_turns
+    prompt_mean, prompt_long = _mean_and_long(wl.prompt_len, None)
+    response_mean, _ = _mean_and_long(wl.response_len, cap)
+    T = wl.n_turns
     if T > 1:  # a sample's context beyond its prompt: every turn and every tool output (at most each turn's cap)
-        tool = turns.tool_tokens
-        values = _empirical_values(tool) if isinstance(tool, EmpiricalLen) else None
-        tool_mean, tool_long = (0.0, 0) if tool is None else (_capped_mean(tool, None, values), _long(tool, values))
+        tool = wl.turns.tool_tokens
+        tool_mean, tool_long = (0.0, 0) if tool is None else _mean_and_long(tool, None)
         response_mean, cap = T * response_mean + (T - 1) * tool_mean, T * cap + (T - 1) * tool_long
     return Lengths(prompt_mean, prompt_long, response_mean, cap, wl.group_size, wl.batch_prompts, T)

@@ -150,9 +150,8 @@ def check_engine(cfg) -> None:
     """A ConfigError, before any process starts or any output is written, when `real.engine` cannot run
     `real.model` (the fast engine's forward is written for the Qwen2 and Llama families; the presets are Qwen2), or
     asks for what the real workers do not implement: multi-turn samples (`workload.turns`), admission by sample
-    (`cluster.admission`), or eviction by
-    swapping to host memory (`hardware.memory.kv_policy`; they recompute), or gives a KV budget below one group at
-    its longest."""
+    (`cluster.admission`), or eviction by swapping to host memory (`hardware.memory.kv_policy`; they recompute), or
+    gives a KV budget below one group at its longest."""
     from sim.config import ConfigError
     from sim.hardware.specs import MODELS
 

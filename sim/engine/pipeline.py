@@ -147,7 +147,7 @@ class Simulation:
                                         self.kv.swap_s_per_token, cl.admission == "per_sample", wl.n_turns,
                                         wl.turns is not None and wl.turns.kv == "release")
         # Copies of a group's prompt its admission prefills (cluster.group_prefill): each sample's, or one
-        self.prefill_copies = self.group_size if cl.prefill_copies else 1
+        self.prefill_copies = self.group_size if cl.prefills_every_copy else 1
         # Free slots a continuous worker waits for before it asks to admit again: a group's, or one (per_sample)
         self.admit_slots = 1 if cl.admission == "per_sample" else self.group_size
         self.prefill_table = self.cost.prefill_table()  # what a recomputed (evicted) sequence's prefill costs
