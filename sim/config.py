@@ -401,6 +401,14 @@ class Efficiency(_Section):
     decode_step_overhead_s: Float = Field(0.004, ge=0, description="Fixed host/scheduler time per decode step.")
     train_step_overhead_s: Float = Field(1.0, ge=0, description="Fixed time per learner step (optimizer, logging).")
     sync_latency_s: Float = Field(0.5, ge=0, description="Fixed time per weight sync on top of bytes/bandwidth.")
+    learner_bookkeeping_s: Float = Field(0.0, ge=0, description="The learner's own work per step after it "
+                                                                "publishes and before it takes its next batch "
+                                                                "(metrics, logging, checkpoints). It overlaps "
+                                                                "generation, so a learner-bound run pays it every "
+                                                                "step and a sync run only where it outlasts "
+                                                                "generation. A profile's learner_bookkeeping_s "
+                                                                "(`stalecast calibrate` times it) overrides it. 0: "
+                                                                "none.")
     colocation_gen_slowdown: Float = Field(1.15, ge=1, description="Generation slowdown while sharing GPUs "
                                                                    "with training (measured on one H200: 1.15).")
     colocation_train_slowdown: Float = Field(1.11, ge=1, description="Training slowdown while sharing GPUs with "

@@ -409,6 +409,8 @@ PROFILES = [
                  ["prof.yaml: train.tokens: needs at least 2 values"]),
     profile_case("profile-rows-mismatch", _prof(**{"decode.seconds": [[0.01, 0.014]]}),
                  ["prof.yaml: decode.seconds: 1 rows, expected one per decode.active value (2)"]),
+    profile_case("profile-bookkeeping-negative", _prof(learner_bookkeeping_s=-0.1),
+                 ["prof.yaml: learner_bookkeeping_s: must be a finite number >= 0 (got -0.1)"]),
     profile_case("profile-colocation-zero", _prof(colocation={"gen_slowdown": 0, "train_slowdown": 1.0}),
                  ["prof.yaml: colocation.gen_slowdown: must be a finite number > 0"]),
     profile_case("profile-incomplete-without-gpu", {"sync_s": 0.25},

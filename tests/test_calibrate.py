@@ -15,6 +15,7 @@ from sim.calibrate.fit import Layout, Options, calibrate
 from sim.calibrate.lengths import capped_mean, clip_fraction, fit_lengths
 from sim.cli import main
 from sim.config import ConfigError
+from sim.hardware.measured import load_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "calibrate"
@@ -273,6 +274,16 @@ def test_real_sync_run_is_reproduced(tmp_path, capsys):
     from sim.calibrate.fit import load_calibration
 
     cal = load_calibration(out)
-    measured = compute_metrics(read_trace(run / "trace"))["time/step_s"]
+    trace = read_trace(run / "trace")
+    measured = compute_metrics(trace)["time/step_s"]
     assert close(cal.logs[0]["step_s_reproduced"], measured, 0.10), (cal.logs[0], measured)
+    # The learner's bookkeeping: its wait after each sync less the wait it times itself, from after it wrote the step
+    st = trace.steps
+    prev_free = np.r_[0.0, (st["t_end"] + st["weight_sync_s"]).to_numpy()[:-1]]
+    queue_wait = {row["step"]: row["time/queue_wait_s"]
+                  for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    bookkeeping = st["t_start"].to_numpy() - prev_free - np.array([queue_wait[s] for s in st["step"]])
+    assert (bookkeeping >= 0).all() and cal.bookkeeping_s > 0
+    assert cal.bookkeeping_s == pytest.approx(bookkeeping.mean(), rel=1e-9)
+    assert load_profile(out).learner_bookkeeping_s == cal.bookkeeping_s
     assert json.loads((run / "summary.json").read_text())["status"] == "complete"

@@ -29,14 +29,15 @@ CLUSTER = Path(__file__).resolve().parents[1] / "examples" / "cluster_7b_64xh100
 
 
 def make_cfg(mode="async", steps=5, batch=4, group=2, workers=2, concurrency=4, prompt=10, response=None,
-             decode=0.01, prefill=0.0, train=1.0, train_tok=0.0, sync=0.0, **pipeline):
+             decode=0.01, prefill=0.0, train=1.0, train_tok=0.0, sync=0.0, bookkeeping=0.0, **pipeline):
     return parse_config({
         "workload": {"batch_prompts": batch, "group_size": group, "prompt_len": {"kind": "constant", "value": prompt},
                      "response_len": response or {"kind": "constant", "value": 100}, "max_new_tokens": 10**6},
         "cluster": {"rollout_workers": workers, "max_concurrency": concurrency},
         "pipeline": {"mode": mode, **pipeline},
         "hardware": {"constant": {"decode_step_s": decode, "prefill_s_per_token": prefill, "train_step_s": train,
-                                  "train_s_per_token": train_tok, "sync_s": sync}},
+                                  "train_s_per_token": train_tok, "sync_s": sync},
+                     "efficiency": {"learner_bookkeeping_s": bookkeeping}},
         "run": {"steps": steps},
     })
 
@@ -81,6 +82,27 @@ def test_sync_step_is_generate_plus_train_plus_sync(prefill, engine):
     assert trace.steps["t_start"].iloc[0] == pytest.approx(generate)
     np.testing.assert_allclose(step_periods(trace), generate + train_s + sync, rtol=1e-12)
     assert (sample_staleness(trace.samples) == 0).all()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("bookkeeping", [0.4, 1.5])  # hidden behind generation (1 s), then outlasting it
+def test_sync_bookkeeping_overlaps_generation(bookkeeping, engine):
+    # The learner's bookkeeping starts as it publishes, when the workers start generating: a step is
+    # max(generation, bookkeeping) + train + sync; the first step has no bookkeeping before it, the last none after.
+    L, d, train, sync = 100, 0.01, 1.0, 0.5
+    trace = simulate(make_cfg("sync", decode=d, train=train, sync=sync, bookkeeping=bookkeeping), engine=engine)
+    assert trace.steps["t_start"].iloc[0] == pytest.approx(L * d)
+    np.testing.assert_allclose(step_periods(trace), max(L * d, bookkeeping) + train + sync, rtol=1e-12)
+    assert trace.steps["t_end"].iloc[-1] + sync == pytest.approx(L * d + 4 * max(L * d, bookkeeping) + 5 * (train + sync))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_async_learner_bound_step_pays_the_bookkeeping(engine):
+    # Generation (1 s a batch) outpaces training: the learner's cycle is train + sync + bookkeeping, back to back.
+    train, sync, bookkeeping = 1.5, 0.2, 0.3
+    trace = simulate(make_cfg("async", steps=10, train=train, sync=sync, bookkeeping=bookkeeping,
+                              staleness_control="none"), engine=engine)
+    np.testing.assert_allclose(step_periods(trace)[2:], train + sync + bookkeeping, rtol=1e-12)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -373,8 +395,9 @@ def run_both(cfg):
 def larger_configs(draw):
     """More workers, steps and samples than `configs`, analytic costs too, ties (constant lengths and step
     times), every staleness control, router, batching and admission mode, weight-sync phases, buffer order and capacity,
-    co-location (a learner whose speed follows the workers'), responses short and long against max_new_tokens (one
-    or many decode steps per calendar bucket), KV budgets, multi-turn samples."""
+    co-location (a learner whose speed follows the workers'), the learner's bookkeeping after publishing, responses
+    short and long against max_new_tokens (one or many decode steps per calendar bucket), KV budgets, multi-turn
+    samples."""
     mode = draw(st.sampled_from(["sync", "one_step_off", "fixed_lag", "async", "async", "async"]))
     group = draw(st.integers(1, 4))
     batch = draw(st.integers(1, 8))
@@ -385,15 +408,19 @@ def larger_configs(draw):
         pipeline = draw(async_pipelines(batch, max_staleness=4))
     pipeline["weight_sync"] = draw(st.sampled_from([{}, {"pause_s": 0.05, "resume_s": 0.02},
                                                     {"pause_s": 0.3, "transfer_s": 0.0, "resume_s": 0.1}]))
-    hardware = draw(st.one_of(
+    hardware = dict(draw(st.one_of(
         st.just({"gpu": "H100-SXM", "model": "qwen2.5-0.5b"}),
         st.builds(lambda d, p, t, s: {"constant": {"decode_step_s": d, "prefill_s_per_token": p, "train_step_s": t,
                                                    "sync_s": s}},
                   st.sampled_from([0.001, 0.0123]), st.sampled_from([0.0, 1e-4]), st.sampled_from([0.0, 0.05, 1.0]),
-                  st.sampled_from([0.0, 0.05, 0.3]))))
+                  st.sampled_from([0.0, 0.05, 0.3])))))
+    bookkeeping = draw(st.sampled_from([0.0, 0.0, 0.04, 0.7]))  # the learner's, after each publish
+    if bookkeeping:
+        hardware["efficiency"] = {"learner_bookkeeping_s": bookkeeping}
     colocated = draw(st.booleans())
     if colocated:  # a learner slowed while k of the W workers generate, at a speed that changes mid-step
-        hardware["efficiency"] = {"colocation_gen_slowdown": draw(st.sampled_from([1.0, 1.3])),
+        hardware["efficiency"] = {**hardware.get("efficiency", {}),
+                                  "colocation_gen_slowdown": draw(st.sampled_from([1.0, 1.3])),
                                   "colocation_train_slowdown": draw(st.sampled_from([1.0, 1.11, 2.5]))}
     batching = draw(st.sampled_from(["continuous", "static"]))
     raw = {

@@ -238,6 +238,8 @@ def test_built_profile_is_checked_like_a_loaded_one():
         MeasuredProfile(machine={"hostname": "h"})
     with pytest.raises(ValueError, match="sync_s: must be a finite number >= 0"):
         MeasuredProfile(sync_s=float("inf"))
+    with pytest.raises(ValueError, match="learner_bookkeeping_s: must be a finite number >= 0"):
+        MeasuredProfile(learner_bookkeeping_s=-1.0)
     with pytest.raises(ValueError, match="train.seconds: values must be finite numbers >= 0"):
         MeasuredProfile(train=Curve((1.0, 2.0), (1.0, float("inf"))))
     with pytest.raises(ValueError, match="colocation.train_slowdown: must be a finite number > 0"):
@@ -254,6 +256,16 @@ def test_profile_roundtrip(tmp_path):
     assert load_profile(tmp_path / "old.yaml").colocation == Colocation(1.2, 1.1, 1.0)
     cfg = make_cfg({"gpu": "H200", "model": "tiny", "profile": str(tmp_path / "p.yaml")})
     assert cost_model_for(cfg).decode_step_s(1, 100) == pytest.approx(0.010)
+
+
+def test_learner_bookkeeping_from_the_profile_else_the_efficiency_section(tmp_path):
+    const = {"gpu": None, "constant": {"decode_step_s": 0.1, "train_step_s": 1.0}}
+    assert build_cost_model(make_cfg(const)).bookkeeping_s == 0.0
+    cfg = make_cfg({**const, "efficiency": {"learner_bookkeeping_s": 0.3}})
+    assert build_cost_model(cfg).bookkeeping_s == 0.3
+    assert build_cost_model(cfg, MeasuredProfile(learner_bookkeeping_s=0.05)).bookkeeping_s == 0.05
+    save_profile(MeasuredProfile(learner_bookkeeping_s=0.05), tmp_path / "p.yaml")
+    assert load_profile(tmp_path / "p.yaml").learner_bookkeeping_s == 0.05
 
 
 # --------------------------------------------------------------------------- colocation

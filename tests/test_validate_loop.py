@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sim.cli import main
 from sim.config import load_config
 from sim.hardware.measured import load_profile
+from validate.loop import pilot_bookkeeping_s
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 SHORT = ["--set", "run.steps=6", "--set", "real.warm_start_steps=4"]
@@ -49,6 +51,9 @@ def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
     assert judged["staleness/mean"]["measured"] > 0 and judged["speedup/vs_sync"]["measured"] > 0
     assert report["recalibrated_rows"] is not None
     assert any("pilot run" in n for n in report["notes"])        # where the lengths came from
+    # ... and the learner's bookkeeping the prediction charges
+    timed = np.mean([pilot_bookkeeping_s(out / name) for name in ("pilot", "pilot-2")])
+    assert timed > 0 and any(f"learner bookkeeping: {timed:.4f} s a step" in n for n in report["notes"])
     for name in ("report.md", "staleness.png", "throughput.png", "timeline.png", "measured/trace",
                  "measured_sync/trace", "pilot/trace", "measured-2/trace", "measured_sync-2/trace", "pilot-2/trace"):
         assert (out / name).exists(), name

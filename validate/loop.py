@@ -120,6 +120,13 @@ def prediction_config(cfg: RunConfig, profile_path: Path) -> RunConfig:
     return cfg.with_overrides(overrides)
 
 
+def pilot_bookkeeping_s(folder: Path) -> float:
+    """The learner's mean bookkeeping per step in a `stalecast train` run folder, as `calibrate` reads it."""
+    from sim.calibrate.stalecast_run import read_stalecast_run
+
+    return float(read_stalecast_run(folder).steps["bookkeeping_s"].mean())
+
+
 def predict_runs(pred_cfg: RunConfig, seeds: list[int], lengths_per_run: list[dict],
                  overrides: dict | None = None) -> Trace:
     """One simulated run per seed with its lengths (`lengths_from` a pilot, or {}), laid end to end."""
@@ -136,7 +143,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.profile import measure_profile, plan_for
     from real.trainer import Trainer
     from sim.hardware.cost import cost_model_for
-    from sim.hardware.measured import save_profile
+    from sim.hardware.measured import load_profile, save_profile
     from sim.metrics import rollout_idle
     from validate.costs import cost_ratios
 
@@ -152,18 +159,20 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
         # Lengths change as training goes on (early responses run long): a pilot is a run of the same config
         # and mode with another seed, and its groups are replayed in admission order.
         pilot_steps = pilot_steps or cfg.run.steps
-        pilot_lengths = []
+        pilot_lengths, bookkeeping = [], []
         for r, seed in enumerate(seeds):
             say(f"pilot run {r + 1} of {repeats} ({pilot_steps} {cfg.pipeline.mode} steps, seed {seed + 1}) "
                 "for the lengths")
             pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": seed + 1})
             pilot = Trainer(pilot_cfg, out / run_dir("pilot", r), timeout_s=train_timeout_s).run()
             pilot_lengths.append(lengths_from(pilot.trace))
+            bookkeeping.append(pilot_bookkeeping_s(out / run_dir("pilot", r)))
         notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from "
                      f"{repeats} {pilot_steps}-step pilot run(s) ({cfg.pipeline.mode} mode, seeds "
                      f"{', '.join(str(s + 1) for s in seeds)}; not measured runs), one per predicted run")
+        bookkeeping_s = float(np.mean(bookkeeping))
     else:
-        pilot_lengths = [{} for _ in seeds]
+        pilot_lengths, bookkeeping_s = [{} for _ in seeds], None
         notes.append("lengths: the config's prompt_len / response_len distributions")
 
     if profile is None:
@@ -176,6 +185,15 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
         profile_path = Path(profile).resolve()
         notes.append(f"hardware: the given profile {profile}")
     pred_cfg = prediction_config(cfg, profile_path)
+    if load_profile(profile_path).learner_bookkeeping_s is not None:
+        notes.append("learner bookkeeping: the profile's learner_bookkeeping_s")
+    elif bookkeeping_s is not None:
+        pred_cfg = pred_cfg.with_overrides({"hardware.efficiency.learner_bookkeeping_s": bookkeeping_s})
+        notes.append(f"learner bookkeeping: {bookkeeping_s:.4f} s a step after each publish, timed in the pilot "
+                     f"runs (the learner's wait after its sync less its own time/queue_wait_s)")
+    else:
+        notes.append(f"learner bookkeeping: not timed without pilot runs; the config's "
+                     f"{cfg.hardware.efficiency.learner_bookkeeping_s:g} s (hardware.efficiency)")
     notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
                  "train's learner computes them")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,7 @@ class Calibration:
     serial_share_range: tuple[float, float]
     sync_s: float
     notes: list[str] = field(default_factory=list)  # what was identified, what was not and what it fell back to
+    bookkeeping_s: float = 0.0            # the learner's work per step after publishing (0: not logged)
 
     # ---------------------------------------------------------------- what the logs left open
     @property
@@ -204,7 +205,7 @@ class Calibration:
                               tuple(tuple(row) for row in seconds)),
             prefill=Curve(tuple(float(p) for p in prompt_tokens), tuple(prefill)),
             train=Curve((0.0, batch_tokens), tuple(train)),
-            sync_s=self.sync_s)
+            sync_s=self.sync_s, learner_bookkeeping_s=self.bookkeeping_s)
 
     def _longest_prompt(self) -> int:
         wl = self.workload
@@ -276,12 +277,13 @@ def calibrate(paths: list[str | Path], fmt: str, opts: Options) -> tuple[Calibra
     reference = layouts[0].learner_gpus
     phases, residuals = _fit_phases(logs, layouts, tokens, reference, notes)
     sync_s = _mean_sync(logs, notes)
+    bookkeeping_s = _pooled(logs, "bookkeeping_s")
     lo, hi = opts.decode_compute_range
     decode_compute = {"point": 1.0, **({"low": lo, "high": hi} if (lo, hi) != (1.0, 1.0) else {})}
     cal = Calibration(fmt, [{"path": str(log.path), "layout": asdict(layout), "steps": len(log.steps)}
                             for log, layout in zip(logs, layouts)],
                       hardware, cluster, workload, decode_compute, dict.fromkeys(decode_compute, 1.0), [], reference,
-                      phases, tuple(opts.serial_share_range), sync_s, notes)
+                      phases, tuple(opts.serial_share_range), sync_s, notes, bookkeeping_s or 0.0)
     residuals += _fit_generation(cal, logs, layouts, opts)
     _reproduce(cal, logs, layouts, opts)
     _describe_unidentified(cal, layouts)
@@ -539,14 +541,17 @@ def _mean_sync(logs: list[RunLog], notes: list[str]) -> float:
     return value
 
 
-def _simulate(cal: Calibration, layout: Layout, corner: Corner, steps: int, scale: float | None = None):
-    """Trace of the calibrated workload on `layout` in sync mode, with `corner`'s costs."""
+def _simulate(cal: Calibration, layout: Layout, corner: Corner, steps: int, scale: float | None = None,
+              bookkeeping: bool = True):
+    """Trace of the calibrated workload on `layout` in sync mode, with `corner`'s costs (without the learner's
+    bookkeeping unless `bookkeeping`)."""
     from sim.engine.pipeline import Simulation
     from sim.hardware.cost import build_cost_model
     from sim.metrics import METRIC_COLUMNS
 
     cfg = cal.config(layout, "sync", steps)
-    cost = build_cost_model(cfg, cal.profile(layout.learner_gpus, corner, scale))
+    profile = cal.profile(layout.learner_gpus, corner, scale)
+    cost = build_cost_model(cfg, profile if bookkeeping else replace(profile, learner_bookkeeping_s=0.0))
     return Simulation(cfg, cost, trace_columns=METRIC_COLUMNS).run()
 
 
@@ -557,15 +562,17 @@ def _sim_steps(log: RunLog, opts: Options) -> int:
 
 def _fit_generation(cal: Calibration, logs: list[RunLog], layouts: list[Layout], opts: Options) -> list[tuple]:
     """Each decode-compute end's scale: the log's mean generation time over the simulator's at scale 1, pooled over
-    logs (weighted by their steps). Residuals per step against the average decode step x the step's longest
-    response (prefill included in the average)."""
+    logs (weighted by their steps), the learner's bookkeeping left out (in a sync run it overlaps generation: the
+    learner's wait is the generation where that is the longer). Residuals per step against the average decode step x
+    the step's longest response (prefill included in the average)."""
     from sim.metrics import learner_wait_s
 
     residuals = []
     for key in cal.decode_scale:
         num = den = 0.0
         for i, (log, layout) in enumerate(zip(logs, layouts)):
-            trace = _simulate(cal, layout, Corner(key, key, 0.0), _sim_steps(log, opts), scale=1.0)
+            trace = _simulate(cal, layout, Corner(key, key, 0.0), _sim_steps(log, opts), scale=1.0,
+                              bookkeeping=False)
             ratio = float(log.steps["gen_s"].mean()) / float(learner_wait_s(trace.steps).mean())
             num, den = num + ratio * len(log.steps), den + len(log.steps)
             if key == "point":
@@ -638,6 +645,14 @@ def _describe_unidentified(cal: Calibration, layouts: list[Layout]) -> None:
             f"learner sizes to fit it")
     cal.notes.append(f"weight sync: {cal.sync_s:.3f} s, as logged ({layouts[0].describe()}); charged the same on "
                      f"every layout (its time on another is not identified)")
+    if cal.bookkeeping_s:
+        cal.notes.append(f"learner bookkeeping: {cal.bookkeeping_s:.3f} s a step, as logged (its work after "
+                         f"publishing: metrics, logging, checkpoints), charged beside generation on every layout; a "
+                         f"learner-bound async run pays it at every step. Where the logged run's learner shared a "
+                         f"processor with generation, it reads longer than it would alone")
+    else:
+        cal.notes.append(f"learner bookkeeping: not logged apart ({FORMATS[cal.format].name}: work outside the timed "
+                         f"phases is in the step's `other` part where the log gives a step time); taken as 0 s")
 
 
 def write_profile(cal: Calibration, out: Path, force: bool) -> Path:

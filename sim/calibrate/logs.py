@@ -30,6 +30,8 @@ QUANTITIES: dict[str, str] = {
     "ref_logprob_s": "the reference policy's log-probs on the learner, seconds",
     "update_s": "the policy update (forward, backward, optimizer), seconds",
     "sync_s": "the weight sync from the learner to the rollout engines, seconds",
+    "bookkeeping_s": "the learner's own work after it publishes and before it waits for its next batch (metrics, "
+                     "logging, checkpoints; it overlaps generation), seconds",
     "step_s": "the whole step, seconds",
     "response_mean": "mean response length, tokens",
     "response_max": "longest response, tokens",

@@ -5,7 +5,9 @@ the generation time and the step.
 Generation is the learner's wait for its batch after its previous sync, from the trace's step times (`learner_wait_s`,
 what the simulator's time/queue_wait_s measures), not metrics.jsonl's time/queue_wait_s: that one starts after the
 learner has written the step's rows, which it does while the workers already generate, so it misses that part of the
-generation."""
+generation. The difference between the two is the learner's bookkeeping (`bookkeeping_s`: metrics, the run folder's
+rows, checkpoints; real/learner.py Learner.step, real/trainer.py Trainer._train_steps), which a learner-bound async
+run pays at every step."""
 
 from __future__ import annotations
 
@@ -39,8 +41,11 @@ def read_stalecast_run(path: Path) -> RunLog:
     total = used["prompt_len"] + used["response_len"]
     st = trace.steps
     ends = (st["t_end"] + st["weight_sync_s"].fillna(0.0)).to_numpy()
-    timed = pd.DataFrame({"gen_s": learner_wait_s(st), "step_s": np.diff(np.r_[0.0, ends])},
-                         index=pd.Index(st["step"].to_numpy(), name="step"))
+    wait = pd.Series(learner_wait_s(st), index=pd.Index(st["step"].to_numpy(), name="step"))
+    # metrics.jsonl's time/queue_wait_s, read as gen_s (NaN where a run's log lacks it: bookkeeping not identified)
+    queue_wait = steps["gen_s"].reindex(wait.index) if "gen_s" in steps else np.nan
+    timed = pd.DataFrame({"gen_s": wait, "step_s": np.diff(np.r_[0.0, ends]),
+                          "bookkeeping_s": (wait - queue_wait).clip(lower=0.0)})
     per_step = timed.join(pd.DataFrame({
         "response_mean": by_step["response_len"].mean(), "response_max": by_step["response_len"].max(),
         "response_clip": (used["response_len"] >= cfg.workload.max_new_tokens).groupby(used["learner_step"]).mean(),
@@ -53,5 +58,6 @@ def read_stalecast_run(path: Path) -> RunLog:
     if steps.empty:
         raise ConfigError(f"{metrics}: none of its steps appears in {folder / 'trace'} (learner_step)")
     where = f"{folder / 'trace'} (its step times; its consumed samples per learner step)"
-    sources = {**sources, **{q: where for q in per_step.columns}}
+    sources = {**sources, **{q: where for q in per_step.columns},
+               "bookkeeping_s": f"{where} less {metrics.name}'s time/queue_wait_s"}
     return RunLog(metrics, "stalecast", steps, sources, config=cfg, groups=lengths_from(trace)["workload.groups"])

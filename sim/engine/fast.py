@@ -56,7 +56,7 @@ P_START, P_LOAD, P_DONE, P_FREE, P_LISTEN = range(5)
 W_PC, W_TARGET, W_LISTENING, W_WANT, W_FRESH_STEP, W_N_FRESH, W_N_HELD, W_GEN = range(8)
 WI_LEN = 8
 # The yield the learner waits at
-L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_DONE = range(6)
+L_START, L_DATA, L_TRAIN_TIME, L_TRAIN, L_SYNC, L_BOOKKEEPING, L_DONE = range(7)
 # World integers (st): first the counters the rules read (state.py's schema, shared with the SimPy engine), then the
 # loop's own; and floats (ft)
 (S_LATEST, S_LVER, S_NGROUPS, S_LIVE, S_RUNNING, S_BUFLEN, S_TRAINED, S_OLDEST, S_SINCE_SYNC, S_GATED,
@@ -501,7 +501,7 @@ def _retire(st, ev, ledger, unconsumed, gid, step, dropped):
 
 
 @njit
-def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, publish_s):
+def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f, publish_s, bookkeeping_s):
     """Simulation.learn, from the yield it waits at to its next; NEED_TRAIN_TIME when it needs the cost model."""
     now = ev[3][F_NOW]
     ev[3][F_QUIET] = now
@@ -523,6 +523,14 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
             return 0
         pc = L_SYNC  # no sync this step: on to the next at once
     if pc == L_SYNC:
+        # Its own work before the next step; still the step just trained (a group the queue drops meanwhile is
+        # dropped at it), as Simulation.learn's learner_step.
+        if bookkeeping_s > 0.0 and st[S_STEP] + 1 < pi[P_STEPS]:
+            st[S_LPC] = L_BOOKKEEPING
+            _schedule(st, ev, now + bookkeeping_s, NORMAL, EV_LEARNER << 32)
+            return 0
+        pc = L_BOOKKEEPING
+    if pc == L_BOOKKEEPING:
         st[S_STEP] += 1
         pc = L_START
     if pc == L_START:
@@ -560,7 +568,7 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
     def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, batch, steps_i, steps_f, pre, xs, ys,
-             publish_s, load_s):
+             publish_s, load_s, bookkeeping_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
         if st[S_EID] == 0:  # SimPy starts each process with an urgent event: the workers, then the learner
@@ -600,7 +608,7 @@ def _build_loop(digest: str):
             elif kind == EV_TRAIN:
                 _train_event(pi, st, ev, wi, w, eid)
             elif _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
-                          publish_s) == NEED_TRAIN_TIME:
+                          publish_s, bookkeeping_s) == NEED_TRAIN_TIME:
                 return NEED_TRAIN_TIME
     return K.njit(cache=True, _nrt=False)(loop)
 
@@ -672,7 +680,7 @@ class _Run:
             code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER),
                          sim.worker_state, self.wi, self.wt, self.rt, self.fresh, self.held, self.unconsumed,
                          self.batch, self.steps_i, self.steps_f, sim.cost.prefill_table(), sim.decode_x, sim.decode_y,
-                         sim.publish_s, sim.load_s)
+                         sim.publish_s, sim.load_s, sim.bookkeeping_s)
             if code == NEED_TRAIN_TIME:
                 ft[F_TRAIN_S] = sim.cost.train_s(sim.train_tokens(self.batch))
                 # Progress callbacks run here, after the previous step's sync: they change nothing simulated.

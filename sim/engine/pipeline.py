@@ -118,6 +118,7 @@ class Simulation:
         pause = ws.pause_s if cfg.pipeline.mode != "sync" else 0.0
         transfer = ws.transfer_s if ws.transfer_s is not None else float(self.cost.sync_s())
         self.publish_s, self.load_s = pause + transfer, pause + transfer + ws.resume_s
+        self.bookkeeping_s = float(self.cost.bookkeeping_s)  # the learner's, after each publish
         self.B, self.group_size = wl.batch_prompts, wl.group_size
         self.control = Control.from_config(cfg)
         self.router = ROUTERS[cfg.cluster.router]
@@ -341,7 +342,8 @@ class Simulation:
 
     def learn(self):
         """The learner: a batch of B groups per step; every `sync_every` steps (verl's trigger_parameter_sync_step,
-        else 1) it publishes a new version and pays the weight sync."""
+        else 1) it publishes a new version and pays the weight sync; then its bookkeeping before the next step
+        (none after the last: the run ends with the last step's sync)."""
         env, B, world = self.env, self.B, self.world
         sync_every = self.control.sync_every
         for step in range(self.cfg.run.steps):
@@ -381,6 +383,8 @@ class Simulation:
                 yield env.timeout(self.publish_s)
             if self.on_step is not None:
                 self.on_step(step)
+            if self.bookkeeping_s > 0 and step + 1 < self.cfg.run.steps:
+                yield env.timeout(self.bookkeeping_s)  # its own work, while the workers generate
 
     # ------------------------------------------------------------------ running and the trace
     def run(self) -> Trace:

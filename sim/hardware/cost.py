@@ -17,6 +17,8 @@ Three sources, per table: a measured profile's table if it has one, else fixed t
   + (micro-batches(t) - 1) * micro_batch_overhead_s, micro-batches from the learner's memory (sim/hardware/memory.py)
 - sync = weight bytes / (link * network) + sync_latency_s; NVLink when the whole cluster fits one
   8-GPU node (or is colocated), else the per-GPU network.
+- the learner's bookkeeping after each publish (`bookkeeping_s`): a profile's learner_bookkeeping_s, else the
+  efficiency section's, whatever the source of the other costs.
 
 All weights are bf16 (2 bytes), the KV cache `hardware.memory.kv_dtype` (bf16 by default). When workers and learner
 share GPUs in a mode that overlaps them (not sync), generation times are multiplied by the generation colocation
@@ -58,8 +60,9 @@ class CostModel:
     def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
                  prefill: PrefillCurve, train: Callable[[float], float], sync_s: float,
                  gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None,
-                 worker_idle: float | None = None):
+                 worker_idle: float | None = None, bookkeeping_s: float = 0.0):
         self.max_n = max_n
+        self.bookkeeping_s = bookkeeping_s  # the learner's work per step after publishing, beside generation
         self.worker_idle = worker_idle  # the idle fraction gen_slowdown was taken at (None: not asked, no curve)
         self.gen_slowdown, self.train_slowdown = gen_slowdown, train_slowdown
         self.sources = sources or {}  # table -> "measured" | "constant" | "analytic", for summaries
@@ -131,8 +134,10 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: f
         measured = profile.colocation if profile is not None else None
         train = measured.train_slowdown if measured is not None else hw.efficiency.colocation_train_slowdown
     x, y = parts["decode"]
+    measured_bk = profile.learner_bookkeeping_s if profile is not None else None
+    bookkeeping = measured_bk if measured_bk is not None else hw.efficiency.learner_bookkeeping_s
     return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], slowdown_at(gen, worker_idle or 0.0),
-                     train, sources, worker_idle)
+                     train, sources, worker_idle, bookkeeping)
 
 
 def generation_slowdown(cfg, profile: MeasuredProfile | None) -> "float | IdleCurve":

@@ -1,13 +1,14 @@
 """Measured hardware profiles: timing tables written by `stalecast profile`, read back as YAML.
 
-The tables: `decode` (a grid), `prefill` and `train` (curves), `sync_s` (a number) and `colocation` (slowdown
-factors). A profile must hold at least one of them; which ones a config needs depends on its other hardware
+The tables: `decode` (a grid), `prefill` and `train` (curves), `sync_s` (a number), `colocation` (slowdown
+factors) and `learner_bookkeeping_s` (a number: the learner's work per step after publishing, which `stalecast
+calibrate` times and `stalecast profile` does not; without it the efficiency section's applies). A profile must hold at least one of them; which ones a config needs depends on its other hardware
 settings, as `sim.hardware.cost.build_cost_model` takes each cost from the profile, else from `hardware.constant`,
 else from the analytic model of `hardware.gpu`:
 - with `hardware.gpu` or `hardware.constant` set, any non-empty subset: the costs a profile lacks come from them;
 - with neither (`hardware.gpu: null`), the profile must give every cost: decode, prefill, train and sync_s
   (colocation stays optional: without it the efficiency section's factors apply).
-`stalecast profile` measures all five. `load_config` reads the profile and checks both rules, so a bad or
+`stalecast profile` measures the first five. `load_config` reads the profile and checks both rules, so a bad or
 incomplete profile is a config error naming the file, not a silent fall-back.
 
 Tables are used as measured (per worker for decode and prefill, for the learner as it ran for train): nothing
@@ -75,7 +76,7 @@ class Colocation:
     sync_gen_slowdown: float | IdleCurve = 1.0  # a worker's generation while only the other workers generate (sync)
 
 
-TABLES = ("decode", "prefill", "train", "sync_s", "colocation")
+TABLES = ("decode", "prefill", "train", "sync_s", "colocation", "learner_bookkeeping_s")
 TIMINGS = ("decode", "prefill", "train", "sync_s")  # what a profile must give when it is the only source of costs
 
 
@@ -88,6 +89,7 @@ class MeasuredProfile:
     train: Curve | None = None
     sync_s: float | None = None
     colocation: Colocation | None = None
+    learner_bookkeeping_s: float | None = None  # the learner's work per step after publishing (config.Efficiency)
 
     def __post_init__(self):
         # Validated on construction, so a profile the `profile` command builds is checked like a loaded one.
@@ -114,8 +116,10 @@ class MeasuredProfile:
                     raise ValueError(f"{name}.seconds: {len(curve.seconds)} values, expected one per "
                                      f"{name}.tokens value ({len(curve.tokens)})")
                 _check_nonneg(f"{name}.seconds", curve.seconds)
-        if self.sync_s is not None and not 0 <= self.sync_s < math.inf:
-            raise ValueError(f"sync_s: must be a finite number >= 0 (got {self.sync_s})")
+        for name in ("sync_s", "learner_bookkeeping_s"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < math.inf:
+                raise ValueError(f"{name}: must be a finite number >= 0 (got {value})")
         if self.colocation is not None:
             for name in ("gen_slowdown", "train_slowdown", "sync_gen_slowdown"):
                 value = getattr(self.colocation, name)
@@ -151,8 +155,9 @@ class MeasuredProfile:
             if data.get(name) is not None:
                 c = _section(data, name, ("tokens", "seconds"))
                 kw[name] = Curve(_numbers(f"{name}.tokens", c["tokens"]), _numbers(f"{name}.seconds", c["seconds"]))
-        if data.get("sync_s") is not None:
-            kw["sync_s"] = _numbers("sync_s", [data["sync_s"]])[0]
+        for name in ("sync_s", "learner_bookkeeping_s"):
+            if data.get(name) is not None:
+                kw[name] = _numbers(name, [data[name]])[0]
         if data.get("colocation") is not None:
             c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"), optional=("sync_gen_slowdown",))
             kw["colocation"] = Colocation(**{k: _factor(f"colocation.{k}", v) for k, v in c.items()})
