@@ -319,7 +319,7 @@ def slowdown(role: int, kinds: list[tuple[str, int]], cfg, measure: Callable[[],
 
     alone: list[float] = []
     shared: dict[float, list[float]] = {u: [] for u in idle}
-    with Background(kinds, cfg) as background, pinned(role, resolve_device(cfg), cfg.pipeline.mode):
+    with Background(kinds, cfg) as background, pinned(role, resolve_device(cfg), cfg):
         for block in range(plan.colocation_blocks):
             alone += phase(0.0, plan.colocation_phase_s)
             background.resume()
@@ -356,7 +356,7 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
 
     def decode_round(timed: bool) -> None:
         model.eval()
-        with pinned(0, device, cfg.pipeline.mode):
+        with pinned(0, device, cfg):
             for i in order.permutation(len(points)):
                 (n, c) = points[i]
                 step, first, prompt_tokens = decoder.point(n, c, plan.decode_steps)
@@ -365,7 +365,7 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
                     prefill_s.setdefault(prompt_tokens, []).append(max(0.0, first - step))
 
     def learner_round(timed: bool) -> None:
-        with pinned(LEARNER, device, cfg.pipeline.mode):
+        with pinned(LEARNER, device, cfg):
             for i in order.permutation(len(plan.train_lengths)):
                 seconds, padded, sync = time_step(plan.train_lengths[i])
                 if timed:
@@ -384,7 +384,7 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
                 say(f"{kind} round {r + 1} of {plan.rounds}")
                 one_round(timed=True)
     say("weight load")
-    with pinned(0, device, cfg.pipeline.mode):
+    with pinned(0, device, cfg):
         channel.load_into(model)
         load_s = float(np.median([_timed(lambda: channel.load_into(model), device) for _ in range(plan.rounds)]))
     sync_s = float(np.median(publish)) + load_s

@@ -262,7 +262,7 @@ class Trainer:
         task = self.progress.add_task("train", total=cfg.run.steps, completed=start, reward=math.nan,
                                       stale=math.nan) if self.progress is not None else None
         try:
-            with pinned(role, device, cfg.pipeline.mode):
+            with pinned(role, device, cfg):
                 for step in range(start, cfg.run.steps):
                     res = self.learner.step(step)
                     retired = [*res.dropped, *res.records]

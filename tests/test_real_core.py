@@ -1,6 +1,7 @@
 """The real trainer's single-process parts: tokenizer, task, policy, generation, GRPO loss, lr schedules."""
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, tok
 from real.model import build_policy, save_policy
 from real.task import DigitTask
 from real.tokenizer import CharTokenizer
-from sim.config import Optim, Real, parse_config
+from sim.config import Optim, Real, load_config, parse_config
 from sim.hardware.specs import MODELS
 from sim.metrics import ess, kl_estimates
 
@@ -324,11 +325,15 @@ def test_cpu_placement_gives_the_learner_a_core_of_its_own_while_workers_run_bes
     from real import model as M
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6})
-    assert M.cpu_cores(M.LEARNER, "async") == {4}
-    assert [M.cpu_cores(i, "async") for i in range(4)] == [{5}, {6}, {5}, {6}]
-    assert [M.cpu_cores(i, "sync") for i in range(4)] == [{4}, {5}, {6}, {4}]  # the learner idles meanwhile
+    assert M.cpu_cores(M.LEARNER, "async", 4) == {4}
+    assert [M.cpu_cores(i, "async", 4) for i in range(4)] == [{5}, {6}, {5}, {6}]
+    # Sync mode: generation takes every core once the workers fill them (the learner's bookkeeping beside them) ...
+    assert [M.cpu_cores(i, "sync", 4) for i in range(4)] == [{4}, {5}, {6}, {4}]
+    assert [M.cpu_cores(i, "sync", 3) for i in range(3)] == [{4}, {5}, {6}]
+    # ... and leaves the learner's core to it while fewer workers than cores run
+    assert [M.cpu_cores(i, "sync", 2) for i in range(2)] == [{5}, {6}] and M.cpu_cores(M.LEARNER, "sync", 2) == {4}
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert M.cpu_cores(0, "async") is None and M.cpu_cores(M.LEARNER, "sync") is None
+    assert M.cpu_cores(0, "async", 1) is None and M.cpu_cores(M.LEARNER, "sync", 1) is None
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="no CPU affinity on this OS")
@@ -338,7 +343,7 @@ def test_pinned_restores_the_cores_it_found():
     from real.model import LEARNER, pinned
 
     before = os.sched_getaffinity(0)
-    with pinned(LEARNER, torch.device("cpu"), "async"):
+    with pinned(LEARNER, torch.device("cpu"), load_config(Path(__file__).parents[1] / "examples" / "tiny_cpu.yaml")):
         inside = os.sched_getaffinity(0)
     assert os.sched_getaffinity(0) == before
     assert inside == (before if len(before) < 2 else {min(before)})
