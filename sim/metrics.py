@@ -108,6 +108,13 @@ def learner_wait_s(steps: pd.DataFrame) -> np.ndarray:
     return np.maximum(steps["t_start"].to_numpy() - prev_free, 0.0)
 
 
+def learner_bookkeeping_s(steps: pd.DataFrame, queue_wait_s) -> np.ndarray:
+    """Per step, the learner's own work after its previous sync (metrics, rows, checkpoints) before it began to wait
+    for its batch: its wait (`learner_wait_s`) less the wait it timed itself (`queue_wait_s`, per step in the
+    steps' order: a real run's time/queue_wait_s, which starts once the step is written; NaN where not timed)."""
+    return np.maximum(learner_wait_s(steps) - np.asarray(queue_wait_s, dtype=np.float64), 0.0)
+
+
 def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(worker, start, end, group id) per started group; end is NaN while any of its samples is still generating."""
     gid = samples["group_id"].to_numpy()

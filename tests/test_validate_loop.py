@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sim.calibrate.stalecast_run import read_stalecast_run
 from sim.cli import main
 from sim.config import load_config
 from sim.hardware.measured import load_profile
-from validate.loop import pilot_bookkeeping_s
 
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 SHORT = ["--set", "run.steps=6", "--set", "real.warm_start_steps=4"]
@@ -52,7 +52,7 @@ def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
     assert report["recalibrated_rows"] is not None
     assert any("pilot run" in n for n in report["notes"])        # where the lengths came from
     # ... and the learner's bookkeeping the prediction charges
-    timed = np.mean([pilot_bookkeeping_s(out / name) for name in ("pilot", "pilot-2")])
+    timed = np.mean([read_stalecast_run(out / name).steps["bookkeeping_s"].mean() for name in ("pilot", "pilot-2")])
     assert timed > 0 and any(f"learner bookkeeping: {timed:.4f} s a step" in n for n in report["notes"])
     for name in ("report.md", "staleness.png", "throughput.png", "timeline.png", "measured/trace",
                  "measured_sync/trace", "pilot/trace", "measured-2/trace", "measured_sync-2/trace", "pilot-2/trace"):

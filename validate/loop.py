@@ -120,11 +120,13 @@ def prediction_config(cfg: RunConfig, profile_path: Path) -> RunConfig:
     return cfg.with_overrides(overrides)
 
 
-def pilot_bookkeeping_s(folder: Path) -> float:
-    """The learner's mean bookkeeping per step in a `stalecast train` run folder, as `calibrate` reads it."""
-    from sim.calibrate.stalecast_run import read_stalecast_run
+def pilot_bookkeeping_s(trace: Trace, step_metrics: list[dict]) -> float:
+    """The learner's mean bookkeeping per step in a `stalecast train` run (its trace and per-step metrics), as
+    `calibrate` reads it from the run's folder."""
+    from sim.metrics import learner_bookkeeping_s
 
-    return float(read_stalecast_run(folder).steps["bookkeeping_s"].mean())
+    queue_wait = {m["step"]: m["time/queue_wait_s"] for m in step_metrics}
+    return float(learner_bookkeeping_s(trace.steps, [queue_wait[s] for s in trace.steps["step"]]).mean())
 
 
 def predict_runs(pred_cfg: RunConfig, seeds: list[int], lengths_per_run: list[dict],
@@ -166,7 +168,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
             pilot_cfg = cfg.with_overrides({"run.steps": pilot_steps, "seed": seed + 1})
             pilot = Trainer(pilot_cfg, out / run_dir("pilot", r), timeout_s=train_timeout_s).run()
             pilot_lengths.append(lengths_from(pilot.trace))
-            bookkeeping.append(pilot_bookkeeping_s(out / run_dir("pilot", r)))
+            bookkeeping.append(pilot_bookkeeping_s(pilot.trace, pilot.step_metrics))
         notes.append(f"lengths: whole groups (a prompt length with its responses') replayed in order from "
                      f"{repeats} {pilot_steps}-step pilot run(s) ({cfg.pipeline.mode} mode, seeds "
                      f"{', '.join(str(s + 1) for s in seeds)}; not measured runs), one per predicted run")

@@ -18,7 +18,7 @@ import pandas as pd
 
 from sim.calibrate.logs import FORMATS, RunLog, read_steps
 from sim.config import ConfigError, load_config
-from sim.metrics import learner_wait_s
+from sim.metrics import learner_bookkeeping_s, learner_wait_s
 from sim.trace import read_trace
 
 
@@ -41,11 +41,11 @@ def read_stalecast_run(path: Path) -> RunLog:
     total = used["prompt_len"] + used["response_len"]
     st = trace.steps
     ends = (st["t_end"] + st["weight_sync_s"].fillna(0.0)).to_numpy()
-    wait = pd.Series(learner_wait_s(st), index=pd.Index(st["step"].to_numpy(), name="step"))
+    index = pd.Index(st["step"].to_numpy(), name="step")
     # metrics.jsonl's time/queue_wait_s, read as gen_s (NaN where a run's log lacks it: bookkeeping not identified)
-    queue_wait = steps["gen_s"].reindex(wait.index) if "gen_s" in steps else np.nan
-    timed = pd.DataFrame({"gen_s": wait, "step_s": np.diff(np.r_[0.0, ends]),
-                          "bookkeeping_s": (wait - queue_wait).clip(lower=0.0)})
+    queue_wait = steps["gen_s"].reindex(index).to_numpy() if "gen_s" in steps else np.nan
+    timed = pd.DataFrame({"gen_s": learner_wait_s(st), "step_s": np.diff(np.r_[0.0, ends]),
+                          "bookkeeping_s": learner_bookkeeping_s(st, queue_wait)}, index=index)
     per_step = timed.join(pd.DataFrame({
         "response_mean": by_step["response_len"].mean(), "response_max": by_step["response_len"].max(),
         "response_clip": (used["response_len"] >= cfg.workload.max_new_tokens).groupby(used["learner_step"]).mean(),
