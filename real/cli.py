@@ -180,7 +180,10 @@ def cmd_profile(args: argparse.Namespace, console: Console) -> int:
     if profile.colocation is not None:
         c = profile.colocation
         console.print(f"co-location slowdown: generation {describe_factor(c.gen_slowdown)}, training "
-                      f"x{c.train_slowdown:.2f}, generation in sync mode {describe_factor(c.sync_gen_slowdown)}",
+                      f"x{c.train_slowdown:.2f}, generation in sync mode {describe_factor(c.sync_gen_slowdown)}"
+                      + ("" if c.sync_gen_beside is None else ", beside " + " / ".join(
+                          f"x{v:.2f}" for v in c.sync_gen_beside) + " at "
+                         + " / ".join(str(k) for k in range(len(c.sync_gen_beside))) + " other(s) generating"),
                       markup=False, highlight=False)
     console.print(f"wrote {out} (use it: --set hardware.profile={out})", markup=False, highlight=False)
     return 0

@@ -25,6 +25,10 @@ Every table is timed through the code a run executes, so the simulator is fed th
   but x1.17, x1.39 and x1.28 when it idled 15, 47 and 73 % of the time (x0.97, x1.15, x1.18 with nothing beside
   it); in the validation runs generation had run x1.1-1.4 of a charge measured back to back. The simulator
   charges the factor at the idle fraction the run settles at (`sim.engine.pipeline.settled_cost_model`).
+  With several workers, sync generation is also timed beside k = 1 .. workers - 1 other workers generating
+  back to back (`sync_gen_beside`): a sync run's long tail drains on fewer workers than it starts on, and on the
+  2-core VM a worker beside one other ran x1.15, beside two x2.3-2.9; the simulator charges the curve's mean
+  over the run's generating time (`sim.hardware.cost.crowding`).
 
 A shared machine drifts: on a 2-core VM the same decode call's 5-second median wanders by ~9 % (coefficient of
 variation), its 60-second mean by ~4 %. So every point is timed once per round, each round in a shuffled order,
@@ -406,9 +410,16 @@ def measure_profile(cfg, plan: ProfilePlan | None = None, progress: Callable[[st
         say(f"co-location: generating beside {workers - 1} other worker(s) as in sync mode, {idling}")
         sync_cfg = cfg.with_overrides({"pipeline.mode": "sync", "pipeline.interruptible": False})
         sync_gen = slowdown(0, [("generate", i) for i in range(1, workers)], sync_cfg, batch, plan, IDLE)
+        # ... and against how many of them generate at once: a sync run's tail drains on fewer workers than it
+        # started on (on the 2-core VM, beside one other worker x1.15, beside two x2.3-2.9).
+        beside = [1.0]
+        for k in range(1, workers):
+            say(f"co-location: generating beside {k} other worker(s) as in sync mode, back to back")
+            beside += slowdown(0, [("generate", i) for i in range(1, k + 1)], sync_cfg, batch, plan)
         colocation = Colocation(gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in gen)),
                                 train_slowdown=max(1.0, train),
-                                sync_gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in sync_gen)))
+                                sync_gen_slowdown=IdleCurve(IDLE, tuple(max(1.0, g) for g in sync_gen)),
+                                sync_gen_beside=tuple(max(1.0, g) for g in beside) if workers > 1 else None)
 
     return MeasuredProfile(
         machine=machine_record(device), model=cfg.real.model,

@@ -129,27 +129,52 @@ def group_intervals(samples: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.n
     return pick("worker_id")[first][keep], start[keep], end[keep], gid[first][keep]
 
 
+def busy_periods(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray,
+                 until: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(worker, start, end) of each worker's periods with at least one sequence in flight: the union of its
+    intervals, each counted up to `until`, the end of its run; one still open (end NaN) runs to it."""
+    t_start = np.minimum(t_start, until)  # a group started after its run's last step ended adds nothing
+    t_end = np.where(np.isnan(t_end), until, np.minimum(t_end, until))
+    order = np.lexsort((t_start, worker_id))
+    w, s, e = worker_id[order], t_start[order], np.asarray(t_end)[order]
+    workers, starts, ends = [], [], []
+    bounds = np.flatnonzero(np.diff(w)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(w)]):
+        ws, we = s[lo:hi], np.maximum.accumulate(e[lo:hi])
+        # A new busy period starts where a start lies beyond every earlier end.
+        new = np.r_[True, ws[1:] > we[:-1]]
+        starts.append(ws[new])
+        ends.append(we[np.r_[np.flatnonzero(new)[1:] - 1, len(ws) - 1]])
+        workers.append(np.full(len(starts[-1]), w[lo]))
+    if not starts:
+        return np.array([], dtype=np.int64), np.array([]), np.array([])
+    return np.concatenate(workers), np.concatenate(starts), np.concatenate(ends)
+
+
 def busy_fraction(worker_id: np.ndarray, t_start: np.ndarray, t_end: np.ndarray, n_workers: int, wall: float,
                   until: np.ndarray | float | None = None) -> float:
     """Fraction of worker-time with at least one sequence in flight (union of intervals per worker). Each interval
     counts up to `until`, the end of its run (default the wall time); one still open (end NaN) runs to it."""
     if len(t_start) == 0 or wall <= 0:
         return 0.0
-    until = wall if until is None else until
-    t_start = np.minimum(t_start, until)  # a group started after its run's last step ended adds nothing
-    t_end = np.where(np.isnan(t_end), until, np.minimum(t_end, until))
-    order = np.lexsort((t_start, worker_id))
-    w, s, e = worker_id[order], t_start[order], t_end[order]
-    busy = 0.0
-    bounds = np.flatnonzero(np.diff(w)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(w)]):
-        ws, we = s[lo:hi], np.maximum.accumulate(e[lo:hi])
-        # A new busy period starts where a start lies beyond every earlier end.
-        new = np.r_[True, ws[1:] > we[:-1]]
-        starts = ws[new]
-        ends = we[np.r_[np.flatnonzero(new)[1:] - 1, len(ws) - 1]]
-        busy += float(np.sum(ends - starts))
-    return min(1.0, busy / (n_workers * wall))  # workers busy throughout: 1, not 1 + rounding
+    _, starts, ends = busy_periods(worker_id, t_start, t_end, wall if until is None else until)
+    return min(1.0, float(np.sum(ends - starts)) / (n_workers * wall))  # busy throughout: 1, not 1 + rounding
+
+
+def generating_beside(trace: Trace) -> np.ndarray:
+    """Shares of the workers' generating time spent beside k = 0, 1, ..., n_workers - 1 other workers generating
+    (worker-seconds, so a moment with b generating counts b times, at k = b - 1); all zero if none generated.
+    What a co-location factor measured against the crowd depends on (`sim.hardware.cost.crowding`)."""
+    n = trace.n_workers
+    worker, start, end, _ = group_intervals(trace.samples)
+    _, starts, ends = busy_periods(worker, start, end, run_wall_s(trace.steps))
+    times = np.concatenate([starts, ends])
+    order = np.argsort(times, kind="stable")
+    generating = np.cumsum(np.concatenate([np.ones(len(starts)), -np.ones(len(ends))])[order])[:-1]
+    seconds = np.bincount(generating.astype(np.int64), weights=np.diff(times[order]), minlength=n + 1)[:n + 1]
+    worker_seconds = seconds[1:] * np.arange(1, n + 1)
+    total = worker_seconds.sum()
+    return worker_seconds / total if total > 0 else worker_seconds
 
 
 def rollout_idle(trace: Trace) -> float:

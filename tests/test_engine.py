@@ -163,6 +163,31 @@ def test_generation_slowdown_settles_at_the_idle_fraction_it_produces(tmp_path, 
     assert trace.header["worker_idle_charged"] == cost.worker_idle
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sync_generation_factor_follows_how_many_workers_generate(tmp_path, engine):
+    """Sync, two workers of one slot, groups of one replayed in order: each step worker 0 decodes 30 tokens and
+    worker 1 10. Of the 40 token-steps of generating worker-time, 10 + 10 are spent beside the other worker and the
+    20 of worker 0's tail beside nobody: shares 0.5 and 0.5.
+    The profile's sync factor is x2 with both generating, x1 beside nobody (`sync_gen_beside` = 1, 2): charged
+    x(0.5 * 1 + 0.5 * 2) = x1.5, whatever factor the search starts from (the shares do not depend on it), and a step
+    is 30 decode steps at that factor plus training."""
+    save_profile(MeasuredProfile(colocation=Colocation(1.0, 1.0, 2.0, sync_gen_beside=(1.0, 2.0))),
+                 tmp_path / "p.yaml")
+    d, train = 0.01, 1.0
+    data = make_cfg("sync", steps=6, batch=2, group=1, workers=2, concurrency=1, decode=d, train=train).model_dump()
+    data["workload"].update(prompt_len=None, response_len=None, groups=[[1, 30], [1, 10]], groups_in_order=True)
+    data["hardware"]["profile"], data["cluster"]["colocated"] = str(tmp_path / "p.yaml"), True
+    cfg = parse_config(data)
+    cost = settled_cost_model(cfg, engine)
+    assert cost.gen_slowdown == pytest.approx(1.5, rel=1e-9) and cost.beside == pytest.approx(0.5, rel=1e-9)
+    trace = Simulation(cfg, engine=engine).run()
+    np.testing.assert_allclose(step_periods(trace), 30 * d * 1.5 + train, rtol=1e-9)
+    assert trace.header["beside_charged"] == cost.beside
+    # One worker has no others to be beside, and async mode charges its own factor: neither takes the curve.
+    for other in ({"cluster.rollout_workers": 1}, {"pipeline.mode": "async"}):
+        assert settled_cost_model(cfg.with_overrides(other), engine).beside is None
+
+
 # --------------------------------------------------------------------------- exactness of continuous batching
 def reference_worker(cfg, n_groups):
     """Step-by-step reference for one worker and one sync batch: decode one step at a time."""

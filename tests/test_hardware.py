@@ -5,7 +5,7 @@ import pytest
 
 from sim.config import ConfigError, parse_config
 from sim.hardware import GPUS, MODELS, build_cost_model
-from sim.hardware.cost import cost_model_for
+from sim.hardware.cost import cost_model_for, crowding
 from sim.hardware.measured import (Colocation, Curve, DecodeGrid, IdleCurve, MeasuredProfile, load_profile,
                                    save_profile)
 from sim.hardware.specs import resolve_model
@@ -193,6 +193,12 @@ def test_measured_decode_tail_never_decreases():
      "colocation.sync_gen_slowdown.slowdown: 1 values, expected one per"),
     ({"colocation": {"gen_slowdown": {"idle": [0], "slowdown": [0]}, "train_slowdown": 1.0}},
      "colocation.gen_slowdown.slowdown: values must be finite numbers > 0"),
+    ({"colocation": {"gen_slowdown": 1.0, "train_slowdown": 1.0, "sync_gen_beside": [1.0, 0]}},
+     "colocation.sync_gen_beside: values must be finite numbers > 0"),
+    ({"colocation": {"gen_slowdown": 1.0, "train_slowdown": 1.0, "sync_gen_beside": []}},
+     "colocation.sync_gen_beside: needs at least 1 value"),
+    ({"colocation": {"gen_slowdown": 1.0, "train_slowdown": 1.0, "sync_gen_beside": 2.0}},
+     "colocation.sync_gen_beside: expected a list of numbers"),
     ({"machine": {"hostname": "h"}, "model": "tiny"}, "no tables: a profile needs at least one of decode"),
     ({}, "no tables"),
     ({"sync_s": float("inf")}, "sync_s: values must be finite numbers"),
@@ -247,9 +253,10 @@ def test_built_profile_is_checked_like_a_loaded_one():
 
 
 def test_profile_roundtrip(tmp_path):
+    for colocation in (Colocation(1.2, 1.1, 1.3, sync_gen_beside=(1.0, 1.15, 2.6)), Colocation(1.2, 1.1, 1.3)):
+        save_profile(grid_profile(colocation=colocation), tmp_path / "p.yaml")
+        assert load_profile(tmp_path / "p.yaml") == grid_profile(colocation=colocation)
     profile = grid_profile(colocation=Colocation(1.2, 1.1, 1.3))
-    save_profile(profile, tmp_path / "p.yaml")
-    assert load_profile(tmp_path / "p.yaml") == profile
     # A profile written before the sync-mode factor existed reads as x1 there.
     text = (tmp_path / "p.yaml").read_text().replace("  sync_gen_slowdown: 1.3\n", "")
     (tmp_path / "old.yaml").write_text(text)
@@ -303,6 +310,27 @@ def test_generation_slowdown_against_idle_fraction(tmp_path):
         assert cost.decode_step_s(1, 0) == pytest.approx(0.1 * factor) and cost.worker_idle == idle
     sync = build_cost_model(make_cfg(const, cluster=cluster, pipeline={"mode": "sync"}), profile, worker_idle=0.45)
     assert sync.decode_step_s(1, 0) == pytest.approx(0.1 * 1.15)
+
+
+def test_sync_generation_factor_against_the_crowd():
+    """The sync factor: the mean of the profile's curve against the number of others generating (over the run's
+    generating time), times the idle curve's rhythm effect (at the run's idle fraction over back to back)."""
+    shares = np.array([2 / 7, 2 / 7, 3 / 7])  # of generating time beside 0, 1, 2 other workers
+    assert crowding((1.0, 1.15, 2.6), shares) == pytest.approx(2 / 7 + 2 / 7 * 1.15 + 3 / 7 * 2.6)
+    # A profile of fewer workers than the run: more others than it measured are charged at its last entry.
+    assert crowding((1.0, 2.0), np.array([0.2, 0.3, 0.5])) == pytest.approx(0.2 + 0.3 * 2 + 0.5 * 2)
+    assert crowding((1.0, 2.0), np.zeros(2)) == 2.0  # nothing generated: the full crowd's factor
+    const = {"gpu": None, "constant": {"decode_step_s": 0.1, "train_step_s": 1.0}}
+    profile = MeasuredProfile(colocation=Colocation(1.0, 1.0, IdleCurve((0.0, 0.6), (2.6, 3.2)),
+                                                    sync_gen_beside=(1.0, 1.15, 2.6)))
+    cluster = {"rollout_workers": 3, "max_concurrency": 8, "colocated": True}
+    sync = build_cost_model(make_cfg(const, cluster=cluster, pipeline={"mode": "sync"}), profile, worker_idle=0.3,
+                            beside=shares)
+    assert sync.decode_step_s(1, 0) == pytest.approx(0.1 * crowding((1.0, 1.15, 2.6), shares) * 2.9 / 2.6)
+    assert sync.beside == pytest.approx(2 / 7 + 2 * 3 / 7)  # the mean number of others generating
+    # Async mode charges its own factor, measured beside the learner: the sync curve does not apply.
+    cost = build_cost_model(make_cfg(const, cluster=cluster), profile, beside=shares)
+    assert cost.decode_step_s(1, 0) == pytest.approx(0.1) and cost.beside is None
 
 
 # --------------------------------------------------------------------------- check_hardware

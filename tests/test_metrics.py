@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.metrics import compute_metrics, ess, kl_estimates, staleness_histogram
+from sim.metrics import compute_metrics, ess, generating_beside, kl_estimates, staleness_histogram
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace
 
 NAN = float("nan")
@@ -94,6 +94,17 @@ def test_idle_and_waits(m):
 def test_rollout_idle_ignores_row_order(m):
     shuffled = make_trace(rows=[ROWS[i] for i in (9, 3, 6, 0, 8, 5, 1, 7, 4, 2)])
     assert compute_metrics(shuffled)["idle/rollout"] == pytest.approx(m["idle/rollout"])
+
+
+def test_generating_beside_other_workers():
+    # The busy periods of test_idle_and_waits: worker 0 [0, 1.5] and [3, 4.2], worker 1 [0.5, 3.5] and [4, 6].
+    # One generating: [0, 0.5], [1.5, 3], [3.5, 4], [4.2, 6] = 4.3 s; both: [0.5, 1.5], [3, 3.5], [4, 4.2] = 1.7 s,
+    # 3.4 worker-seconds. Of 7.7 worker-seconds generating, 4.3 beside nobody and 3.4 beside the other worker.
+    np.testing.assert_allclose(generating_beside(make_trace()), [4.3 / 7.7, 3.4 / 7.7])
+    shuffled = make_trace(rows=[ROWS[i] for i in (9, 3, 6, 0, 8, 5, 1, 7, 4, 2)])
+    np.testing.assert_allclose(generating_beside(shuffled), [4.3 / 7.7, 3.4 / 7.7])
+    idle = make_trace(rows=[r for r in ROWS if r[0] == 3])  # one group, never finished: worker 1 alone
+    np.testing.assert_allclose(generating_beside(idle), [1.0, 0.0])
 
 
 def test_no_speedup_without_baseline():

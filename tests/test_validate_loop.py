@@ -34,10 +34,19 @@ def test_profile_measures_every_table_and_the_simulator_uses_it(profile_path):
     assert prof.sync_s > 0 and c.train_slowdown >= 1
     for curve in (c.gen_slowdown, c.sync_gen_slowdown):  # each against the idle fractions it was measured at
         assert curve.idle == (0.0, 0.3, 0.6) and all(v >= 1 for v in curve.slowdown)
+    assert c.sync_gen_beside is None  # one worker: no others to generate beside
     from sim.engine.pipeline import Simulation
     sim = Simulation(load_config(TINY, {"hardware.profile": str(profile_path), "run.steps": 5}))
     assert set(sim.cost.sources.values()) == {"measured"}
     assert len(sim.run().steps) == 5
+
+
+def test_profile_times_sync_generation_against_the_crowd(tmp_path):
+    """Two workers: sync generation is also timed beside 1 other worker (and beside none: x1 by definition)."""
+    out = tmp_path / "two.yaml"
+    assert main(["profile", str(TINY), "--quick", "--set", "cluster.rollout_workers=2", "--out", str(out)]) == 0
+    beside = load_profile(out).colocation.sync_gen_beside
+    assert len(beside) == 2 and beside[0] == 1.0 and beside[1] >= 1
 
 
 def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):

@@ -111,10 +111,13 @@ def measured_seeds(cfg: RunConfig, repeats: int) -> list[int]:
 def prediction_config(cfg: RunConfig, profile_path: Path) -> RunConfig:
     """The config the loop predicts with: the measured profile, learner steps charged for padded tokens (stalecast
     train's learner pads each batch to its longest row: a step costs those tokens), every sample's copy of a group's
-    prompt prefilled (the real engines admit a group as group_size sequences: real/engine/batching.py), and no KV
-    budget unless kv_budget_tokens gives one (the real workers impose no other: real/engine/kv.py)."""
+    prompt prefilled (the real engines admit a group as group_size sequences: real/engine/batching.py), groups
+    routed `fill_first` (a real worker takes as many groups as its free slots hold, first come, first served, in
+    one locked admission: real/worker.py `RolloutWorker.admit`; in a sync run of 16 groups over 3 workers of 8
+    groups' room, two workers took 8 each and the third none, every step), and no KV budget unless
+    kv_budget_tokens gives one (the real workers impose no other: real/engine/kv.py)."""
     overrides = {"hardware.profile": str(Path(profile_path).resolve()), "hardware.train_tokens": "padded",
-                 "cluster.group_prefill": "per_sample"}
+                 "cluster.group_prefill": "per_sample", "cluster.router": "fill_first"}
     if cfg.hardware.memory.kv_budget_tokens is None:
         overrides["hardware.memory.kv_policy"] = "unlimited"
     return cfg.with_overrides(overrides)
@@ -207,11 +210,13 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
 
     say("predicting (before the measured runs)")
     predicted, predicted_sync = predict(pilot_lengths)
-    notes.append("generation charged at the profile's co-location factor for the workers' idle fraction that the "
-                 "prediction settles at: " + ", ".join(
+    notes.append("generation charged at the profile's co-location factor for the workers' idle fraction (and, in "
+                 "sync mode, the number of workers generating at once) that the prediction settles at: " + ", ".join(
                      f"{mode} x{t.header['generation_slowdown']:.3f} " + (
                          "(the same at any idle fraction)" if t.header["worker_idle_charged"] is None
-                         else f"at {100 * t.header['worker_idle_charged']:.0f} % idle")
+                         else f"at {100 * t.header['worker_idle_charged']:.0f} % idle") + (
+                         "" if t.header.get("beside_charged") is None
+                         else f", beside {t.header['beside_charged']:.2f} other workers generating on average")
                      for mode, t in ((cfg.pipeline.mode, predicted), ("sync", predicted_sync))))
 
     measured_runs, sync_runs = [], []

@@ -56,7 +56,8 @@ for name, data in reports.items():
 
 print()
 print("The generation factor the prediction charged (the profile's co-location curve at the idle fraction the "
-      "simulated run settled at), and the in-run costs against the profile (post hoc, medians of measured / charged "
+      "simulated run settled at, and in sync mode beside the mean number of other workers generating, where the "
+      "profile measured that curve), and the in-run costs against the profile (post hoc, medians of measured / charged "
       "at the run's own idle fraction); async, sync:")
 print()
 print("| workers | bound | generation factor charged | learner step, in run | generation batch, in run |")
@@ -65,7 +66,8 @@ for name, data in reports.items():
     w, s = cell(name)
     runs = list(data["costs"].values())
     note = next(n for n in data["notes"] if n.startswith("generation charged at"))
-    charged = ", ".join(f"x{x} at {u} %" for x, u in re.findall(r"x([0-9.]+) at ([0-9]+) % idle", note))
+    charged = ", ".join(f"x{x} at {u} %" + (f" beside {b}" if b else "") for x, u, b in re.findall(
+        r"x([0-9.]+) at ([0-9]+) % idle(?:, beside ([0-9.]+) other workers)?", note))
     print(f"| {w} | {s} | {charged} | " + " | ".join(", ".join(f"x{c[k]:.2f}" for c in runs)
                                                      for k in ("learner_step", "generation_batch")) + " |")
 

@@ -21,8 +21,8 @@ from sim.engine.control import ADMIT, GATED, Control, block_reason, oldest_uncon
 from sim.engine.routers import ROUTERS, choose
 from sim.engine.state import World
 from sim.engine.worker import Worker
-from sim.hardware.cost import CostModel, build_cost_model, generation_slowdown
-from sim.hardware.measured import IdleCurve, load_profile
+from sim.hardware.cost import CostModel, build_cost_model, crowd_curve, generation_slowdown
+from sim.hardware.measured import IdleCurve, load_profile, slowdown_at
 from sim.hardware.memory import KVCapacity, kv_capacity
 from sim.resources import check_simulation_memory, ledger_groups
 from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace, provenance
@@ -440,6 +440,7 @@ class Simulation:
         header = {"schema": "stalecast.trace/1", **provenance("sim"), "config": self.cfg.model_dump(mode="json"),
                   "rollout_workers": self.cfg.cluster.rollout_workers, "cost_sources": getattr(self.cost, "sources", None),
                   "generation_slowdown": self.cost.gen_slowdown, "worker_idle_charged": self.cost.worker_idle,
+                  "beside_charged": self.cost.beside,
                   "kv": self.kv_summary()}
         return Trace(samples, steps[list(STEP_COLUMNS)].astype(STEP_COLUMNS), header,
                      sample_chunks=None if whole else table.chunks)
@@ -460,21 +461,32 @@ def simulate(cfg: RunConfig, cost: CostModel | None = None, engine: str | None =
 
 def settled_cost_model(cfg: RunConfig, engine: str | None = None, stream: GroupStream | None = None,
                        tolerance: float = 0.01) -> CostModel:
-    """The cost model of `cfg`, its generation slowdown taken at the workers' idle fraction that its own simulation
-    produces. A profile may measure that slowdown against the idle fraction (`IdleCurve`): on the 2-core VM a worker
-    generating in bursts ran slower per batch than one generating back to back. The fraction is an output of the
-    pipeline, so it is searched for: u - idle(u) is <= 0 at u = 0 and > 0 at u = 1 (a run is never idle
-    throughout), and bisection narrows a sign change to `tolerance` (7 simulations at 0.01). Costs without such
-    a curve need no search."""
-    from sim.metrics import rollout_idle
+    """The cost model of `cfg`, its generation slowdown taken at the run's rhythm that its own simulation produces.
+    A profile may measure that slowdown against the workers' idle fraction (`IdleCurve`: on the 2-core VM a worker
+    generating in bursts ran slower per batch than one generating back to back) and, in sync mode, against how many
+    other workers generate at once (`sync_gen_beside`). The rhythm is an output of the pipeline, so the factor f is
+    searched for: the factor a simulation charging f produces, F(f), lies within the curves' range [lo, hi], so
+    f - F(f) is <= 0 at lo and >= 0 at hi, and bisection narrows a sign change to `tolerance` (about 7 simulations).
+    The model returned charges F at the midpoint, with the idle fraction and crowd it was taken at. Costs without
+    such curves need no search."""
+    from sim.metrics import generating_beside, rollout_idle
 
     profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
-    factor = generation_slowdown(cfg, profile)
-    if not isinstance(factor, IdleCurve) or len(set(factor.slowdown)) == 1:
+    factor, curve = generation_slowdown(cfg, profile), crowd_curve(cfg, profile)
+    idle_curve = isinstance(factor, IdleCurve) and len(set(factor.slowdown)) > 1
+    if not idle_curve and (curve is None or len(set(curve)) == 1):
         return build_cost_model(cfg, profile)
-    lo, hi = 0.0, 1.0
+
+    def settled(charged: float) -> CostModel:
+        """The model at the rhythm of a simulation charging `charged`."""
+        trace = Simulation(cfg, build_cost_model(cfg, profile, gen_factor=charged), engine, stream).run()
+        return build_cost_model(cfg, profile, rollout_idle(trace), None if curve is None else generating_beside(trace))
+
+    levels = factor.slowdown if isinstance(factor, IdleCurve) else (factor,)
+    if curve is not None:  # the crowd's curve times the idle curve's rhythm effect (build_cost_model)
+        levels = [c * v / slowdown_at(factor, 0.0) for c in curve for v in levels]
+    lo, hi = min(levels), max(levels)
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        idle = rollout_idle(Simulation(cfg, build_cost_model(cfg, profile, mid), engine, stream).run())
-        lo, hi = (mid, hi) if idle > mid else (lo, mid)
-    return build_cost_model(cfg, profile, (lo + hi) / 2)
+        lo, hi = (mid, hi) if settled(mid).gen_slowdown > mid else (lo, mid)
+    return settled((lo + hi) / 2)

@@ -26,7 +26,11 @@ slowdown, whatever the source, and the engine slows each learner step by the tra
 (`train_slowdown`; `train_s` is the step alone). A profile's factors override the efficiency ones. In sync mode
 only a profile's `sync_gen_slowdown` applies (workers generating beside each other, the learner idle). A profile
 may give a generation factor against the workers' idle fraction (`IdleCurve`); the cost model takes it at the
-fraction it is built for, and `sim.engine.pipeline.settled_cost_model` finds the fraction a run settles at.
+fraction it is built for. In sync mode a profile may also give the factor against how many other workers generate
+at once (`sync_gen_beside`), back to back: a run's workers are often not all generating (a long tail drains on one
+worker), so the sync factor is then `crowding`, the mean of that curve over the run's generating time, times the
+idle curve's rhythm effect (its value at the run's idle fraction over its value back to back). The factor per run is one number (the engines charge no factor that
+changes within a run): `sim.engine.pipeline.settled_cost_model` finds the idle fraction and crowd a run settles at.
 """
 
 from __future__ import annotations
@@ -60,10 +64,11 @@ class CostModel:
     def __init__(self, max_n: int, decode_x: np.ndarray, decode_y: np.ndarray,
                  prefill: PrefillCurve, train: Callable[[float], float], sync_s: float,
                  gen_slowdown: float = 1.0, train_slowdown: float = 1.0, sources: dict[str, str] | None = None,
-                 worker_idle: float | None = None, bookkeeping_s: float = 0.0):
+                 worker_idle: float | None = None, bookkeeping_s: float = 0.0, beside: float | None = None):
         self.max_n = max_n
         self.bookkeeping_s = bookkeeping_s  # the learner's work per step after publishing, beside generation
         self.worker_idle = worker_idle  # the idle fraction gen_slowdown was taken at (None: not asked, no curve)
+        self.beside = beside  # the mean number of other workers generating it was taken at (None: not asked)
         self.gen_slowdown, self.train_slowdown = gen_slowdown, train_slowdown
         self.sources = sources or {}  # table -> "measured" | "constant" | "analytic", for summaries
         self._x = np.ascontiguousarray(decode_x, dtype=np.float64)
@@ -105,10 +110,13 @@ class CostModel:
         return self._sync
 
 
-def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: float | None = None) -> CostModel:
+def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: float | None = None,
+                     beside: np.ndarray | None = None, gen_factor: float | None = None) -> CostModel:
     """The cost model of a `RunConfig`, with an already-loaded profile's tables overriding; no I/O. worker_idle:
     the fraction of time the workers idle, where a profile's generation slowdown depends on it (None: back to
-    back, 0)."""
+    back, 0); beside: the shares of generating time beside k other workers generating (`sim.metrics.
+    generating_beside`), where it depends on those (None: all generating); gen_factor: charge this generation
+    factor instead (settled_cost_model's search)."""
     hw, cl = cfg.hardware, cfg.cluster
     max_n = cl.max_concurrency
     if hw.constant is not None:
@@ -129,15 +137,19 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: f
         raise ValueError(f"{where}the profile lacks {names}, and with hardware.gpu null and no hardware.constant "
                          f"nothing else gives those costs: profile them (`stalecast profile`) or set hardware.gpu")
 
-    gen, train = generation_slowdown(cfg, profile), 1.0
+    factor, curve, mean_beside = generation_slowdown(cfg, profile), crowd_curve(cfg, profile), None
+    gen, train = slowdown_at(factor, worker_idle or 0.0), 1.0
+    if curve is not None and beside is not None:  # the crowd's own scale, the idle curve's rhythm effect
+        gen = crowding(curve, beside) * gen / slowdown_at(factor, 0.0)
+        mean_beside = float(np.dot(np.arange(len(beside)), beside))
     if cl.colocated and cfg.pipeline.mode != "sync":
         measured = profile.colocation if profile is not None else None
         train = measured.train_slowdown if measured is not None else hw.efficiency.colocation_train_slowdown
     x, y = parts["decode"]
     measured_bk = profile.learner_bookkeeping_s if profile is not None else None
     bookkeeping = measured_bk if measured_bk is not None else hw.efficiency.learner_bookkeeping_s
-    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"], slowdown_at(gen, worker_idle or 0.0),
-                     train, sources, worker_idle, bookkeeping)
+    return CostModel(max_n, x, y, parts["prefill"], parts["train"], parts["sync"],
+                     gen if gen_factor is None else gen_factor, train, sources, worker_idle, bookkeeping, mean_beside)
 
 
 def generation_slowdown(cfg, profile: MeasuredProfile | None) -> "float | IdleCurve":
@@ -149,6 +161,24 @@ def generation_slowdown(cfg, profile: MeasuredProfile | None) -> "float | IdleCu
     if cfg.pipeline.mode == "sync":  # the learner idles while workers generate, beside each other
         return measured.sync_gen_slowdown if measured is not None else 1.0
     return measured.gen_slowdown if measured is not None else cfg.hardware.efficiency.colocation_gen_slowdown
+
+
+def crowd_curve(cfg, profile: MeasuredProfile | None) -> tuple[float, ...] | None:
+    """The profile's sync generation factor against the number of other workers generating, where the configured
+    run charges it (sync mode, co-located, several workers); else None."""
+    measured = profile.colocation if profile is not None else None
+    if (measured is None or measured.sync_gen_beside is None or not cfg.cluster.colocated
+            or cfg.pipeline.mode != "sync" or cfg.cluster.rollout_workers < 2):
+        return None
+    return measured.sync_gen_beside
+
+
+def crowding(curve: tuple[float, ...], beside: np.ndarray) -> float:
+    """The generation factor back to back of a run whose generating time is spent beside k other workers in shares
+    beside[k]: sum_k beside[k] curve[k], k beyond the curve's end charged at its end (a profile of fewer workers than
+    the run's); the full crowd's curve[-1] where nothing generated."""
+    k = np.minimum(np.arange(len(beside)), len(curve) - 1)
+    return float(np.dot(beside, np.asarray(curve)[k])) if np.sum(beside) > 0 else float(curve[-1])
 
 
 def cost_model_for(cfg, worker_idle: float | None = None) -> CostModel:

@@ -74,6 +74,10 @@ class Colocation:
     gen_slowdown: float | IdleCurve  # a worker's generation while the learner trains and the other workers generate
     train_slowdown: float            # a learner step while every worker generates
     sync_gen_slowdown: float | IdleCurve = 1.0  # a worker's generation while only the other workers generate (sync)
+    # Sync mode: a worker generating back to back beside k = 0, 1, ... other workers doing the same, over alone
+    # (entry 0 is 1). The last entry is the crowd `sync_gen_slowdown` was measured in; a run where fewer generate
+    # at once (a long tail draining) is charged less (`sim.hardware.cost.crowding`). None: not measured.
+    sync_gen_beside: tuple[float, ...] | None = None
 
 
 TABLES = ("decode", "prefill", "train", "sync_s", "colocation", "learner_bookkeeping_s")
@@ -127,6 +131,13 @@ class MeasuredProfile:
                     _check_idle_curve(f"colocation.{name}", value)
                 elif not 0 < value < math.inf:
                     raise ValueError(f"colocation.{name}: must be a finite number > 0 (got {value})")
+            beside = self.colocation.sync_gen_beside
+            if beside is not None:
+                if not beside:
+                    raise ValueError("colocation.sync_gen_beside: needs at least 1 value (entry k: beside k others)")
+                bad = [v for v in beside if not 0 < v < math.inf]
+                if bad:
+                    raise ValueError(f"colocation.sync_gen_beside: values must be finite numbers > 0 (got {bad[0]})")
 
     @classmethod
     def from_dict(cls, data: dict) -> "MeasuredProfile":
@@ -159,8 +170,12 @@ class MeasuredProfile:
             if data.get(name) is not None:
                 kw[name] = _numbers(name, [data[name]])[0]
         if data.get("colocation") is not None:
-            c = _section(data, "colocation", ("gen_slowdown", "train_slowdown"), optional=("sync_gen_slowdown",))
-            kw["colocation"] = Colocation(**{k: _factor(f"colocation.{k}", v) for k, v in c.items()})
+            c = dict(_section(data, "colocation", ("gen_slowdown", "train_slowdown"),
+                              optional=("sync_gen_slowdown", "sync_gen_beside")))
+            beside = c.pop("sync_gen_beside", None)
+            kw["colocation"] = Colocation(**{k: _factor(f"colocation.{k}", v) for k, v in c.items()},
+                                          sync_gen_beside=None if beside is None else _numbers(
+                                              "colocation.sync_gen_beside", beside))
         return cls(**kw)
 
     def to_dict(self) -> dict:
@@ -174,7 +189,7 @@ class MeasuredProfile:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            out[f.name] = {k: plain(v) for k, v in asdict(value).items()} if f.name in (
+            out[f.name] = {k: plain(v) for k, v in asdict(value).items() if v is not None} if f.name in (
                 "decode", "prefill", "train", "colocation") else value
         return out
 
