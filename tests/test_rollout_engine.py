@@ -175,6 +175,28 @@ def test_full_width_decode_matches(monkeypatch):
     _assert_same(_run(_engine("fast", model, 4, s), prompts, first=3), cut)
 
 
+def test_decode_covers_the_active_sequences_not_the_highest_slot():
+    """Sequences ending early leave holes below the ones still decoding: those move down (`_pack`), so each decode
+    runs the smallest bucket that holds the sequences decoding (those with a cached context), as the simulator
+    charges a step for its active sequences; and the tokens are still the reference's (greedy, with an EOS that some
+    generations emit early, so neighbours finish at different times)."""
+    model, prompts = _qwen(), _prompts(11, seed=1)
+    s = Sampling(1.0, -1, 8, greedy=True)
+    s = Sampling(1.0, _run(_engine("reference", model, 8, s), prompts, first=8)[0].tokens[2], 8, greedy=True)
+    engine, decoded = _engine("fast", model, 8, s), []
+    inner = engine._decode_logits
+
+    def recorded(b):
+        decoded.append((b, sum(c > 0 for c in engine.ctx)))
+        return inner(b)
+
+    engine._decode_logits = recorded
+    ref = _run(_engine("reference", model, 8, s), prompts, first=8, every=4)
+    _assert_same(_run(engine, prompts, first=8, every=4), ref)
+    assert all(b == next(k for k in buckets(8) if k >= n) for b, n in decoded)
+    assert any(n <= 4 for _, n in decoded)   # the schedule did leave few sequences decoding
+
+
 def test_slot_reuse_leaves_no_stale_cache():
     model, s = _qwen(), Sampling(1.0, -1, 6, greedy=True)
     long, short = _prompts(4, seed=6), [p[:2] for p in _prompts(4, seed=7)]

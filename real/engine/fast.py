@@ -3,8 +3,11 @@
 Design:
 - KV cache: per layer K and V of [slots, kv_heads, max_len, head_dim] in the model's dtype, max_len =
   max_prompt_len + max_new_tokens (`max_prompt_len` is required; a longer prompt is refused). A sequence owns
-  one slot until it finishes or is evicted, and takes the lowest free one, so the active slots stay packed at the
-  front. An evicted sequence's slot is simply free again; resumed, it takes a free slot like an admission.
+  one slot until it finishes or is evicted, and takes the lowest free one. Before each decode, sequences in the
+  highest slots move (their K/V, next token and context with them) into free slots below them (`_pack`), so the
+  active slots stay packed at the front: a long tail left on slot 31 by finished neighbours decodes one row, not
+  32, as the simulator charges a decode step for its active sequences. An evicted sequence's slot is simply free
+  again; resumed, it takes a free slot like an admission.
 - A step decodes first, then prefills: the decode forward runs over the first b slots, b the smallest bucket
   (powers of two below `slots`, and `slots`) that covers the highest slot active since an earlier step; the
   prefill forward runs over the sequences admitted or resumed since the last step (a prompt, or a resumed
@@ -249,9 +252,36 @@ class FastEngine:
         last = self._h2d([len(p) - 1 for p in prompts])                            # [n]
         return self._lm_head(h[self.arange[:n], last])                             # [n, V]
 
+    def _pack(self, new: list[int]) -> list[int]:
+        """Put the d sequences to decode in slots 0..d-1: each one above moves into a slot below d that none of them
+        holds (K/V of its cached positions, next input token, context). A sequence admitted since the last step
+        (`new`: its slots, not prefilled, nothing cached) that held that slot takes the mover's old one instead.
+        Returns `new` with such slots replaced."""
+        fresh = set(new)
+        decoded = [i for i, s in enumerate(self.seqs) if s is not None and i not in fresh]
+        d = len(decoded)
+        movers = [i for i in decoded if i >= d]
+        if not movers:
+            return new
+        held = set(decoded)
+        holes = [i for i in range(d) if i not in held]   # free, or a new sequence's: as many as movers
+        src, dst = self._h2d(movers), self._h2d(holes)
+        span = max(self.ctx[i] for i in movers)                                    # cached positions 0..span-1
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :span] = k[src, :, :span]                                    # [m, kvh, span, d]
+            v[dst, :, :span] = v[src, :, :span]
+        self.tok[dst] = self.tok[src]
+        slot_of_new = {i: i for i in new}
+        for a, b in zip(movers, holes):
+            if b in fresh:
+                slot_of_new[b] = a
+            self.seqs[a], self.seqs[b] = self.seqs[b], self.seqs[a]
+            self.ctx[a], self.ctx[b] = self.ctx[b], self.ctx[a]
+        return [slot_of_new[i] for i in new]
+
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        new, self.new = self.new, []
+        new, self.new = self._pack(self.new), []
         fresh = set(new)
         old = [i for i, s in enumerate(self.seqs) if s is not None and i not in fresh]   # decoded, in slot order
         logits = []
