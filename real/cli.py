@@ -32,6 +32,18 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def router_note(cfg) -> str | None:
+    """What `stalecast train` tells a user whose config names a router its workers do not run: each real worker
+    takes every group its free slots hold, first come, first served (real/worker.py `RolloutWorker.admit`), which
+    the simulator's `fill_first` models."""
+    router, workers = cfg.cluster.router, cfg.cluster.rollout_workers
+    if workers < 2 or router == "fill_first":
+        return None
+    return (f"note: cluster.router is {router}, but the workers of stalecast train take groups first come, first "
+            f"served (the simulator's fill_first, which stalecast validate predicts with); {router} applies to "
+            f"simulations only")
+
+
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from real.learner import WorkerError
     from real.trainer import Trainer
@@ -61,6 +73,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
                       f"{args.resume} has no checkpoint: training it again from step 0", highlight=False)
     else:
         trainer = Trainer(load_config(args.config, _overrides(args)), args.out, force=args.force, **options)
+    if (note := router_note(trainer.cfg)) is not None:
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     with Progress(TextColumn(f"training [bold]{trainer.cfg.pipeline.mode}[/]"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("reward {task.fields[reward]:.3f}  staleness {task.fields[stale]:.2f}"),
                   TimeElapsedColumn(), console=console, transient=True, disable=log is not None) as bar:

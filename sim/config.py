@@ -205,7 +205,9 @@ class Cluster(_Section):
         "least_loaded", description="Which worker the next group goes to, among those that could take it now "
                                     "(sim/engine/routers.py): least_loaded, the most free slots (SGLang's and vLLM's "
                                     "routers); round_robin; fill_first, the lowest id (one engine filled before the "
-                                    "next).")
+                                    "next). stalecast train's workers take groups first come, first served, as "
+                                    "fill_first models, whatever this says (stalecast validate predicts with "
+                                    "fill_first).")
     learner_gpus: Int = Field(1, ge=1, description="GPUs the learner trains on (L).")
     colocated: Bool = Field(False, description="Workers and learner share the same GPUs (e.g. one GPU): "
                                                "the hardware colocation slowdowns apply while both run.")

@@ -312,6 +312,18 @@ def test_train_config_errors_exit_2(tmp_path, capsys):
     assert main(["train", str(TINY), "--set", "pipeline.max_staleness=-1"]) == 2
 
 
+def test_train_says_which_routing_its_workers_run():
+    """stalecast train's workers take groups first come, first served (fill_first): a config naming another router
+    is told so; one worker, or fill_first, needs no note."""
+    from real.cli import router_note
+
+    two = EXAMPLE.with_overrides({"cluster.rollout_workers": 2})
+    assert "first come, first served" in router_note(two) and "least_loaded applies to simulations only" in \
+        router_note(two)
+    assert router_note(two.with_overrides({"cluster.router": "fill_first"})) is None
+    assert router_note(EXAMPLE) is None
+
+
 def test_continuous_batching_refills_a_worker_between_decode_steps(tmp_path):
     """Continuous batching for real (examples/tiny_cpu_longtail.yaml, one worker, sync mode: the same run however the
     processes are scheduled): groups join the worker while earlier groups are still generating, and the run is
