@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sim.config import ConfigError, parse_config
@@ -89,11 +89,15 @@ def test_turns_without_environment_time_or_tool_tokens_equal_one_turn(mode, work
     """A call that takes no time and returns nothing (kept cache) leaves the sample in the batch at the same step
     boundary: the run is the one-turn run whose samples have the turns' total lengths, sample for sample. (One step
     per learner step would let a rounding difference reorder two events, so the prompts are few and the steps
-    short.)"""
+    short.) Two groups completing at the same instant on different workers enter the buffer in the order their
+    workers' events were scheduled, which a turn's end (one more event) changes: either order is the pipeline's,
+    so such runs are not compared (hypothesis draws others: with 3 workers, seed 566 tied two groups at 0.26 s)."""
     multi = turns_cfg({"count": count, "env_s": 0.0}, mode=mode, batch=2, group=group, concurrency=2 * group,
                       response={"kind": "exponential", "mean": 8}, steps=4, workers=workers, seed=seed,
                       interruptible=interruptible if mode == "async" else None)
     sim, trace = run_both(multi)
+    done = trace.samples.groupby("group_id").agg(worker=("worker_id", "first"), t=("t_end", "max")).dropna()
+    assume(not done.groupby("t")["worker"].nunique().gt(1).any())
     g = group
     rows = np.column_stack([sim.g_prompt[:sim.n_groups], sim.response_len[:sim.n_groups * g].reshape(-1, g)])
     one = multi.model_dump()
