@@ -21,7 +21,7 @@ from sim.engine.control import ADMIT, GATED, Control, block_reason, oldest_uncon
 from sim.engine.routers import ROUTERS, choose
 from sim.engine.state import World
 from sim.engine.worker import Worker
-from sim.hardware.cost import CostModel, build_cost_model, crowd_curve, generation_slowdown
+from sim.hardware.cost import CostModel, build_cost_model, crowd_curve, crowded, generation_slowdown
 from sim.hardware.measured import IdleCurve, load_profile, slowdown_at
 from sim.hardware.memory import KVCapacity, kv_capacity
 from sim.resources import check_simulation_memory, ledger_groups
@@ -482,9 +482,9 @@ def settled_cost_model(cfg: RunConfig, engine: str | None = None, stream: GroupS
         trace = Simulation(cfg, build_cost_model(cfg, profile, gen_factor=charged), engine, stream).run()
         return build_cost_model(cfg, profile, rollout_idle(trace), None if curve is None else generating_beside(trace))
 
-    levels = factor.slowdown if isinstance(factor, IdleCurve) else (factor,)
-    if curve is not None:  # the crowd's curve times the idle curve's rhythm effect (build_cost_model)
-        levels = [c * v / slowdown_at(factor, 0.0) for c in curve for v in levels]
+    idle = factor.idle if isinstance(factor, IdleCurve) else (0.0,)  # the curve's extremes lie at its knots
+    levels = [crowded(factor, c, u) for c in curve for u in idle] if curve is not None else [
+        slowdown_at(factor, u) for u in idle]
     lo, hi = min(levels), max(levels)
     while hi - lo > tolerance:
         mid = (lo + hi) / 2

@@ -29,8 +29,8 @@ may give a generation factor against the workers' idle fraction (`IdleCurve`); t
 fraction it is built for. In sync mode a profile may also give the factor against how many other workers generate
 at once (`sync_gen_beside`), back to back: a run's workers are often not all generating (a long tail drains on one
 worker), so the sync factor is then `crowding`, the mean of that curve over the run's generating time, times the
-idle curve's rhythm effect (its value at the run's idle fraction over its value back to back). The factor per run is one number (the engines charge no factor that
-changes within a run): `sim.engine.pipeline.settled_cost_model` finds the idle fraction and crowd a run settles at.
+idle curve's rhythm effect (`crowded`). The factor per run is one number (the engines charge no factor that changes
+within a run): `sim.engine.pipeline.settled_cost_model` finds the idle fraction and crowd a run settles at.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def build_cost_model(cfg, profile: MeasuredProfile | None = None, worker_idle: f
 
     factor, curve, mean_beside = generation_slowdown(cfg, profile), crowd_curve(cfg, profile), None
     gen, train = slowdown_at(factor, worker_idle or 0.0), 1.0
-    if curve is not None and beside is not None:  # the crowd's own scale, the idle curve's rhythm effect
-        gen = crowding(curve, beside) * gen / slowdown_at(factor, 0.0)
+    if curve is not None and beside is not None:
+        gen = crowded(factor, crowding(curve, beside), worker_idle or 0.0)
         mean_beside = float(np.dot(np.arange(len(beside)), beside))
     if cl.colocated and cfg.pipeline.mode != "sync":
         measured = profile.colocation if profile is not None else None
@@ -179,6 +179,12 @@ def crowding(curve: tuple[float, ...], beside: np.ndarray) -> float:
     the run's); the full crowd's curve[-1] where nothing generated."""
     k = np.minimum(np.arange(len(beside)), len(curve) - 1)
     return float(np.dot(beside, np.asarray(curve)[k])) if np.sum(beside) > 0 else float(curve[-1])
+
+
+def crowded(factor: "float | IdleCurve", crowd: float, idle: float) -> float:
+    """The sync generation factor of a run whose crowd (`crowding`) charges `crowd` back to back: that, times the
+    idle curve's rhythm effect, its value at the run's idle fraction over its value back to back."""
+    return crowd * slowdown_at(factor, idle) / slowdown_at(factor, 0.0)
 
 
 def cost_model_for(cfg, worker_idle: float | None = None) -> CostModel:

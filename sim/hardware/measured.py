@@ -2,9 +2,10 @@
 
 The tables: `decode` (a grid), `prefill` and `train` (curves), `sync_s` (a number), `colocation` (slowdown
 factors) and `learner_bookkeeping_s` (a number: the learner's work per step after publishing, which `stalecast
-calibrate` times and `stalecast profile` does not; without it the efficiency section's applies). A profile must hold at least one of them; which ones a config needs depends on its other hardware
-settings, as `sim.hardware.cost.build_cost_model` takes each cost from the profile, else from `hardware.constant`,
-else from the analytic model of `hardware.gpu`:
+calibrate` times and `stalecast profile` does not; without it the efficiency section's applies). A profile must
+hold at least one of them; which ones a config needs depends on its other hardware settings, as
+`sim.hardware.cost.build_cost_model` takes each cost from the profile, else from `hardware.constant`, else from the
+analytic model of `hardware.gpu`:
 - with `hardware.gpu` or `hardware.constant` set, any non-empty subset: the costs a profile lacks come from them;
 - with neither (`hardware.gpu: null`), the profile must give every cost: decode, prefill, train and sync_s
   (colocation stays optional: without it the efficiency section's factors apply).
