@@ -91,13 +91,16 @@ def test_turns_without_environment_time_or_tool_tokens_equal_one_turn(mode, work
     per learner step would let a rounding difference reorder two events, so the prompts are few and the steps
     short.) Two groups completing at the same instant on different workers enter the buffer in the order their
     workers' events were scheduled, which a turn's end (one more event) changes: either order is the pipeline's,
-    so such runs are not compared (hypothesis draws others: with 3 workers, seed 566 tied two groups at 0.26 s)."""
+    so such runs are not compared (hypothesis draws others: with 3 workers, seed 566 tied two groups at 0.26 s; with 2,
+    seed 319 tied two at 0.33 s, one of them 0.32999999999999996)."""
     multi = turns_cfg({"count": count, "env_s": 0.0}, mode=mode, batch=2, group=group, concurrency=2 * group,
                       response={"kind": "exponential", "mean": 8}, steps=4, workers=workers, seed=seed,
                       interruptible=interruptible if mode == "async" else None)
     sim, trace = run_both(multi)
     done = trace.samples.groupby("group_id").agg(worker=("worker_id", "first"), t=("t_end", "max")).dropna()
-    assume(not done.groupby("t")["worker"].nunique().gt(1).any())
+    done = done.sort_values("t")
+    tied = (done["t"].diff() < 1e-9) & (done["worker"].diff() != 0)  # equal to rounding, as the clocks' sums are
+    assume(not tied.any())
     g = group
     rows = np.column_stack([sim.g_prompt[:sim.n_groups], sim.response_len[:sim.n_groups * g].reshape(-1, g)])
     one = multi.model_dump()
