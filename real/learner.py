@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from real.loss import LossConfig, group_advantages, grpo_loss, scheduled_lr, token_logprobs
-from real.worker import Admitted, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
+from real.worker import Admitted, EngineSteps, GroupDone, Ledger, Loaded, WorkerFailed, prompt_for
 from sim.engine.buffer import Buffer
 from sim.engine.control import Control
 from sim.stability import InstabilityDetector
@@ -85,6 +85,7 @@ class Learner:
         self.buffer = Buffer(cfg.pipeline.queue_order, self.B if self.control.lag is not None else None)
         self.records: dict[int, GroupRecord] = {}
         self.loads: list[Loaded] = []
+        self.engine_steps: list[EngineSteps] = []
         self.failures: dict[int, str] = {}  # worker id -> traceback it reported
         self.evicted: list[GroupRecord] = []  # queue_drop: groups pushed out of the full buffer since the last step
         self.step_now = 0                     # the step being collected (evictions are counted under it)
@@ -171,6 +172,8 @@ class Learner:
             self.buffer.put(msg.gid, rec.version_start)
         elif isinstance(msg, Loaded):
             self.loads.append(msg)
+        elif isinstance(msg, EngineSteps):
+            self.engine_steps.append(msg)
         elif isinstance(msg, WorkerFailed):
             self.failures[msg.worker_id] = msg.message
             if strict:

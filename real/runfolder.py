@@ -8,6 +8,8 @@ completed, and `stalecast train --resume DIR` continues it from its last checkpo
     DIR/trace/              while running: steps.csv and samples.csv, appended per step (the groups the step took
                             or dropped); when the run ends, however it ends, the whole trace as Parquet, with the
                             groups still waiting or generating
+    DIR/engine_steps.parquet  when the run ends: every rollout worker's engine steps, timed (worker_id, segment,
+                            t_start, seconds, active), for `validate`'s in-run costs; a resumed run appends its own
     DIR/checkpoint/         every `real.checkpoint_every` steps and at the end: the policy (a model folder that
                             `real.model` loads), the optimizer's state, `state.json` (where to resume) and, in
                             modes that generate with older weights, the flat weights of those versions
@@ -34,6 +36,8 @@ from sim.trace import SAMPLE_COLUMNS, STEP_COLUMNS, Trace
 
 RUNNING, COMPLETE, INTERRUPTED, FAILED = "running", "complete", "interrupted", "failed"
 CHECKPOINT_FORMAT = "stalecast.checkpoint/1"
+ENGINE_STEP_COLUMNS = {"worker_id": "int64", "segment": "int64", "t_start": "float64", "seconds": "float64",
+                       "active": "int64"}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -49,6 +53,7 @@ class RunFolder:
         self.checkpoint_dir = self.path / "checkpoint"
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
+        self.engine_steps_path = self.path / "engine_steps.parquet"
 
     # ------------------------------------------------------------------ a new run
     def create(self, cfg: RunConfig, header: dict, force: bool = False) -> None:
@@ -77,7 +82,22 @@ class RunFolder:
         """The whole trace as Parquet, replacing the per-step CSV files in one rename."""
         trace.write(self.trace_dir)
 
+    def write_engine_steps(self, steps: pd.DataFrame) -> None:
+        """This segment's engine steps, after those of earlier segments (a resumed run), in one rename."""
+        earlier = self.read_engine_steps()
+        if earlier is not None:
+            steps = pd.concat([earlier, steps], ignore_index=True)
+        tmp = self.engine_steps_path.with_name(".engine_steps.parquet.tmp")
+        steps.astype(ENGINE_STEP_COLUMNS).to_parquet(tmp, index=False)
+        os.replace(tmp, self.engine_steps_path)
+
     # ------------------------------------------------------------------ reading back
+    def read_engine_steps(self) -> pd.DataFrame | None:
+        """The workers' timed engine steps, or None for a folder without them (a run from before they were kept)."""
+        if not self.engine_steps_path.is_file():
+            return None
+        return pd.read_parquet(self.engine_steps_path).astype(ENGINE_STEP_COLUMNS)
+
     def read_config(self) -> RunConfig:
         path = self.path / "config.yaml"
         if not path.is_file():

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from real.learner import GroupRecord, Learner, WorkerError
-from real.runfolder import COMPLETE, FAILED, INTERRUPTED, RUNNING, RunFolder
+from real.runfolder import COMPLETE, ENGINE_STEP_COLUMNS, FAILED, INTERRUPTED, RUNNING, RunFolder
 from real.weights import SharedMemoryChannel
 from real.worker import Ledger, worker_main
 from sim.config import ConfigError
@@ -328,6 +328,8 @@ class Trainer:
             metrics["speedup/vs_sync"] = 1.0
         summary = self._summary(trace, metrics, warm, status, ending, notes)
         self.folder.write_trace(trace)
+        if learner is not None:
+            self.folder.write_engine_steps(engine_steps_frame(learner.engine_steps, len(self.segments) - 1))
         self.folder.write_summary(summary)
         if ending is not None:
             if cause is not None:
@@ -404,6 +406,15 @@ def _tensorboard(folder: Path):
 
 
 # --------------------------------------------------------------------------- the trace
+def engine_steps_frame(logs, segment: int) -> pd.DataFrame:
+    """The workers' `EngineSteps` messages as rows, each worker's in the order it sent them."""
+    frames = [pd.DataFrame({"worker_id": log.worker_id, "segment": segment, "t_start": log.t_start,
+                            "seconds": log.seconds, "active": log.active}) for log in logs]
+    if not frames:
+        return pd.DataFrame({k: pd.Series(dtype=v) for k, v in ENGINE_STEP_COLUMNS.items()})
+    return pd.concat(frames, ignore_index=True).astype(ENGINE_STEP_COLUMNS)
+
+
 def trace_header(cfg) -> dict:
     return {"schema": "stalecast.trace/1", **provenance("real"), "config": cfg.model_dump(mode="json"),
             "rollout_workers": cfg.cluster.rollout_workers}

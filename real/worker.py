@@ -15,6 +15,7 @@ resumed; each sample reports its evictions.
 
 Messages to the learner (one `mp.Queue`, per-worker order preserved): `Admitted` when a group is admitted
 (so in-flight groups appear in the trace), `GroupDone` when it is generated, `Loaded` per weight load,
+`EngineSteps` with the timing of its engine steps (every `STEP_LOG_EVERY` steps and when it stops), and
 `WorkerFailed` with a traceback when the worker crashes.
 """
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 WAKE_CHECK_S = 0.1   # how often a blocked worker, woken by nothing, checks that it should go on
 CHECK_EVERY_S = 0.02  # how often a generating worker checks that it should go on
 LOCK_TIMEOUT_S = 30.0
+STEP_LOG_EVERY = 1024  # engine steps a worker times before it sends them to the learner
 
 
 # --------------------------------------------------------------------------- shared state
@@ -199,6 +201,16 @@ class Loaded:
 
 
 @dataclass
+class EngineSteps:
+    """A worker's engine steps (each a prefill of what was admitted since the last, then one decode step of every
+    active sequence), for the run folder's engine_steps.parquet: where a worker's time went, step by step."""
+    worker_id: int
+    t_start: list[float]          # when the step began (the run's clock)
+    seconds: list[float]          # how long it took, sampled tokens on the host
+    active: list[int]             # sequences it advanced by one token each
+
+
+@dataclass
 class WorkerFailed:
     worker_id: int
     message: str
@@ -246,6 +258,7 @@ class RolloutWorker:
         import multiprocessing as mp
         self.parent = mp.parent_process()
         self.next_check = 0.0
+        self.step_log = EngineSteps(worker_id, [], [], [])
 
     def now(self) -> float:
         return time.monotonic() - self.ledger.t0.value
@@ -343,13 +356,29 @@ class RolloutWorker:
                 self.check()
                 continue
             self.set_phase(GENERATING)
-            self.ledger.batch_seqs[self.id] = self.engine.active()
-            for group in batcher.step(self.now):
+            active, t_step = self.engine.active(), self.now()
+            self.ledger.batch_seqs[self.id] = active
+            completed = batcher.step(self.now)
+            self.log_step(t_step, active)
+            for group in completed:
                 self.hand_over(group)
             self.ledger.decode_step[self.id] += 1
             if self.control.interruptible and not batcher.empty and self.channel.latest_version() > self.version:
                 self.load()  # in place, between two decode steps, KV cache kept: later tokens carry the new version
                 ask_after = 0.0
+
+    def log_step(self, t_start: float, active: int) -> None:
+        log = self.step_log
+        log.t_start.append(t_start)
+        log.seconds.append(self.now() - t_start)
+        log.active.append(active)
+        if len(log.t_start) >= STEP_LOG_EVERY:
+            self.send_step_log()
+
+    def send_step_log(self) -> None:
+        if self.step_log.t_start:
+            self.queue.put(self.step_log)
+            self.step_log = EngineSteps(self.id, [], [], [])
 
     def hand_over(self, group) -> None:
         with self.ledger.locked(self.check):
@@ -366,7 +395,7 @@ class RolloutWorker:
 def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, stop, start, segment: int = 0) -> None:
     """Process entry point. Ctrl-C is the parent's to handle: it sets `stop`, which every wait here checks."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    code = 0
+    code, worker = 0, None
     try:
         from sim.config import RunConfig
 
@@ -387,6 +416,8 @@ def worker_main(worker_id: int, cfg_data: dict, channel, ledger: Ledger, queue, 
         queue.put(WorkerFailed(worker_id, traceback.format_exc()))
         code = 1
     finally:
+        if worker is not None:
+            worker.send_step_log()
         queue.close()
         queue.join_thread()  # flush what we sent; the learner keeps reading until we exit
     sys.stdout.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from real.learner import WorkerError
+from real.runfolder import RunFolder
 from real.trainer import Trainer
 from sim.cli import main
 from sim.config import load_config
@@ -142,6 +143,8 @@ def test_sigterm_and_a_killed_main_process_keep_the_steps_and_resume_finishes(tm
     proc = _start(["--resume", str(run)], log)
     assert proc.wait(timeout=600) == 0, log.read_text()
     _check_complete(run, 24, segments=3)
+    steps = RunFolder(run).read_engine_steps()  # the killed segment wrote none; the other two's are both kept
+    assert set(steps["segment"]) == {0, 2} and (steps["seconds"] > 0).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "run"]  # no scratch folder left anywhere
     assert not [p for p in run.iterdir() if p.name.startswith(".") and p.name != ".stalecast-output"]
 
@@ -149,7 +152,6 @@ def test_sigterm_and_a_killed_main_process_keep_the_steps_and_resume_finishes(tm
 def test_a_run_folder_before_its_first_step_reads_as_no_rows(tmp_path):
     """A run that fails before its first step (a worker dying at start-up) reads its folder back as empty, so the
     failure itself is what the run reports, not a missing trace file."""
-    from real.runfolder import RunFolder
     from real.trainer import trace_header
 
     cfg = load_config(TINY)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from real.learner import InstabilityDetector
+from real.runfolder import RunFolder
 from sim.engine.buffer import Buffer
 from real.weights import SharedMemoryChannel, StaleVersionError
 from sim.engine.control import BLOCKED, DRAIN, Control, oldest_unconsumed
@@ -344,3 +345,17 @@ def test_continuous_batching_refills_a_worker_between_decode_steps(tmp_path):
               if groups.start[a] < groups.start[b] < groups.end[a]]
     assert joined, "no group joined while another was generating"
     assert cfg.cluster.max_concurrency < batch  # a batch does not fit the slots at once: refills are needed
+
+    # The worker timed every engine step: a finished sample took one token in each step from the one after its
+    # admission to the one that ended it, and each step advanced as many sequences as the trace has in flight.
+    steps = RunFolder(tmp_path / "run").read_engine_steps()
+    assert len(steps) and (steps["worker_id"] == 0).all() and (steps["segment"] == 0).all()
+    assert (steps["seconds"] > 0).all() and (steps["active"] > 0).all()
+    t = steps["t_start"].to_numpy()
+    assert (np.diff(t) > 0).all()
+    done = trace.samples.dropna(subset=["t_end"])
+    taken = np.searchsorted(t, done["t_end"], side="right") - np.searchsorted(t, done["t_start"], side="left")
+    assert (taken == done["response_len"].to_numpy()).all()
+    admitted = trace.samples["t_start"].fillna(trace.samples["t_admit"])  # still generating: admitted only
+    ended = trace.samples["t_end"].fillna(np.inf)
+    assert [((admitted <= tj) & (ended >= tj)).sum() for tj in t] == steps["active"].tolist()

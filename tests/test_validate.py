@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sim.cli import main
@@ -86,6 +87,58 @@ def test_in_run_cost_ratios_are_one_on_the_simulators_own_trace(config_data):
     slow = simulate(cfg)
     slow.steps["t_end"] = slow.steps["t_start"] + 1.3 * (slow.steps["t_end"] - slow.steps["t_start"])
     assert np.allclose(learner_ratios(slow, cost), 1.3)
+
+
+def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(config_data):
+    """A worker's engine steps built by hand: samples A (prompt 5, 4 tokens) and B (prompt 9, 2 tokens) admitted
+    before step 0, C (prompt 6, 3 tokens) after B ended, before step 2. Steps 0 and 2 prefill; steps 1 (A, B: 2
+    sequences, context 6 + 10), 3 (A, C: 8 + 7) and 4 (C: 8) only decode. Each step takes 1.25x the simulator's
+    decode step (the prefills 0.01 s more), with 2 ms between steps and 1 ms from an admission to its step: the
+    three decode steps come out at x1.25, and the time outside steps is the gaps' share of the busy period."""
+    from sim.config import parse_config
+    from sim.hardware.cost import cost_model_for
+    from sim.trace import Trace
+    from validate.costs import cost_ratios, decode_step_ratios
+
+    config_data["hardware"] = {"gpu": "H100-SXM", "model": "tiny"}
+    cost = cost_model_for(parse_config(config_data))
+    samples = {"A": (0, 5, 4), "B": (0, 9, 2), "C": (2, 6, 3)}  # first step, prompt, tokens
+    gap, lead = 0.002, 0.001
+    t, seconds, active, start, end = [], [], [], {}, {}
+    now = lead
+    for j in range(5):
+        on = {k: v for k, v in samples.items() if v[0] <= j < v[0] + v[2]}
+        context = sum(prompt + j - first for first, prompt, _ in on.values())
+        t.append(now)
+        seconds.append(1.25 * cost.decode_step_s(len(on), context) + (0.01 if j in (0, 2) else 0.0))
+        active.append(len(on))
+        for k, (first, _, tokens) in on.items():
+            start.setdefault(k, now - lead)
+            if j == first + tokens - 1:
+                end[k] = now + seconds[-1]
+        now += seconds[-1] + gap
+    rows = [{"group_id": i, "sample_id": i, "worker_id": 0, "prompt_len": samples[k][1],
+             "response_len": samples[k][2], "t_start": start[k], "t_admit": start[k], "t_end": end[k],
+             "learner_step": -1}
+            for i, k in enumerate("ABC")]
+    trace = Trace(pd.DataFrame(rows), pd.DataFrame({"step": [0], "t_start": [0.0], "t_end": [now],
+                                                    "weight_sync_s": [0.0]}), {"rollout_workers": 1})
+    log = pd.DataFrame({"worker_id": 0, "segment": 0, "t_start": t, "seconds": seconds, "active": active})
+    assert start["C"] > end["B"]  # C took B's slot
+    ratios, outside = decode_step_ratios(trace, log, cost)
+    np.testing.assert_allclose(ratios, [1.25, 1.25, 1.25])
+    busy = end["C"] - start["A"]
+    assert outside == pytest.approx((busy - sum(seconds)) / busy)
+
+    # C still generating when the run ended counts to the last step; a step whose logged count the trace does not
+    # account for is left out; static batching has no decode steps to charge.
+    trace.samples.loc[2, "t_end"] = np.nan
+    np.testing.assert_allclose(decode_step_ratios(trace, log, cost)[0], [1.25, 1.25, 1.25])
+    log.loc[4, "active"] = 2
+    assert len(decode_step_ratios(trace, log, cost)[0]) == 2
+    ratios = cost_ratios(trace, cost, static=False, runs=[(trace, log), (trace, None)])
+    assert ratios["decode_step"] == pytest.approx(1.25) and ratios["decode_steps"] == 2
+    assert np.isnan(cost_ratios(trace, cost, static=True, runs=[(trace, log)])["decode_step"])
 
 
 def test_runs_laid_end_to_end_pool_samples_and_time(config_data):

@@ -131,8 +131,11 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     console.print("recalibrated post hoc (measured lengths replayed; not judged):", highlight=False)
     print_rows(recalibrated, console)
     for run, c in res.costs.items():
+        generation = (f"generation batch x{c['generation_batch']:.3f}" if c["batches"] else
+                      f"decode step x{c['decode_step']:.3f}, {c['outside_steps']:.1%} of busy worker time outside "
+                      "engine steps")
         console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f}, "
-                      f"generation batch x{c['generation_batch']:.3f}", highlight=False)
+                      f"{generation}", highlight=False)
     if len(res.runs) > 1:
         for run in res.runs:
             console.print(f"run {run['run']} (seed {run['seed']}): {run['samples_per_s']:.1f} samples/s, "

@@ -9,8 +9,15 @@ median over the run:
   sample's end, over what the simulator charges such a static batch: one prefill of all its prompt tokens, then
   each decode step at its active sequences and their context (sequences leave as they end), co-location
   included as the simulator applies it in that mode, at the run's own worker idle fraction. Static batching
-  only: under continuous batching a worker's sequences join and leave between any two steps, and the trace
-  does not say which step each sample started in, so there is no batch to charge (reported as nan).
+  only: under continuous batching a worker's sequences join and leave between any two steps, so there is no
+  batch to charge;
+- decode step (continuous batching): each engine step a worker timed (the run folder's engine_steps.parquet)
+  that prefilled nothing, over the simulator's decode step at its active sequences and their context, with the
+  same co-location. Which samples a step advanced, and how many tokens each had, comes from the trace (a sample
+  takes one token a step from the first step after its admission to the step its last token ended, or to the
+  last step if it was still generating); steps where that count disagrees with the logged one are left out. A sequence evicted under a KV budget is prefilled again when it resumes, which the trace does not place:
+  such a step counts as a decode step. Beside it, the share of the workers' busy time spent outside engine steps (admitting, handing
+  over, loading weights, the loop itself), which the simulator does not charge.
 
 Near 1 means the costs held in the run as profiled, so the remaining error is the pipeline model's (or the
 lengths'); far from 1 with both runs alike means the machine ran faster or slower than when it was profiled.
@@ -20,7 +27,9 @@ Never used for the prediction.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
+from sim.metrics import busy_periods, group_intervals, run_wall_s
 from sim.trace import Trace
 
 
@@ -56,20 +65,65 @@ def generation_ratios(trace: Trace, cost) -> np.ndarray:
     return np.asarray(ratios)
 
 
-def cost_ratios(trace: Trace, cost, static: bool = True) -> dict[str, float]:
-    """Median measured / charged, for the learner step and (static batching) the generation batch."""
+def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[np.ndarray, float]:
+    """(per decode step alone: measured seconds / charged seconds, the share of the workers' busy time outside
+    engine steps) of one run: its trace and its run folder's engine steps (one segment)."""
+    s = trace.samples.copy()
+    s["t_start"] = s["t_start"].fillna(s["t_admit"])  # a real trace's samples still generating: admitted only
+    s = s.dropna(subset=["t_start"])
+    ratios, inside = [], 0.0
+    for w, log in engine_steps.groupby("worker_id"):
+        log = log.sort_values("t_start")
+        t, seconds, logged = (log[c].to_numpy() for c in ("t_start", "seconds", "active"))
+        inside += float(seconds.sum())
+        mine = s[s["worker_id"] == w]
+        first = np.searchsorted(t, mine["t_start"].to_numpy(), side="left")  # the step that prefilled it
+        done = mine["t_end"].notna().to_numpy()
+        last = np.where(done, np.searchsorted(t, mine["t_end"].fillna(np.inf).to_numpy(), side="right") - 1, len(t) - 1)
+        # Per step j: active count and total context sum(prompt + j - first) over the samples it advanced.
+        count, base = np.zeros(len(t) + 1), np.zeros(len(t) + 1)
+        np.add.at(count, first, 1)
+        np.add.at(count, last + 1, -1)
+        np.add.at(base, first, mine["prompt_len"].to_numpy() - first)
+        np.add.at(base, last + 1, -(mine["prompt_len"].to_numpy() - first))
+        n, context = np.cumsum(count)[:-1], np.cumsum(base)[:-1] + np.arange(len(t)) * np.cumsum(count)[:-1]
+        prefills = np.zeros(len(t), bool)
+        prefills[first[first < len(t)]] = True
+        for j in np.flatnonzero((n == logged) & ~prefills & (n > 0)):
+            ratios.append(seconds[j] / cost.decode_step_s(int(n[j]), float(context[j])))
+    worker, start, end, _ = group_intervals(trace.samples)
+    _, starts, ends = busy_periods(worker, start, end, run_wall_s(trace.steps))
+    busy = float(np.sum(ends - starts))
+    return np.asarray(ratios), (1.0 - inside / busy) if busy > 0 else float("nan")
+
+
+def cost_ratios(trace: Trace, cost, static: bool = True,
+                runs: list[tuple[Trace, pd.DataFrame | None]] | None = None) -> dict[str, float]:
+    """Median measured / charged, for the learner step, the generation batch (static batching) and the decode
+    step (continuous batching: from `runs`, each run's own trace and engine steps, pooled), and the share of busy
+    worker time outside engine steps (continuous; busy-time weighted over the runs)."""
     learner = learner_ratios(trace, cost)
     gen = generation_ratios(trace, cost) if static else np.array([])
-    return {"learner_step": float(np.median(learner)) if len(learner) else float("nan"),
-            "generation_batch": float(np.median(gen)) if len(gen) else float("nan"),
-            "steps": int(len(learner)), "batches": int(len(gen))}
+    steps, outside = [], []
+    for run_trace, engine_steps in ([] if static else runs or []):
+        if engine_steps is not None and len(engine_steps):
+            r, out = decode_step_ratios(run_trace, engine_steps, cost)
+            steps.append(r)
+            outside.append(out)
+    decode = np.concatenate(steps) if steps else np.array([])
+    median = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
+    return {"learner_step": median(learner), "generation_batch": median(gen), "decode_step": median(decode),
+            "outside_steps": float(np.mean(outside)) if outside else float("nan"),
+            "steps": int(len(learner)), "batches": int(len(gen)), "decode_steps": int(len(decode))}
 
 
 def costs_table(costs: dict[str, dict[str, float]]) -> list[str]:
     """Markdown lines: one row per run."""
-    lines = ["| run | learner step, measured / profile | generation batch, measured / charged | steps, batches |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = ["| run | learner step, measured / profile | generation batch, measured / charged | decode step, "
+             "measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run, c in costs.items():
-        lines.append(f"| {run} | x{c['learner_step']:.3f} | x{c['generation_batch']:.3f} | "
-                     f"{c['steps']}, {c['batches']} |")
+        decode, outside = c.get("decode_step", float("nan")), c.get("outside_steps", float("nan"))
+        lines.append(f"| {run} | x{c['learner_step']:.3f} | x{c['generation_batch']:.3f} | x{decode:.3f} | "
+                     f"{outside:.1%} | {c['steps']}, {c['batches']}, {c.get('decode_steps', 0)} |")
     return lines

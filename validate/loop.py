@@ -146,6 +146,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
              quick_profile: bool = False) -> LoopResult:
     """Everything is written under `out` (a scratch folder the caller renames when the report is complete)."""
     from real.profile import measure_profile, plan_for
+    from real.runfolder import RunFolder
     from real.trainer import Trainer
     from sim.hardware.cost import cost_model_for
     from sim.hardware.measured import load_profile, save_profile
@@ -244,9 +245,13 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     # Charged at each run's own worker idle fraction: the cost ratio then asks whether the costs held as profiled.
     sync_cfg = pred_cfg.with_overrides(sync)
     static = cfg.cluster.batching == "static"
+    each = lambda name, traces: [(t, RunFolder(out / run_dir(name, r)).read_engine_steps())  # noqa: E731
+                                 for r, t in enumerate(traces)]
     costs = {f"{cfg.pipeline.mode} ({folders('measured')})":
-             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured)), static),
+             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured)), static,
+                         each("measured", measured_runs)),
              f"sync ({folders('measured_sync')})":
-             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)), static)}
+             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)), static,
+                         each("measured_sync", sync_runs))}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
                       recalibrated_sync, costs, runs, notes)

@@ -8,8 +8,10 @@ Design:
   active slots stay packed at the front: a long tail left on slot 31 by finished neighbours decodes one row, not
   32, as the simulator charges a decode step for its active sequences. An evicted sequence's slot is simply free
   again; resumed, it takes a free slot like an admission.
-- A step decodes first, then prefills: the decode forward runs over the first b slots, b the smallest bucket
-  (powers of two below `slots`, and `slots`) that covers the highest slot active since an earlier step; the
+- A step decodes first, then prefills: the decode forward runs over the first b slots, b covering the highest slot
+  active since an earlier step: on CUDA the smallest bucket that does (powers of two below `slots`, and `slots`:
+  one captured graph each), elsewhere exactly that slot's index + 1 (no graph to reuse: padding rows would only
+  add work the simulator does not charge, as it charges a step for its active sequences); the
   prefill forward runs over the sequences admitted or resumed since the last step (a prompt, or a resumed
   sequence's prompt and tokens), right-padded into one batch (causal attention among its own tokens, so no sequence
   sees padding), writing each one's K/V at positions 0..len-1 of its slot. One `sample` call then draws a token
@@ -286,7 +288,7 @@ class FastEngine:
         old = [i for i, s in enumerate(self.seqs) if s is not None and i not in fresh]   # decoded, in slot order
         logits = []
         if old:   # decode before prefill: garbage rows of the bucket may write into a slot being prefilled
-            b = next(k for k in self.buckets if k > old[-1])
+            b = next(k for k in self.buckets if k > old[-1]) if self.graphs else old[-1] + 1
             self.pos[:b].copy_(self._h2d(self.ctx[:b]))
             logits.append(self._decode_logits(b)[self._h2d(old)])                 # [len(old), V]
         if new:

@@ -60,16 +60,20 @@ print("The generation factor the prediction charged (the profile's co-location c
       "profile measured that curve), and the in-run costs against the profile (post hoc, medians of measured / charged "
       "at the run's own idle fraction); async, sync:")
 print()
-print("| workers | bound | generation factor charged | learner step, in run | generation batch, in run |")
-print("|---|---|---|---|---|")
+print("| workers | bound | generation factor charged | learner step, in run | generation batch (static) or decode "
+      "step (continuous), in run | busy worker time outside engine steps |")
+print("|---|---|---|---|---|---|")
 for name, data in reports.items():
     w, s = cell(name)
     runs = list(data["costs"].values())
     note = next(n for n in data["notes"] if n.startswith("generation charged at"))
     charged = ", ".join(f"x{x} at {u} %" + (f" beside {b}" if b else "") for x, u, b in re.findall(
         r"x([0-9.]+) at ([0-9]+) % idle(?:, beside ([0-9.]+) other workers)?", note))
-    print(f"| {w} | {s} | {charged} | " + " | ".join(", ".join(f"x{c[k]:.2f}" for c in runs)
-                                                     for k in ("learner_step", "generation_batch")) + " |")
+    generation = ", ".join(f"x{c['generation_batch']:.2f}" if c["batches"] or "decode_step" not in c
+                           else f"x{c['decode_step']:.2f}" for c in runs)
+    outside = ", ".join(f"{c['outside_steps']:.0%}" if "outside_steps" in c else "—" for c in runs)
+    print(f"| {w} | {s} | {charged} | " + ", ".join(f"x{c['learner_step']:.2f}" for c in runs)
+          + f" | {generation} | {outside} |")
 
 print()
 print("The measured runs one by one (each cell's judged numbers are of its 3 runs end to end):")
