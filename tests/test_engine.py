@@ -19,9 +19,9 @@ from sim.engine.kernel import span_time, span_time_area
 from sim.engine.policies import P_CAPACITY
 from sim.engine.routers import ROUTERS
 from sim.engine.pipeline import ENGINES, Simulation, settled_cost_model, simulate
-from sim.hardware.cost import build_cost_model
+from sim.hardware.cost import build_cost_model, cost_model_for
 from sim.hardware.measured import Colocation, IdleCurve, MeasuredProfile, save_profile
-from sim.metrics import compute_metrics, sample_staleness
+from sim.metrics import compute_metrics, generating_beside, sample_staleness
 from sim.workload import workload_lengths
 
 
@@ -212,6 +212,9 @@ def test_sync_generation_factor_follows_how_many_workers_generate(tmp_path, engi
     trace = Simulation(cfg, engine=engine).run()
     np.testing.assert_allclose(step_periods(trace), 30 * d * 1.5 + train, rtol=1e-9)
     assert trace.header["beside_charged"] == cost.beside
+    # validate's in-run costs charge a measured sync run at its own crowd: the trace's shares give the same factor.
+    assert cost_model_for(cfg, 0.0, generating_beside(trace)).gen_slowdown == pytest.approx(1.5, rel=1e-9)
+    assert cost_model_for(cfg, 0.0).gen_slowdown == 2.0  # without the shares: every worker generating
     # One worker has no others to be beside, and async mode charges its own factor: neither takes the curve.
     for other in ({"cluster.rollout_workers": 1}, {"pipeline.mode": "async"}):
         assert settled_cost_model(cfg.with_overrides(other), engine).beside is None

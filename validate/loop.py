@@ -150,7 +150,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.trainer import Trainer
     from sim.hardware.cost import cost_model_for
     from sim.hardware.measured import load_profile, save_profile
-    from sim.metrics import rollout_idle
+    from sim.metrics import generating_beside, rollout_idle
     from validate.costs import cost_ratios
 
     if lengths not in LENGTH_SOURCES:
@@ -242,7 +242,8 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     recalibrated, recalibrated_sync = predict([lengths_from(m) for m in measured_runs])
     notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured runs' lengths")
     folders = lambda name: ", ".join(f"{run_dir(name, r)}/" for r in range(repeats))  # noqa: E731
-    # Charged at each run's own worker idle fraction: the cost ratio then asks whether the costs held as profiled.
+    # Charged at each run's own worker idle fraction (and, sync, its own crowd): the cost ratio then asks whether the
+    # costs held as profiled.
     sync_cfg = pred_cfg.with_overrides(sync)
     static = cfg.cluster.batching == "static"
     each = lambda name, traces: [(t, RunFolder(out / run_dir(name, r)).read_engine_steps())  # noqa: E731
@@ -251,7 +252,8 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
              cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured)), static,
                          each("measured", measured_runs)),
              f"sync ({folders('measured_sync')})":
-             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync)), static,
+             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync),
+                                                       generating_beside(measured_sync)), static,
                          each("measured_sync", sync_runs))}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
                       recalibrated_sync, costs, runs, notes)

@@ -187,10 +187,11 @@ def crowded(factor: "float | IdleCurve", crowd: float, idle: float) -> float:
     return crowd * slowdown_at(factor, idle) / slowdown_at(factor, 0.0)
 
 
-def cost_model_for(cfg, worker_idle: float | None = None) -> CostModel:
-    """Load `hardware.profile` (if any) and build the cost model at a workers' idle fraction."""
+def cost_model_for(cfg, worker_idle: float | None = None, beside: np.ndarray | None = None) -> CostModel:
+    """Load `hardware.profile` (if any) and build the cost model at a workers' idle fraction (and, in sync mode,
+    the shares of generating time beside k other workers, `sim.metrics.generating_beside`)."""
     profile = load_profile(cfg.hardware.profile) if cfg.hardware.profile else None
-    return build_cost_model(cfg, profile, worker_idle)
+    return build_cost_model(cfg, profile, worker_idle, beside)
 
 
 # --------------------------------------------------------------------------- sources
