@@ -82,11 +82,18 @@ def test_in_run_cost_ratios_are_one_on_the_simulators_own_trace(config_data):
     assert len(gen) >= 8 and np.allclose(gen, 1.0)
     ratios = cost_ratios(trace, cost)
     assert ratios["learner_step"] == pytest.approx(1.0) and ratios["generation_batch"] == pytest.approx(1.0)
+    assert ratios["learner_step_mean"] == pytest.approx(1.0)
 
     # A run whose learner took 30 % longer per step shows as x1.3 on the learner only.
     slow = simulate(cfg)
     slow.steps["t_end"] = slow.steps["t_start"] + 1.3 * (slow.steps["t_end"] - slow.steps["t_start"])
     assert np.allclose(learner_ratios(slow, cost), 1.3)
+    # ... and one step of the eight at x3 moves the mean (x1.25), not the median: what a ratio of medians hides.
+    tail = simulate(cfg)
+    tail.steps.loc[0, "t_end"] = tail.steps.loc[0, "t_start"] + 3 * (tail.steps.loc[0, "t_end"]
+                                                                      - tail.steps.loc[0, "t_start"])
+    ratios = cost_ratios(tail, cost)
+    assert ratios["learner_step"] == pytest.approx(1.0) and ratios["learner_step_mean"] == pytest.approx(1 + 2 / 8)
 
 
 def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(config_data):

@@ -134,7 +134,8 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
         generation = (f"generation batch x{c['generation_batch']:.3f}" if c["batches"] else
                       f"decode step x{c['decode_step']:.3f}, {c['outside_steps']:.1%} of busy worker time outside "
                       "engine steps")
-        console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f}, "
+        console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f} "
+                      f"(mean x{c['learner_step_mean']:.3f}), "
                       f"{generation}", highlight=False)
     if len(res.runs) > 1:
         for run in res.runs:

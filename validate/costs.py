@@ -99,7 +99,8 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
 
 def cost_ratios(trace: Trace, cost, static: bool = True,
                 runs: list[tuple[Trace, pd.DataFrame | None]] | None = None) -> dict[str, float]:
-    """Median measured / charged, for the learner step, the generation batch (static batching) and the decode
+    """Median measured / charged (the learner's mean too: throughput pays the mean, a ratio of medians can hide a few
+    slow steps), for the learner step, the generation batch (static batching) and the decode
     step (continuous batching: from `runs`, each run's own trace and engine steps, pooled), and the share of busy
     worker time outside engine steps (continuous; busy-time weighted over the runs)."""
     learner = learner_ratios(trace, cost)
@@ -113,17 +114,19 @@ def cost_ratios(trace: Trace, cost, static: bool = True,
     decode = np.concatenate(steps) if steps else np.array([])
     median = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
     return {"learner_step": median(learner), "generation_batch": median(gen), "decode_step": median(decode),
+            "learner_step_mean": float(np.mean(learner)) if len(learner) else float("nan"),
             "outside_steps": float(np.mean(outside)) if outside else float("nan"),
             "steps": int(len(learner)), "batches": int(len(gen)), "decode_steps": int(len(decode))}
 
 
 def costs_table(costs: dict[str, dict[str, float]]) -> list[str]:
     """Markdown lines: one row per run."""
-    lines = ["| run | learner step, measured / profile | generation batch, measured / charged | decode step, "
+    lines = ["| run | learner step, measured / profile (median, mean) | generation batch, measured / charged | decode step, "
              "measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run, c in costs.items():
         decode, outside = c.get("decode_step", float("nan")), c.get("outside_steps", float("nan"))
-        lines.append(f"| {run} | x{c['learner_step']:.3f} | x{c['generation_batch']:.3f} | x{decode:.3f} | "
+        mean = c.get("learner_step_mean", float("nan"))
+        lines.append(f"| {run} | x{c['learner_step']:.3f}, x{mean:.3f} | x{c['generation_batch']:.3f} | x{decode:.3f} | "
                      f"{outside:.1%} | {c['steps']}, {c['batches']}, {c.get('decode_steps', 0)} |")
     return lines

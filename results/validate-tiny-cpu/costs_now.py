@@ -33,6 +33,9 @@ def main(argv: list[str]) -> None:
     costs = {}
     for mode, kind in ((cfg.pipeline.mode, "measured"), ("sync", "measured_sync")):
         folders = [RunFolder(cell / run_dir(kind, r)) for r in range(3) if (cell / run_dir(kind, r)).is_dir()]
+        if not folders:
+            sys.exit(f"{cell}: no {kind}/ run folder (the script that drew the cell leaves them; git does not keep "
+                     "them)")
         runs = [(folder_trace(f), f.read_engine_steps()) for f in folders]
         together = end_to_end([t for t, _ in runs])
         mode_cfg = pred if mode != "sync" else pred.with_overrides({"pipeline.mode": "sync",
