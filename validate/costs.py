@@ -78,15 +78,16 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
         inside += float(seconds.sum())
         mine = s[s["worker_id"] == w]
         first = np.searchsorted(t, mine["t_start"].to_numpy(), side="left")  # the step that prefilled it
-        done = mine["t_end"].notna().to_numpy()
-        last = np.where(done, np.searchsorted(t, mine["t_end"].fillna(np.inf).to_numpy(), side="right") - 1, len(t) - 1)
+        # the step that ended it; still generating (no end): the last step
+        last = np.searchsorted(t, mine["t_end"].fillna(np.inf).to_numpy(), side="right") - 1
         # Per step j: active count and total context sum(prompt + j - first) over the samples it advanced.
         count, base = np.zeros(len(t) + 1), np.zeros(len(t) + 1)
         np.add.at(count, first, 1)
         np.add.at(count, last + 1, -1)
         np.add.at(base, first, mine["prompt_len"].to_numpy() - first)
         np.add.at(base, last + 1, -(mine["prompt_len"].to_numpy() - first))
-        n, context = np.cumsum(count)[:-1], np.cumsum(base)[:-1] + np.arange(len(t)) * np.cumsum(count)[:-1]
+        n = np.cumsum(count)[:-1]
+        context = np.cumsum(base)[:-1] + np.arange(len(t)) * n
         prefills = np.zeros(len(t), bool)
         prefills[first[first < len(t)]] = True
         for j in np.flatnonzero((n == logged) & ~prefills & (n > 0)):
@@ -119,14 +120,25 @@ def cost_ratios(trace: Trace, cost, static: bool = True,
             "steps": int(len(learner)), "batches": int(len(gen)), "decode_steps": int(len(decode))}
 
 
+def in_run_costs(mode_cfg, together: Trace, runs: list[tuple[Trace, pd.DataFrame | None]], static: bool
+                 ) -> dict[str, float]:
+    """`cost_ratios` of one mode's measured runs (`together`: laid end to end; `runs`: each run's trace and engine
+    steps), charged as the prediction (`mode_cfg`, the prediction's config in that mode) at the runs' own worker
+    idle fraction and, in sync mode, their own crowd: the ratios then ask whether the costs held as profiled."""
+    from sim.hardware.cost import cost_model_for
+    from sim.metrics import generating_beside, rollout_idle
+
+    beside = generating_beside(together) if mode_cfg.pipeline.mode == "sync" else None
+    return cost_ratios(together, cost_model_for(mode_cfg, rollout_idle(together), beside), static, runs)
+
+
 def costs_table(costs: dict[str, dict[str, float]]) -> list[str]:
     """Markdown lines: one row per run."""
     lines = ["| run | learner step, measured / profile (median, mean) | generation batch, measured / charged | decode step, "
              "measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run, c in costs.items():
-        decode, outside = c.get("decode_step", float("nan")), c.get("outside_steps", float("nan"))
-        mean = c.get("learner_step_mean", float("nan"))
-        lines.append(f"| {run} | x{c['learner_step']:.3f}, x{mean:.3f} | x{c['generation_batch']:.3f} | x{decode:.3f} | "
-                     f"{outside:.1%} | {c['steps']}, {c['batches']}, {c.get('decode_steps', 0)} |")
+        lines.append(f"| {run} | x{c['learner_step']:.3f}, x{c['learner_step_mean']:.3f} | "
+                     f"x{c['generation_batch']:.3f} | x{c['decode_step']:.3f} | {c['outside_steps']:.1%} | "
+                     f"{c['steps']}, {c['batches']}, {c['decode_steps']} |")
     return lines

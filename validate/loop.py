@@ -27,6 +27,7 @@ from sim.metrics import compute_metrics, run_wall_s
 from sim.trace import Trace
 
 LENGTH_SOURCES = ("config", "pilot")
+SYNC = {"pipeline.mode": "sync", "pipeline.interruptible": False}  # a config's sync baseline
 
 
 @dataclass
@@ -148,10 +149,8 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     from real.profile import measure_profile, plan_for
     from real.runfolder import RunFolder
     from real.trainer import Trainer
-    from sim.hardware.cost import cost_model_for
     from sim.hardware.measured import load_profile, save_profile
-    from sim.metrics import generating_beside, rollout_idle
-    from validate.costs import cost_ratios
+    from validate.costs import in_run_costs
 
     if lengths not in LENGTH_SOURCES:
         raise ValueError(f"lengths: '{lengths}' is not one of {', '.join(LENGTH_SOURCES)}")
@@ -203,11 +202,10 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     notes.append("learner steps: charged for padded tokens (every sample at its batch's longest), as stalecast "
                  "train's learner computes them")
 
-    sync = {"pipeline.mode": "sync", "pipeline.interruptible": False}
 
     def predict(lengths_per_run: list[dict]) -> tuple[Trace, Trace]:
         return (predict_runs(pred_cfg, seeds, lengths_per_run),
-                predict_runs(pred_cfg, seeds, lengths_per_run, sync))
+                predict_runs(pred_cfg, seeds, lengths_per_run, SYNC))
 
     say("predicting (before the measured runs)")
     predicted, predicted_sync = predict(pilot_lengths)
@@ -222,7 +220,7 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
 
     measured_runs, sync_runs = [], []
     for r, seed in enumerate(seeds):
-        kinds = [(cfg.pipeline.mode, "measured", measured_runs, {}), ("sync", "measured_sync", sync_runs, sync)]
+        kinds = [(cfg.pipeline.mode, "measured", measured_runs, {}), ("sync", "measured_sync", sync_runs, SYNC)]
         for mode, name, into, overrides in (kinds if r % 2 == 0 else kinds[::-1]):
             say(f"training for real: {mode} mode, {cfg.run.steps} steps, seed {seed} (run {r + 1} of {repeats})")
             run_cfg = cfg.with_overrides({"seed": seed, **overrides})
@@ -242,18 +240,12 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     recalibrated, recalibrated_sync = predict([lengths_from(m) for m in measured_runs])
     notes.append("recalibrated (post hoc, not the prediction): the same profile, with the measured runs' lengths")
     folders = lambda name: ", ".join(f"{run_dir(name, r)}/" for r in range(repeats))  # noqa: E731
-    # Charged at each run's own worker idle fraction (and, sync, its own crowd): the cost ratio then asks whether the
-    # costs held as profiled.
-    sync_cfg = pred_cfg.with_overrides(sync)
     static = cfg.cluster.batching == "static"
     each = lambda name, traces: [(t, RunFolder(out / run_dir(name, r)).read_engine_steps())  # noqa: E731
                                  for r, t in enumerate(traces)]
     costs = {f"{cfg.pipeline.mode} ({folders('measured')})":
-             cost_ratios(measured, cost_model_for(pred_cfg, rollout_idle(measured)), static,
-                         each("measured", measured_runs)),
+             in_run_costs(pred_cfg, measured, each("measured", measured_runs), static),
              f"sync ({folders('measured_sync')})":
-             cost_ratios(measured_sync, cost_model_for(sync_cfg, rollout_idle(measured_sync),
-                                                       generating_beside(measured_sync)), static,
-                         each("measured_sync", sync_runs))}
+             in_run_costs(pred_cfg.with_overrides(SYNC), measured_sync, each("measured_sync", sync_runs), static)}
     return LoopResult(profile_path, lengths, predicted, predicted_sync, measured, measured_sync, recalibrated,
                       recalibrated_sync, costs, runs, notes)
