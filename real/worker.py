@@ -184,7 +184,7 @@ class Admitted:
 class GroupDone:
     gid: int
     worker_id: int
-    t_start: float                # the decode step that prefilled it began
+    t_start: float                # the decode step that prefilled its first sample began (the trace's t_start)
     t_end: list[float]            # per sample: when its last token was sampled
     tokens: list[list[int]]       # per sample, EOS included when emitted
     logprobs: list[list[float]]   # behavior log-probs per token
@@ -254,7 +254,8 @@ class RolloutWorker:
         self.kv = kv_budgeted(engine, cfg.hardware.memory)   # None without a KV budget
         self.engine = self.kv or engine
         self.kv_refused: int | None = None   # prompt length of the group the KV budget refused last
-        self.batcher = GroupBatcher(self.engine, cfg.workload.group_size, cfg.cluster.batching == "static")
+        self.batcher = GroupBatcher(self.engine, cfg.workload.group_size, cfg.cluster.batching == "static",
+                                    cfg.cluster.admission == "per_sample")
         import multiprocessing as mp
         self.parent = mp.parent_process()
         self.next_check = 0.0
@@ -283,7 +284,7 @@ class RolloutWorker:
         self.queue.put(Loaded(self.id, self.version, self.now(), seconds))
 
     def admit(self, room: int) -> tuple[list[tuple[int, Prompt]], bool]:
-        """Admit up to `room` whole groups while the KV budget and the rules allow; one atomic decision. Returns the
+        """Admit up to `room` groups while the KV budget and the rules allow; one atomic decision. Returns the
         groups with their prompts, and whether the rules stopped it (rather than the room or the KV budget). As the
         simulator's worker (sim/engine/worker.py `_admit_groups`), the budget is asked first, with the next group's
         prompt: a refusal is remembered in `kv_refused`."""
@@ -339,6 +340,8 @@ class RolloutWorker:
                     self.load(target)
                     ask_after = 0.0
                     continue
+            if batcher.waiting:  # a group's samples waiting for slots (per_sample) start before any new group
+                batcher.start_waiting(self.now())
             room = batcher.room()
             groups = []
             if room and time.monotonic() >= ask_after and self.kv_may_admit():
@@ -386,9 +389,10 @@ class RolloutWorker:
             self.ledger.running.value -= 1
         if self.control.caps_running:
             self.ledger.wake_workers()  # a worker refused for the running cap may admit now
-        self.queue.put(GroupDone(group.gid, self.id, group.t_start, group.t_end, [s.tokens for s in group.samples],
-                                 [s.logprobs for s in group.samples], [s.versions for s in group.samples],
-                                 [s.preemptions for s in group.samples]))
+        samples = group.samples
+        self.queue.put(GroupDone(group.gid, self.id, min(group.t_start), group.t_end, [s.tokens for s in samples],
+                                 [s.logprobs for s in samples], [s.versions for s in samples],
+                                 [s.preemptions for s in samples]))
         self.ledger.groups_done[self.id] += 1
 
 

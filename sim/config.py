@@ -190,10 +190,11 @@ class Cluster(_Section):
                                   "call for the batch (stalecast train's workers).")
     admission: Literal["per_group", "per_sample"] = Field(
         "per_group", description="What a worker admits at once (continuous batching). per_group: a group starts only "
-                                 "when group_size slots are free, all its samples together (stalecast train's "
-                                 "workers). per_sample: as vLLM and SGLang expand a request of n samples into n "
-                                 "sequences (verl, AReaL, prime-rl, TRL): a group is admitted with one free slot, and "
-                                 "its other samples start as slots free, ahead of any new group.")
+                                 "when group_size slots are free, all its samples together. per_sample: as vLLM "
+                                 "and SGLang expand a request of n samples into n sequences (verl, AReaL, prime-rl, "
+                                 "TRL): a group is admitted with one free slot, and its other samples start as slots "
+                                 "free, ahead of any new group. stalecast train's workers run both "
+                                 "(real/engine/batching.py).")
     group_prefill: Literal["auto", "shared", "per_sample"] = Field(
         "auto", description="What a group's admission prefills. shared: its prompt once (vLLM V1 fans a request of n "
                             "samples out into n requests, vllm/v1/engine/parallel_sampling.py, and its prefix cache "

@@ -1,11 +1,14 @@
 """Groups over a rollout engine (real/engine/batching.py): continuous batching refills freed slots at the next decode
-step, static batching only an empty engine, and every admitted group is handed over once, whole."""
+step, static batching only an empty engine, admission by sample starts and ends every sample at the simulator's
+step, and every admitted group is handed over once, whole."""
 
 import numpy as np
 import pytest
 
 from real.engine import Finished
 from real.engine.batching import GroupBatcher
+from sim.config import parse_config
+from sim.engine.pipeline import Simulation
 
 
 class ScriptedEngine:
@@ -41,6 +44,7 @@ def drive(batcher, engine, n_groups: int):
     step while groups were still waiting to be admitted, groups handed over in order)."""
     admitted, idle, steps, handed = 0, [], 0, []
     while admitted < n_groups or not batcher.empty:
+        batcher.start_waiting(float(steps))  # a worker's order at a step boundary: waiting samples, then new groups
         while admitted < n_groups and batcher.room():
             batcher.admit(admitted, [0], float(steps))
             admitted += 1
@@ -62,9 +66,73 @@ def test_continuous_batching_leaves_no_slot_idle_that_a_group_could_take(group_s
     n_groups = 600 // group_size
     idle, handed = drive(batcher, engine, n_groups)
     assert len(idle) > 100 and max(idle) <= group_size - 1
+    _whole(handed, n_groups, group_size, lengths)
+
+
+def _whole(handed, n_groups: int, group_size: int, lengths) -> None:
     assert sorted(g.gid for g in handed) == list(range(n_groups))
     for g in handed:  # whole groups, each sample's tokens as scripted
         assert [len(s.tokens) for s in g.samples] == [int(lengths[g.gid * group_size + i]) for i in range(group_size)]
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 8])
+def test_admission_by_sample_leaves_no_slot_idle_while_groups_wait(group_size):
+    """per_sample: a group is admitted with one free slot and its other samples take the next freed slots, so no
+    slot is free at any decode step while groups wait (per_group leaves up to G - 1)."""
+    rng = np.random.default_rng(group_size)
+    lengths = rng.lognormal(np.log(8), 0.8, size=4000).astype(int) + 1
+    n_groups = 600 // group_size
+    engine = ScriptedEngine(13, lambda sid: int(lengths[sid]))  # 13 slots: a multiple of no group size here
+    batcher = GroupBatcher(engine, group_size, static=False, per_sample=True)
+    idle, handed = drive(batcher, engine, n_groups)
+    assert len(idle) > 100 and max(idle) == 0
+    _whole(handed, n_groups, group_size, lengths)
+    per_group = ScriptedEngine(13, lambda sid: int(lengths[sid]))
+    assert max(drive(GroupBatcher(per_group, group_size, static=False), per_group, n_groups)[0]) > 0
+    with pytest.raises(ValueError, match="per_sample needs continuous batching"):
+        GroupBatcher(engine, group_size, static=True, per_sample=True)
+
+
+def test_admission_by_sample_starts_and_ends_every_sample_at_the_simulators_step():
+    """The simulator and the batcher on the same schedules: one continuous worker admitting by sample, the first
+    learner step's groups (sync mode: admitted in id order as slots allow), a decode step of 1 s and no prefill
+    cost, so the simulator's time is its step count. Each sample starts and ends at the same step. (The
+    simulator's trace gives a group's start as each sample's t_start; a sample's own start is its end less its
+    length.)"""
+    rng = np.random.default_rng(0)
+    waited = 0
+    for case in range(20):
+        G, B = int(rng.integers(2, 6)), int(rng.integers(3, 10))
+        slots = int(rng.integers(G, 3 * G + 1))
+        cfg = parse_config({
+            "seed": case,
+            "workload": {"batch_prompts": B, "group_size": G, "max_new_tokens": 20,
+                         "prompt_len": {"kind": "constant", "value": 8},
+                         "response_len": {"kind": "lognormal", "median": 6, "p99": 20}},
+            "cluster": {"rollout_workers": 1, "max_concurrency": slots, "batching": "continuous",
+                        "admission": "per_sample"},
+            "pipeline": {"mode": "sync"},
+            "hardware": {"constant": {"decode_step_s": 1.0, "prefill_s_per_token": 0.0, "train_step_s": 1.0}},
+            "run": {"steps": 1}})
+        sim = Simulation(cfg).run().samples
+        sim = sim[sim["group_id"] < B]
+        lengths = dict(zip(sim["sample_id"], sim["response_len"]))
+        engine = ScriptedEngine(slots, lengths.__getitem__)
+        batcher = GroupBatcher(engine, G, static=False, per_sample=True)
+        admitted, step, handed = 0, 0, []
+        while admitted < B or not batcher.empty:
+            batcher.start_waiting(float(step))
+            while admitted < B and batcher.room():
+                batcher.admit(admitted, [0], float(step))
+                admitted += 1
+            handed += batcher.step(lambda: float(step + 1))
+            step += 1
+        start = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_start)}
+        end = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_end)}
+        assert end == dict(zip(sim["sample_id"], sim["t_end"])), case
+        assert start == {i: e - n for i, e, n in zip(sim["sample_id"], sim["t_end"], sim["response_len"])}, case
+        waited += sum(t > min(g.t_start) for g in handed for t in g.t_start)
+    assert waited >= 20  # samples that started after their group's first: the schedules exercise the waiting
 
 
 def test_static_batching_admits_only_into_an_empty_engine_and_releases_the_batch_at_its_end():
@@ -97,4 +165,4 @@ def test_sample_end_times_are_those_of_the_step_that_finished_them():
     for step in range(5):
         done += batcher.step(lambda: 10.0 + step)
     (group,) = done
-    assert group.t_start == 0.5 and group.t_end == [11.0, 14.0]
+    assert group.t_start == [0.5, 0.5] and group.t_end == [11.0, 14.0]

@@ -253,8 +253,10 @@ def test_what_the_real_workers_do_not_implement_is_refused():
         check_engine(load_config(TINY, {"hardware.memory.kv_policy": "preempt_swap"}))
     with pytest.raises(ConfigError, match="kv_budget_tokens: 100 tokens cannot hold one group at its longest"):
         check_engine(load_config(TINY, {"hardware.memory.kv_budget_tokens": 100}))
-    with pytest.raises(ConfigError, match="cluster.admission: 'per_sample' is simulated only"):
-        check_engine(load_config(TINY, {"cluster.admission": "per_sample", "cluster.batching": "continuous"}))
+    per_sample = {"cluster.admission": "per_sample", "cluster.batching": "continuous"}
+    with pytest.raises(ConfigError, match="'per_sample' with a KV budget .* is simulated only"):
+        check_engine(load_config(TINY, {**per_sample, "hardware.memory.kv_budget_tokens": 1000}))
+    check_engine(load_config(TINY, per_sample))  # without a budget it runs (tests/test_real_train.py)
 
 
 # --------------------------------------------------------------------------- end to end

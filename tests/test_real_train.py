@@ -359,3 +359,40 @@ def test_continuous_batching_refills_a_worker_between_decode_steps(tmp_path):
     admitted = trace.samples["t_start"].fillna(trace.samples["t_admit"])  # still generating: admitted only
     ended = trace.samples["t_end"].fillna(np.inf)
     assert [((admitted <= tj) & (ended >= tj)).sum() for tj in t] == steps["active"].tolist()
+
+
+def test_admission_by_sample_fills_every_slot_while_a_batch_waits(tmp_path):
+    """cluster.admission per_sample for real (the long-tail example untrained, so answers run to geometric lengths,
+    one worker with 30 slots for groups of 4, sync mode: the same run however the processes are scheduled): a group
+    is admitted with one free slot and its other samples start in later steps, so every decode step from a batch's
+    first start to its last is full; each sample still takes one token a step, and the run is accounted for."""
+    from real.trainer import Trainer
+
+    cfg = load_config(ROOT / "examples" / "tiny_cpu_longtail.yaml",
+                      {"pipeline.mode": "sync", "cluster.rollout_workers": 1, "run.steps": 2,
+                       "cluster.admission": "per_sample", "cluster.max_concurrency": 30, "real.warm_start_steps": 0})
+    result = Trainer(cfg, tmp_path / "run", timeout_s=600).run()
+    trace, G, slots = result.trace, cfg.workload.group_size, cfg.cluster.max_concurrency
+    assert slots % G and (sample_staleness(trace.samples) == 0).all()
+    _accounted(trace, result.summary)
+    steps = RunFolder(tmp_path / "run").read_engine_steps()
+    t, active = steps["t_start"].to_numpy(), steps["active"].to_numpy()
+    done = trace.samples.dropna(subset=["t_end"])
+    last = np.searchsorted(t, done["t_end"], side="right") - 1
+    first = last - done["response_len"].to_numpy() + 1      # one token a step, the first in the prefill step
+    assert (first >= np.searchsorted(t, done["t_start"], side="left")).all()  # not before its group's start
+    # each step advanced exactly the finished samples from their first step to their last, up to the first step of
+    # a group still unfinished when the run stopped
+    in_flight = np.zeros(len(t) + 1, int)
+    np.add.at(in_flight, first, 1)
+    np.add.at(in_flight, last + 1, -1)
+    unfinished = trace.samples[trace.samples["t_end"].isna()]
+    cut = int(np.searchsorted(t, unfinished["t_start"].fillna(unfinished["t_admit"]).min(), side="left"))
+    assert cut > len(t) // 2 and (np.cumsum(in_flight)[:cut] == active[:cut]).all()
+    staggered = 0
+    for step in range(cfg.run.steps):
+        batch = done[done["learner_step"] == step]
+        starts = first[(done["learner_step"] == step).to_numpy()]
+        assert (active[starts.min():starts.max()] == slots).all(), step  # full until its last sample started
+        staggered += int((batch.assign(first=starts).groupby("group_id")["first"].nunique() > 1).sum())
+    assert staggered > 0, "no group's samples started at different steps"

@@ -14,8 +14,9 @@ median over the run:
 - decode step (continuous batching): each engine step a worker timed (the run folder's engine_steps.parquet)
   that prefilled nothing, over the simulator's decode step at its active sequences and their context, with the
   same co-location. Which samples a step advanced, and how many tokens each had, comes from the trace (a sample
-  takes one token a step from the first step after its admission to the step its last token ended, or to the
-  last step if it was still generating); steps where that count disagrees with the logged one are left out. A sequence evicted under a KV budget is prefilled again when it resumes, which the trace does not place:
+  takes one token a step, the first in the step that prefills it, up to the step its last token ended; one still
+  generating from the first step after its group's start to the last step); steps where that count disagrees
+  with the logged one are left out. A sequence evicted under a KV budget is prefilled again when it resumes, which the trace does not place:
   such a step counts as a decode step. Beside it, the share of the workers' busy time spent outside engine steps (admitting, handing
   over, loading weights, the loop itself), which the simulator does not charge.
 
@@ -77,9 +78,12 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
         t, seconds, logged = (log[c].to_numpy() for c in ("t_start", "seconds", "active"))
         inside += float(seconds.sum())
         mine = s[s["worker_id"] == w]
-        first = np.searchsorted(t, mine["t_start"].to_numpy(), side="left")  # the step that prefilled it
         # the step that ended it; still generating (no end): the last step
         last = np.searchsorted(t, mine["t_end"].fillna(np.inf).to_numpy(), side="right") - 1
+        # the step that prefilled it: a token a step back from its end (a group's samples may start at different
+        # steps, admitted per sample, and the trace gives the group's start); still generating: its group's start
+        first = np.where(mine["t_end"].notna(), last - mine["response_len"].to_numpy() + 1,
+                         np.searchsorted(t, mine["t_start"].to_numpy(), side="left"))
         # Per step j: active count and total context sum(prompt + j - first) over the samples it advanced.
         count, base = np.zeros(len(t) + 1), np.zeros(len(t) + 1)
         np.add.at(count, first, 1)

@@ -1,15 +1,21 @@
-"""GRPO groups over a rollout engine: a group's G samples are admitted together and leave together.
+"""GRPO groups over a rollout engine: a group's G samples are admitted together and handed over together.
 
 `cluster.batching` decides when groups may join (the simulator's two models, sim/engine/worker.py):
-- continuous: whenever G slots are free, at the next decode step (vLLM, SGLang);
+- continuous: at the next decode step, into slots freed by the last one (vLLM, SGLang);
 - static: only when the engine is empty; the batch's groups are handed over together when its last sequence ends
   (one `generate()` call per batch).
+`cluster.admission` decides how many free slots a group needs (continuous batching only):
+- per_group: G; the group's samples all start at the same step;
+- per_sample: one; as many of its samples start as there are free slots, and the rest wait and start one per
+  freed slot at later steps, before any new group (the simulator's kernel, sim/engine/kernel.py `admit` and
+  `advance`; vLLM V1 fans a request of n samples out into n requests its scheduler admits one by one).
 A group is complete when all its samples have finished; `step` returns the groups completed (or, static, released)
 in that decode step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,16 +25,21 @@ from real.engine import Finished, RolloutEngine
 @dataclass
 class Group:
     gid: int
-    t_start: float                                     # when the step that prefilled it began
+    prompt: Sequence[int]
+    t_start: list[float]                               # per sample, when the step that prefilled it began (NaN:
+                                                       # waiting for a slot)
     samples: list[Finished | None]                     # by sample index, None until finished
     t_end: list[float]                                 # per sample, when its last token was sampled
 
 
 class GroupBatcher:
-    def __init__(self, engine: RolloutEngine, group_size: int, static: bool):
-        self.engine, self.G, self.static = engine, group_size, static
+    def __init__(self, engine: RolloutEngine, group_size: int, static: bool, per_sample: bool = False):
+        if static and per_sample:
+            raise ValueError("admission per_sample needs continuous batching: a static batch is admitted whole")
+        self.engine, self.G, self.static, self.per_sample = engine, group_size, static, per_sample
         self.groups: dict[int, Group] = {}   # admitted, not yet handed over
         self.held: list[Group] = []          # static: completed, waiting for the batch's end
+        self.waiting: list[int] = []         # per_sample: sample ids admitted without a slot yet, in order
 
     @property
     def empty(self) -> bool:
@@ -36,16 +47,40 @@ class GroupBatcher:
         return not self.groups and not self.held
 
     def room(self) -> int:
-        """Groups that may be admitted now."""
+        """Groups that may be admitted now: per_sample, one per G free slots and one more for any left over, and
+        none while a group's samples wait for slots."""
         if self.static and not self.empty:
             return 0
-        return self.engine.free_slots() // self.G
+        free = self.engine.free_slots()
+        if self.per_sample:
+            return 0 if self.waiting else math.ceil(free / self.G)
+        return free // self.G
 
     def admit(self, gid: int, prompt: Sequence[int], t: float) -> None:
-        """Group `gid`'s G samples of `prompt`; `t`: when the step that will prefill it begins (or about)."""
+        """Group `gid` of G samples of `prompt`, ids gid * G + i; `t`: when the step that will prefill it begins (or
+        about). per_sample: the samples that find no free slot wait (`start_waiting`)."""
         G = self.G
-        self.engine.admit([gid * G + i for i in range(G)], [prompt] * G)
-        self.groups[gid] = Group(gid, t, [None] * G, [0.0] * G)
+        group = Group(gid, prompt, [math.nan] * G, [None] * G, [0.0] * G)
+        self.groups[gid] = group
+        ids = [gid * G + i for i in range(G)]
+        now = min(G, self.engine.free_slots()) if self.per_sample else G
+        self.waiting += ids[now:]
+        self._start(ids[:now], t)
+
+    def start_waiting(self, t: float) -> None:
+        """Start waiting samples (per_sample) in the slots free now, in admission order; `t` as for `admit`."""
+        n = min(len(self.waiting), self.engine.free_slots())
+        if n:
+            ids, self.waiting = self.waiting[:n], self.waiting[n:]
+            self._start(ids, t)
+
+    def _start(self, seq_ids: list[int], t: float) -> None:
+        if not seq_ids:
+            return
+        G = self.G
+        self.engine.admit(seq_ids, [self.groups[sid // G].prompt for sid in seq_ids])
+        for sid in seq_ids:
+            self.groups[sid // G].t_start[sid % G] = t
 
     def step(self, t_now) -> list[Group]:
         """One decode step of the engine; `t_now()` is read once the step's tokens are on the host."""
