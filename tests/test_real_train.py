@@ -326,13 +326,14 @@ def test_train_says_which_routing_its_workers_run():
 
 
 def test_continuous_batching_refills_a_worker_between_decode_steps(tmp_path):
-    """Continuous batching for real (examples/tiny_cpu_longtail.yaml, one worker, sync mode: the same run however the
-    processes are scheduled): groups join the worker while earlier groups are still generating, and the run is
-    on-policy and fully accounted for."""
+    """Continuous batching for real (examples/tiny_cpu_longtail.yaml untrained, so answers run to geometric lengths;
+    one worker, sync mode: the same run however the processes are scheduled): groups join the worker while earlier
+    groups are still generating, and the run is on-policy and fully accounted for."""
     from real.trainer import Trainer
 
     cfg = load_config(ROOT / "examples" / "tiny_cpu_longtail.yaml",
-                      {"pipeline.mode": "sync", "cluster.rollout_workers": 1, "run.steps": 3})
+                      {"pipeline.mode": "sync", "cluster.rollout_workers": 1, "run.steps": 3,
+                       "real.warm_start_steps": 0})
     result = Trainer(cfg, tmp_path / "run", timeout_s=600).run()
     trace = result.trace
     batch = cfg.workload.batch_prompts * cfg.workload.group_size

@@ -137,6 +137,12 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
     busy = end["C"] - start["A"]
     assert outside == pytest.approx((busy - sum(seconds)) / busy)
 
+    # The run ending halfway through step 3: only engine time before the end counts against the busy time.
+    until = t[3] + seconds[3] / 2
+    ended = Trace(trace.samples, trace.steps.assign(t_end=until), trace.header)
+    inside = sum(seconds[:3]) + seconds[3] / 2
+    assert decode_step_ratios(ended, log, cost)[1] == pytest.approx((until - start["A"] - inside) / (until - start["A"]))
+
     # C still generating when the run ended counts to the last step; a step whose logged count the trace does not
     # account for is left out; static batching has no decode steps to charge.
     trace.samples.loc[2, "t_end"] = np.nan

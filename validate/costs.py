@@ -72,11 +72,12 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
     s = trace.samples.copy()
     s["t_start"] = s["t_start"].fillna(s["t_admit"])  # a real trace's samples still generating: admitted only
     s = s.dropna(subset=["t_start"])
-    ratios, inside = [], 0.0
+    ratios, inside, until = [], 0.0, run_wall_s(trace.steps)
     for w, log in engine_steps.groupby("worker_id"):
         log = log.sort_values("t_start")
         t, seconds, logged = (log[c].to_numpy() for c in ("t_start", "seconds", "active"))
-        inside += float(seconds.sum())
+        # within the run, as busy time is counted: workers go on generating until they are told to stop
+        inside += float(np.clip(np.minimum(t + seconds, until) - t, 0.0, None).sum())
         mine = s[s["worker_id"] == w]
         # the step that ended it; still generating (no end): the last step
         last = np.searchsorted(t, mine["t_end"].fillna(np.inf).to_numpy(), side="right") - 1
@@ -97,7 +98,7 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
         for j in np.flatnonzero((n == logged) & ~prefills & (n > 0)):
             ratios.append(seconds[j] / cost.decode_step_s(int(n[j]), float(context[j])))
     worker, start, end, _ = group_intervals(trace.samples)
-    _, starts, ends = busy_periods(worker, start, end, run_wall_s(trace.steps))
+    _, starts, ends = busy_periods(worker, start, end, until)
     busy = float(np.sum(ends - starts))
     return np.asarray(ratios), (1.0 - inside / busy) if busy > 0 else float("nan")
 
