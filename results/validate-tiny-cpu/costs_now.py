@@ -21,13 +21,18 @@ from validate.costs import costs_table, in_run_costs  # noqa: E402
 from validate.loop import SYNC, end_to_end, prediction_config, run_dir  # noqa: E402
 
 
-def main(argv: list[str]) -> None:
+def read_cell(argv: list[str]):
+    """(the cell's folder, its config, the config its prediction used) from `NAME [CONFIG] [--set KEY=VALUE ...]`."""
     name, rest = argv[0], argv[1:]
     config = rest.pop(0) if rest and not rest[0].startswith("--") else "examples/tiny_cpu_longtail.yaml"
     overrides = dict(pair.split("=", 1) for flag, pair in zip(rest[::2], rest[1::2]) if flag == "--set")
     cell = HERE / name
     cfg = load_config(HERE.parents[1] / config, overrides)
-    pred = prediction_config(cfg, cell / "profile.yaml")
+    return cell, cfg, prediction_config(cfg, cell / "profile.yaml")
+
+
+def main(argv: list[str]) -> None:
+    cell, cfg, pred = read_cell(argv)
     costs = {}
     for mode_cfg, kind in ((pred, "measured"), (pred.with_overrides(SYNC), "measured_sync")):
         folders = [RunFolder(cell / run_dir(kind, r)) for r in range(3) if (cell / run_dir(kind, r)).is_dir()]

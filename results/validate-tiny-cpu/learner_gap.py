@@ -22,13 +22,13 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from costs_now import read_cell  # noqa: E402  (this folder: the script's own)
 from real.runfolder import RunFolder  # noqa: E402
-from sim.config import load_config  # noqa: E402
 from sim.engine.pipeline import simulate  # noqa: E402
 from sim.hardware.cost import cost_model_for  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 from validate.costs import learner_ratios  # noqa: E402
-from validate.loop import SYNC, lengths_from, measured_seeds, prediction_config, run_dir  # noqa: E402
+from validate.loop import SYNC, lengths_from, measured_seeds, run_dir  # noqa: E402
 
 
 def padded(trace) -> np.ndarray:
@@ -55,12 +55,7 @@ def overlap(trace, engine_steps) -> np.ndarray:
 
 
 def main(argv: list[str]) -> None:
-    name, rest = argv[0], argv[1:]
-    config = rest.pop(0) if rest and not rest[0].startswith("--") else "examples/tiny_cpu_longtail.yaml"
-    overrides = dict(pair.split("=", 1) for flag, pair in zip(rest[::2], rest[1::2]) if flag == "--set")
-    cell = HERE / name
-    cfg = load_config(HERE.parents[1] / config, overrides)
-    pred = prediction_config(cfg, cell / "profile.yaml")
+    cell, cfg, pred = read_cell(argv)
     notes = json.loads((cell / "report.json").read_text())["notes"]
     timed = [float(m.group(1)) for n in notes if (m := re.match(r"learner bookkeeping: ([0-9.]+) s", n))]
     if timed:  # the pilots' bookkeeping, as the cell's prediction charged it
