@@ -294,8 +294,7 @@ class RolloutWorker:
         with L.locked(self.check):
             while len(groups) < room:
                 prompt = prompt_for(self.task, self.cfg.seed, L.next_id())
-                if self.kv is not None and not self.kv.fits(
-                        self.batcher.G, [*(len(p.ids) for _, p in groups), len(prompt.ids)]):
+                if self.kv is not None and not self.kv_takes([*(len(p.ids) for _, p in groups), len(prompt.ids)]):
                     self.kv_refused = len(prompt.ids)
                     return groups, False
                 latest = self.channel.latest_version()
@@ -312,10 +311,19 @@ class RolloutWorker:
                 groups.append((L.take_id(), prompt))   # the id next_id named: the lock is held
         return groups, False
 
+    def kv_takes(self, prompt_lens: list[int]) -> bool:
+        """Whether the KV budget takes groups of these prompt lengths, admitted one after another now: each whole
+        (per_group), or the last one's first sample after the earlier ones' samples (per_sample, as the kernel's
+        `can_admit` asks room for one sequence)."""
+        if not self.batcher.per_sample:
+            return self.kv.fits(self.batcher.G, prompt_lens)
+        starts = self.batcher.starts(prompt_lens)
+        return len(starts) == len(prompt_lens) and starts[-1] > 0
+
     def kv_may_admit(self) -> bool:
         """Whether the KV budget takes the group it refused last, if any. Its room only grows when sequences finish:
         asking again before (at every decode step) would take the ledger's lock for nothing."""
-        return self.kv_refused is None or self.kv.fits(self.batcher.G, [self.kv_refused])
+        return self.kv_refused is None or self.kv_takes([self.kv_refused])
 
     def run(self) -> None:
         """Decode step after decode step while sequences are in flight, admitting groups into free slots between

@@ -11,6 +11,7 @@ import pytest
 from test_rollout_engine import _engine, _qwen
 
 from real.engine import Finished, Generation, Sampling, check_engine
+from real.engine.batching import GroupBatcher
 from real.engine.kv import POLICIES, KVBudgetedEngine, kv_budgeted
 from sim.config import ConfigError, load_config, parse_config
 from sim.engine.pipeline import Simulation
@@ -192,13 +193,12 @@ class ScriptedEngine:
         return done
 
 
-def test_admissions_evictions_and_completions_are_the_simulators():
-    """The simulator's kernel and this layer on the same schedules: one continuous worker, the first learner step's
-    groups (sync mode: admitted in id order as slots and the budget allow), with no prefill cost, so the kernel's
-    time is its step count. Each group starts, and each sample ends and is evicted, at the same step."""
+def _simulated_cases(admission: str, n: int = 12):
+    """Random schedules for one continuous worker, the first learner step's groups (sync mode: admitted in id order
+    as slots and the budget allow), with no prefill cost, so the kernel's time is its step count: per case (its
+    number, group size, slots, budget, policy, the simulator's samples of those groups)."""
     rng = np.random.default_rng(0)
-    evicting = 0
-    for case in range(12):
+    for case in range(n):
         policy = POLICIES[case % 2]
         G, B = int(rng.integers(1, 4)), int(rng.integers(4, 10))
         slots, budget = int(rng.integers(3 * G, 10)), int(rng.integers(G * 40, G * 70))
@@ -207,13 +207,21 @@ def test_admissions_evictions_and_completions_are_the_simulators():
             "workload": {"batch_prompts": B, "group_size": G, "max_new_tokens": 20,
                          "prompt_len": {"kind": "lognormal", "median": 8, "p99": 20},
                          "response_len": {"kind": "lognormal", "median": 15, "p99": 20}},
-            "cluster": {"rollout_workers": 1, "max_concurrency": slots, "batching": "continuous"},
+            "cluster": {"rollout_workers": 1, "max_concurrency": slots, "batching": "continuous",
+                        "admission": admission},
             "pipeline": {"mode": "sync"},
             "hardware": {"constant": {"decode_step_s": 1.0, "prefill_s_per_token": 0.0, "train_step_s": 1.0},
                          "memory": {"kv_policy": policy, "kv_budget_tokens": budget}},
             "run": {"steps": 1}})
         sim = Simulation(cfg).run().samples
-        sim = sim[sim["group_id"] < B].sort_values("sample_id")
+        yield case, G, slots, budget, policy, sim[sim["group_id"] < B].sort_values("sample_id")
+
+
+def test_admissions_evictions_and_completions_are_the_simulators():
+    """The simulator's kernel and this layer on the same schedules (`_simulated_cases`). Each group starts, and each
+    sample ends and is evicted, at the same step."""
+    evicting = 0
+    for case, G, slots, budget, policy, sim in _simulated_cases("per_group"):
         lengths = dict(zip(sim["sample_id"], sim["response_len"]))
         prompts = [[3] * int(n) for n in sim.groupby("group_id")["prompt_len"].first()]
         kv = KVBudgetedEngine(ScriptedEngine(slots, lengths, 20), budget, policy)
@@ -223,6 +231,35 @@ def test_admissions_evictions_and_completions_are_the_simulators():
         assert {i: f.preemptions for i, f in out.items()} == dict(zip(sim["sample_id"], sim["preemptions"])), case
         evicting += kv.evictions > 0
     assert evicting >= 3
+
+
+def test_admission_by_sample_under_a_budget_is_the_simulators():
+    """The same with `cluster.admission: per_sample`, through the workers' batcher (real/engine/batching.py) as a
+    worker drives it: at each step boundary the waiting samples first, then new groups while one more sequence
+    fits (real/worker.py `kv_takes`). Each group starts, and each sample ends and is evicted, at the same step."""
+    evicting = waited = 0
+    for case, G, slots, budget, policy, sim in _simulated_cases("per_sample", 16):
+        lengths = dict(zip(sim["sample_id"], sim["response_len"]))
+        prompts = [[3] * int(n) for n in sim.groupby("group_id")["prompt_len"].first()]
+        kv = KVBudgetedEngine(ScriptedEngine(slots, lengths, 20), budget, policy)
+        batcher = GroupBatcher(kv, G, static=False, per_sample=True)
+        nxt, step, handed = 0, 0, []
+        while nxt < len(prompts) or not batcher.empty:
+            batcher.start_waiting(float(step))
+            while nxt < len(prompts) and batcher.room() and batcher.starts([len(prompts[nxt])])[0] > 0:
+                batcher.admit(nxt, prompts[nxt], float(step))
+                nxt += 1
+            handed += batcher.step(lambda: float(step + 1))
+            step += 1
+        assert {g.gid: min(g.t_start) for g in handed} == {
+            int(g): t for g, t in sim.groupby("group_id")["t_start"].first().items()}, case
+        ended = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_end)}
+        assert ended == dict(zip(sim["sample_id"], sim["t_end"])), case
+        evictions = {g.gid * G + i: f.preemptions for g in handed for i, f in enumerate(g.samples)}
+        assert evictions == dict(zip(sim["sample_id"], sim["preemptions"])), case
+        evicting += kv.evictions > 0
+        waited += sum(t > min(g.t_start) for g in handed for t in g.t_start)
+    assert evicting >= 3 and waited >= 10
 
 
 def test_bad_input_and_no_budget():
@@ -253,21 +290,21 @@ def test_what_the_real_workers_do_not_implement_is_refused():
         check_engine(load_config(TINY, {"hardware.memory.kv_policy": "preempt_swap"}))
     with pytest.raises(ConfigError, match="kv_budget_tokens: 100 tokens cannot hold one group at its longest"):
         check_engine(load_config(TINY, {"hardware.memory.kv_budget_tokens": 100}))
-    per_sample = {"cluster.admission": "per_sample", "cluster.batching": "continuous"}
-    with pytest.raises(ConfigError, match="'per_sample' with a KV budget .* is simulated only"):
-        check_engine(load_config(TINY, {**per_sample, "hardware.memory.kv_budget_tokens": 1000}))
-    check_engine(load_config(TINY, per_sample))  # without a budget it runs (tests/test_real_train.py)
+    check_engine(load_config(TINY, {"cluster.admission": "per_sample", "cluster.batching": "continuous",
+                                    "hardware.memory.kv_budget_tokens": 1000}))  # runs, with or without a budget
 
 
 # --------------------------------------------------------------------------- end to end
-def test_a_training_run_under_a_small_budget_records_its_evictions(tmp_path):
+@pytest.mark.parametrize("admission", ["per_group", "per_sample"])
+def test_a_training_run_under_a_small_budget_records_its_evictions(tmp_path, admission):
     """examples/tiny_cpu.yaml in sync mode with continuous batching, no warm start (so responses run long), and a
     160-token budget, a third more than one group at its longest (4 × (14 + 16) = 120): groups admitted beside each
-    other outgrow it, and the samples table counts each sample's evictions."""
+    other outgrow it, and the samples table counts each sample's evictions; admitted by group or by sample."""
     from real.trainer import Trainer
 
     cfg = load_config(TINY, {"pipeline.mode": "sync", "cluster.batching": "continuous", "run.steps": 2,
-                             "real.warm_start_steps": 0, "hardware.memory.kv_budget_tokens": 160})
+                             "real.warm_start_steps": 0, "hardware.memory.kv_budget_tokens": 160,
+                             "cluster.admission": admission})
     result = Trainer(cfg, tmp_path / "run", timeout_s=300).run()
     samples = result.trace.samples
     assert result.summary["status"] == "complete"

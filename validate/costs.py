@@ -16,9 +16,10 @@ median over the run:
   same co-location. Which samples a step advanced, and how many tokens each had, comes from the trace (a sample
   takes one token a step, the first in the step that prefills it, up to the step its last token ended; one still
   generating from the first step after its group's start to the last step); steps where that count disagrees
-  with the logged one are left out. A sequence evicted under a KV budget is prefilled again when it resumes, which the trace does not place:
-  such a step counts as a decode step. Beside it, the share of the workers' busy time spent outside engine steps (admitting, handing
-  over, loading weights, the loop itself), which the simulator does not charge.
+  with the logged one are left out. A sequence evicted under a KV budget takes no token while evicted and is
+  prefilled again when it resumes, which the trace does not place: its steps are counted as if it ran through,
+  and a step they make disagree is left out. Beside it, the share of the workers' busy time spent outside engine
+  steps (admitting, handing over, loading weights, the loop itself), which the simulator does not charge.
 
 Near 1 means the costs held in the run as profiled, so the remaining error is the pipeline model's (or the
 lengths'); far from 1 with both runs alike means the machine ran faster or slower than when it was profiled.

@@ -149,9 +149,8 @@ def check_resumption(generations: Sequence[Generation], free: int, held: set[int
 def check_engine(cfg) -> None:
     """A ConfigError, before any process starts or any output is written, when `real.engine` cannot run
     `real.model` (the fast engine's forward is written for the Qwen2 and Llama families; the presets are Qwen2), or
-    asks for what the real workers do not implement: multi-turn samples (`workload.turns`), admission by sample
-    under a KV budget (`cluster.admission` with `hardware.memory.kv_budget_tokens`), or eviction by swapping to
-    host memory (`hardware.memory.kv_policy`; they recompute), or gives a KV budget below one group at its
+    asks for what the real workers do not implement: multi-turn samples (`workload.turns`) or eviction by swapping
+    to host memory (`hardware.memory.kv_policy`; they recompute), or gives a KV budget below one group at its
     longest."""
     from sim.config import ConfigError
     from sim.hardware.specs import MODELS
@@ -160,11 +159,6 @@ def check_engine(cfg) -> None:
         raise ConfigError("workload.turns: multi-turn samples are simulated only: stalecast train's task is one turn "
                           "(no environment to call)")
     memory = cfg.hardware.memory
-    budget = memory.kv_budget_tokens is not None and memory.kv_policy != "unlimited"
-    if cfg.cluster.admission == "per_sample" and budget:
-        raise ConfigError("cluster.admission: 'per_sample' with a KV budget (hardware.memory.kv_budget_tokens) is "
-                          "simulated only: stalecast train's workers hold a budget for whole groups; drop the budget "
-                          "or admit per_group")
     if memory.kv_budget_tokens is not None and memory.kv_policy in ("preempt_recompute", "admit_reserve"):
         from sim.hardware.memory import kv_capacity
         try:  # one group at its longest must fit, as `simulate` asks

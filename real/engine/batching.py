@@ -6,9 +6,10 @@
   (one `generate()` call per batch).
 `cluster.admission` decides how many free slots a group needs (continuous batching only):
 - per_group: G; the group's samples all start at the same step;
-- per_sample: one; as many of its samples start as there are free slots, and the rest wait and start one per
-  freed slot at later steps, before any new group (the simulator's kernel, sim/engine/kernel.py `admit` and
-  `advance`; vLLM V1 fans a request of n samples out into n requests its scheduler admits one by one).
+- per_sample: one; as many of its samples start as there are free slots (and, under a KV budget, KV room), and the
+  rest wait and start one per freed slot at later steps, before any new group (the simulator's kernel,
+  sim/engine/kernel.py `admit` and `advance`; vLLM V1 fans a request of n samples out into n requests its
+  scheduler admits one by one).
 A group is complete when all its samples have finished; `step` returns the groups completed (or, static, released)
 in that decode step.
 """
@@ -37,6 +38,8 @@ class GroupBatcher:
         if static and per_sample:
             raise ValueError("admission per_sample needs continuous batching: a static batch is admitted whole")
         self.engine, self.G, self.static, self.per_sample = engine, group_size, static, per_sample
+        # a KV-budgeted engine (real/engine/kv.py) says whether sequences fit its budget; others always have room
+        self.fits = getattr(engine, "fits", None)
         self.groups: dict[int, Group] = {}   # admitted, not yet handed over
         self.held: list[Group] = []          # static: completed, waiting for the batch's end
         self.waiting: list[int] = []         # per_sample: sample ids admitted without a slot yet, in order
@@ -56,20 +59,39 @@ class GroupBatcher:
             return 0 if self.waiting else math.ceil(free / self.G)
         return free // self.G
 
+    def starts(self, prompt_lens: Sequence[int]) -> list[int]:
+        """per_sample: how many samples of each of these groups (prompt lengths), admitted one after another now,
+        would start at once: one per free slot while the KV budget takes one more sequence; none after a group
+        whose samples wait. A first entry of 0: the first group cannot be admitted now."""
+        free, started, out = self.engine.free_slots(), [], []
+        for length in prompt_lens:
+            k = 0
+            while k < self.G and free > 0 and (self.fits is None or self.fits(1, [*started, length])):
+                started.append(length)
+                free, k = free - 1, k + 1
+            out.append(k)
+            if k < self.G:
+                break
+        return out
+
     def admit(self, gid: int, prompt: Sequence[int], t: float) -> None:
         """Group `gid` of G samples of `prompt`, ids gid * G + i; `t`: when the step that will prefill it begins (or
-        about). per_sample: the samples that find no free slot wait (`start_waiting`)."""
+        about). per_sample: the samples that find no free slot or KV room wait (`start_waiting`)."""
         G = self.G
         group = Group(gid, prompt, [math.nan] * G, [None] * G, [0.0] * G)
         self.groups[gid] = group
         ids = [gid * G + i for i in range(G)]
-        now = min(G, self.engine.free_slots()) if self.per_sample else G
+        now = self.starts([len(prompt)])[0] if self.per_sample else G
         self.waiting += ids[now:]
         self._start(ids[:now], t)
 
     def start_waiting(self, t: float) -> None:
-        """Start waiting samples (per_sample) in the slots free now, in admission order; `t` as for `admit`."""
-        n = min(len(self.waiting), self.engine.free_slots())
+        """Start waiting samples (per_sample, all of one group) in the slots free now while KV room lasts, in
+        admission order; `t` as for `admit`."""
+        if not self.waiting:
+            return
+        prompt = self.groups[self.waiting[0] // self.G].prompt
+        n = min(len(self.waiting), self.starts([len(prompt)])[0])
         if n:
             ids, self.waiting = self.waiting[:n], self.waiting[n:]
             self._start(ids, t)
