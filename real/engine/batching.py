@@ -78,8 +78,7 @@ class GroupBatcher:
         """Group `gid` of G samples of `prompt`, ids gid * G + i; `t`: when the step that will prefill it begins (or
         about). per_sample: the samples that find no free slot or KV room wait (`start_waiting`)."""
         G = self.G
-        group = Group(gid, prompt, [math.nan] * G, [None] * G, [0.0] * G)
-        self.groups[gid] = group
+        self.groups[gid] = Group(gid, prompt, [math.nan] * G, [None] * G, [0.0] * G)
         ids = [gid * G + i for i in range(G)]
         now = self.starts([len(prompt)])[0] if self.per_sample else G
         self.waiting += ids[now:]
