@@ -93,6 +93,21 @@ def test_admission_by_sample_leaves_no_slot_idle_while_groups_wait(group_size):
         GroupBatcher(engine, group_size, static=True, per_sample=True)
 
 
+def run_by_sample(batcher, prompts: list[list[int]]) -> list:
+    """Drive a per_sample batcher as a worker does, with decode step k running from time k to k + 1: at each step
+    boundary its waiting samples first, then groups (ids 0, 1, ... with these prompts) while there is room and the
+    next one's first sample starts (real/worker.py `kv_takes`); until every group is handed over. Returns them."""
+    admitted, step, handed = 0, 0, []
+    while admitted < len(prompts) or not batcher.empty:
+        batcher.start_waiting(float(step))
+        while admitted < len(prompts) and batcher.room() and batcher.starts([len(prompts[admitted])])[0] > 0:
+            batcher.admit(admitted, prompts[admitted], float(step))
+            admitted += 1
+        handed += batcher.step(lambda: float(step + 1))
+        step += 1
+    return handed
+
+
 def test_admission_by_sample_starts_and_ends_every_sample_at_the_simulators_step():
     """The simulator and the batcher on the same schedules: one continuous worker admitting by sample, the first
     learner step's groups (sync mode: admitted in id order as slots allow), a decode step of 1 s and no prefill
@@ -119,14 +134,7 @@ def test_admission_by_sample_starts_and_ends_every_sample_at_the_simulators_step
         lengths = dict(zip(sim["sample_id"], sim["response_len"]))
         engine = ScriptedEngine(slots, lengths.__getitem__)
         batcher = GroupBatcher(engine, G, static=False, per_sample=True)
-        admitted, step, handed = 0, 0, []
-        while admitted < B or not batcher.empty:
-            batcher.start_waiting(float(step))
-            while admitted < B and batcher.room():
-                batcher.admit(admitted, [0], float(step))
-                admitted += 1
-            handed += batcher.step(lambda: float(step + 1))
-            step += 1
+        handed = run_by_sample(batcher, [[0]] * B)
         start = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_start)}
         end = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_end)}
         assert end == dict(zip(sim["sample_id"], sim["t_end"])), case

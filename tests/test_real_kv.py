@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_batching import run_by_sample
 from test_rollout_engine import _engine, _qwen
 
 from real.engine import Finished, Generation, Sampling, check_engine
@@ -243,14 +244,7 @@ def test_admission_by_sample_under_a_budget_is_the_simulators():
         prompts = [[3] * int(n) for n in sim.groupby("group_id")["prompt_len"].first()]
         kv = KVBudgetedEngine(ScriptedEngine(slots, lengths, 20), budget, policy)
         batcher = GroupBatcher(kv, G, static=False, per_sample=True)
-        nxt, step, handed = 0, 0, []
-        while nxt < len(prompts) or not batcher.empty:
-            batcher.start_waiting(float(step))
-            while nxt < len(prompts) and batcher.room() and batcher.starts([len(prompts[nxt])])[0] > 0:
-                batcher.admit(nxt, prompts[nxt], float(step))
-                nxt += 1
-            handed += batcher.step(lambda: float(step + 1))
-            step += 1
+        handed = run_by_sample(batcher, prompts)
         assert {g.gid: min(g.t_start) for g in handed} == {
             int(g): t for g, t in sim.groupby("group_id")["t_start"].first().items()}, case
         ended = {g.gid * G + i: t for g in handed for i, t in enumerate(g.t_end)}

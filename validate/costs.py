@@ -35,11 +35,17 @@ from sim.metrics import busy_periods, group_intervals, run_wall_s
 from sim.trace import Trace
 
 
-def learner_ratios(trace: Trace, cost) -> np.ndarray:
-    """Per consumed step: measured seconds / profile seconds at its padded tokens."""
+def padded_tokens(trace: Trace) -> pd.Series:
+    """Per consumed step (indexed by step): the tokens its learner computes, rows x the longest row (prompt +
+    response), as the learner pads a batch."""
     used = trace.samples[trace.samples["learner_step"] >= 0]
     rows = (used["prompt_len"] + used["response_len"]).groupby(used["learner_step"])
-    padded = rows.max() * rows.size()
+    return rows.max() * rows.size()
+
+
+def learner_ratios(trace: Trace, cost) -> np.ndarray:
+    """Per consumed step: measured seconds / profile seconds at its padded tokens."""
+    padded = padded_tokens(trace)
     steps = trace.steps.set_index("step").loc[padded.index]
     measured = (steps["t_end"] - steps["t_start"]).to_numpy()
     return measured / np.array([cost.train_s(int(t)) for t in padded])
@@ -140,8 +146,8 @@ def in_run_costs(mode_cfg, together: Trace, runs: list[tuple[Trace, pd.DataFrame
 
 def costs_table(costs: dict[str, dict[str, float]]) -> list[str]:
     """Markdown lines: one row per run."""
-    lines = ["| run | learner step, measured / profile (median, mean) | generation batch, measured / charged | decode step, "
-             "measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
+    lines = ["| run | learner step, measured / profile (median, mean) | generation batch, measured / charged | "
+             "decode step, measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run, c in costs.items():
         lines.append(f"| {run} | x{c['learner_step']:.3f}, x{c['learner_step_mean']:.3f} | "

@@ -26,31 +26,20 @@ from costs_now import read_cell  # noqa: E402  (this folder: the script's own)
 from real.runfolder import RunFolder  # noqa: E402
 from sim.engine.pipeline import simulate  # noqa: E402
 from sim.hardware.cost import cost_model_for  # noqa: E402
+from sim.metrics import busy_periods  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
-from validate.costs import learner_ratios  # noqa: E402
+from validate.costs import learner_ratios, padded_tokens  # noqa: E402
 from validate.loop import SYNC, lengths_from, measured_seeds, run_dir  # noqa: E402
-
-
-def padded(trace) -> np.ndarray:
-    """Per consumed step: rows x the longest row (prompt + response)."""
-    used = trace.samples[trace.samples["learner_step"] >= 0]
-    rows = (used["prompt_len"] + used["response_len"]).groupby(used["learner_step"])
-    return (rows.max() * rows.size()).to_numpy()
 
 
 def overlap(trace, engine_steps) -> np.ndarray:
     """Per consumed step: the share of its learner step during which some worker ran an engine step."""
-    log = engine_steps.sort_values("t_start")
-    merged: list[list[float]] = []
-    for a, b in zip(log["t_start"], log["t_start"] + log["seconds"]):
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    spans = np.array(merged)
-    used = sorted(trace.samples.loc[trace.samples["learner_step"] >= 0, "learner_step"].unique())
-    steps = trace.steps.set_index("step").loc[used]
-    return np.array([np.clip(np.minimum(spans[:, 1], b) - np.maximum(spans[:, 0], a), 0, None).sum() / (b - a)
+    ends = engine_steps["t_start"] + engine_steps["seconds"]
+    # the union of every worker's engine steps: one "worker" whose busy periods they are
+    _, lo, hi = busy_periods(np.zeros(len(ends), np.int64), engine_steps["t_start"].to_numpy(), ends.to_numpy(),
+                             float(ends.max()))
+    steps = trace.steps.set_index("step").loc[padded_tokens(trace).index]
+    return np.array([np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0, None).sum() / (b - a)
                      for a, b in zip(steps["t_start"], steps["t_end"])])
 
 
@@ -77,7 +66,8 @@ def main(argv: list[str]) -> None:
             corr = "" if kind != "measured" else (
                 f"{np.corrcoef(overlap(real, folder.read_engine_steps()), ratios)[0, 1]:+.2f}")
             print(f"| {folder.path.name} | {period[0]:.3f} / {period[1]:.3f} | {train[0]:.3f} / {train[1]:.3f} | "
-                  f"x{ratios.mean():.2f} | {padded(real).mean():.0f} / {padded(sim).mean():.0f} | {corr} |")
+                  f"x{ratios.mean():.2f} | {padded_tokens(real).mean():.0f} / {padded_tokens(sim).mean():.0f} | "
+                  f"{corr} |")
 
 
 if __name__ == "__main__":
