@@ -19,6 +19,9 @@ from sim.config import Instability, load_config, parse_config
 from sim.metrics import compute_metrics, sample_staleness
 from sim.trace import read_trace
 
+# One xdist process runs the module, so its training runs (module fixtures) are computed once.
+pytestmark = pytest.mark.xdist_group("test_real_train")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny_cpu.yaml"
 SYNC_STEPS = 15

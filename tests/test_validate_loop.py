@@ -14,6 +14,9 @@ from sim.cli import main
 from sim.config import load_config
 from sim.hardware.measured import load_profile
 
+# One xdist process runs the module, so its profile (a module fixture) is measured once.
+pytestmark = pytest.mark.xdist_group("test_validate_loop")
+
 TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
 SHORT = ["--set", "run.steps=6", "--set", "real.warm_start_steps=4"]
 
