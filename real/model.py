@@ -102,14 +102,19 @@ def _preset_config(name: str, tokenizer: CharTokenizer) -> Qwen2Config:
     )
 
 
+def init_seed(cfg: RunConfig) -> int:
+    """The seed of the policy the run starts from (`real.init_seed`, else the run's)."""
+    return cfg.seed if cfg.real.init_seed is None else cfg.real.init_seed
+
+
 def build_policy(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[transformers.PreTrainedModel,
                                                                               CharTokenizer]:
-    """The policy and its tokenizer; the tiny preset's weights depend on `cfg.seed` only (built on CPU)."""
+    """The policy and its tokenizer; a preset's weights depend on `init_seed(cfg)` only (built on CPU)."""
     dtype = getattr(torch, cfg.real.dtype)
     if cfg.real.model in MODELS:
         tokenizer = CharTokenizer()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+            torch.manual_seed(init_seed(cfg))
             model = Qwen2ForCausalLM._from_config(_preset_config(cfg.real.model, tokenizer), attn_implementation=ATTN)
         return model.to(device=device, dtype=dtype), tokenizer
     folder = Path(cfg.real.model)  # load_config made it absolute and checked it holds config.json

@@ -179,7 +179,7 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> TrainResult:
         from real.engine import check_engine
-        from real.model import LEARNER, build_policy, pinned, resolve_device
+        from real.model import LEARNER, build_policy, init_seed, pinned, resolve_device
 
         cfg, ckpt = self.cfg, self.checkpoint
         t_begin = time.monotonic()
@@ -227,7 +227,8 @@ class Trainer:
             for p in self.workers:
                 p.start()  # before the learner pins itself: a worker picks its core from the whole set
             if not start:  # supervised steps may take a larger lr than GRPO's; they overlap worker start-up
-                warm = self.learner.warm_start(cfg.real.warm_start_steps, cfg.seed, cfg.real.warm_start_lr or cfg.optim.lr)
+                warm = self.learner.warm_start(cfg.real.warm_start_steps, init_seed(cfg),
+                                                cfg.real.warm_start_lr or cfg.optim.lr)
                 self._milestone("warm start done", t_begin)
             self.learner.start_optimizer()
             if start:

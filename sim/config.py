@@ -598,6 +598,11 @@ class Real(_Section):
     mini_batches: Int = Field(1, ge=1, description="Optimizer updates per pass: the batch's groups split into this "
                                                    "many mini-batches.")
     micro_batch: Int = Field(64, ge=1, description="Sequences per forward/backward pass of the learner.")
+    init_seed: Int | None = Field(
+        None, ge=0, description="Seed of the policy a run starts from: the preset's random weights and the warm "
+                                "start's examples; null = the run's seed. Fixed, runs of different seeds (validate's "
+                                "pilots and measured runs) start from one policy, as runs from one checkpoint do; the "
+                                "run's seed still draws its prompts and samples.")
     warm_start_steps: Int = Field(0, ge=0, description="Supervised steps on correct answers before GRPO starts.")
     warm_start_lr: Float | None = Field(None, gt=0, description="Learning rate of the supervised warm start; "
                                                                 "null = optim.lr.")

@@ -89,6 +89,9 @@ def test_build_policy_tiny_is_the_sim_shape_and_deterministic(cfg, tmp_path):
     sd, sd_same, sd_other = model.state_dict(), same.state_dict(), other.state_dict()
     assert all(torch.equal(sd[k], sd_same[k]) for k in sd)
     assert not all(torch.equal(sd[k], sd_other[k]) for k in sd)
+    # real.init_seed: runs of other seeds start from the policy of that seed
+    shared = build_policy(cfg.with_overrides({"seed": 7, "real.init_seed": 1}))[0].state_dict()
+    assert all(torch.equal(sd_other[k], shared[k]) for k in sd)
 
     save_policy(model, tok, tmp_path / "ckpt")
     loaded, loaded_tok = build_policy(cfg.with_overrides({"real.model": str(tmp_path / "ckpt")}))

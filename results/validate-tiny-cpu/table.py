@@ -6,6 +6,7 @@ two cells with one worker count share their sync runs' configs, as a sync pipeli
     python3 table.py 'continuous-*'    the continuous-batching cells, with the staleness distribution's W1 and the
                                        measured staleness values beside
     python3 table.py 'per-sample-*'    the long-tail cell admitted by sample, likewise
+    python3 table.py 'shared-init-*'   the long-tail cell with every run starting from one policy, likewise
     python3 table.py 'kv*'             the small-KV-budget cell (kv-w1-s4-160: 160 KV tokens a worker) and the same
                                        cell without a budget (kvbase-w1-s4), with W1 and the share of samples evicted
 """
@@ -30,12 +31,12 @@ reports = {p.parent.name: json.loads(p.read_text()) for p in cells}
 
 def cell(name: str) -> tuple[str, str]:
     """(workers, bound) of a cell: w1-s4 is stalecast's rule; policy-NAME is another system's, one worker;
-    continuous-w3-s4 as w3-s4, batching continuously (per-sample-w3-s4: admitting by sample); kv-w3-s4-400 with a KV
-    budget of 400 tokens a worker."""
+    continuous-w3-s4 as w3-s4, batching continuously (per-sample-w3-s4: admitting by sample, shared-init-w3-s4: every
+    run from one starting policy); kv-w3-s4-400 with a KV budget of 400 tokens a worker."""
     if name.startswith("kv"):  # kv-w1-s4-160: a KV budget of 160 tokens; kvbase-w1-s4: the same cell without one
         w, s, budget = re.fullmatch(r"kv(?:base)?-w(\d+)-s(\d+)-?(\d*)", name).groups()
         return w, f"{s}, KV {budget} tokens" if budget else f"{s}, no KV budget"
-    name = name.removeprefix("continuous-").removeprefix("per-sample-")
+    name = name.removeprefix("continuous-").removeprefix("per-sample-").removeprefix("shared-init-")
     return ("1", name.removeprefix("policy-")) if name.startswith("policy-") else tuple(name[1:].split("-s"))
 
 print("| workers | bound (or policy) | " + " | ".join(name for _, name in METRICS) + " | all judged rows pass |")
