@@ -214,3 +214,16 @@ def test_validate_rejects_a_non_positive_repeat_count(tmp_path, config_data, cap
     printed = capsys.readouterr()
     assert "--repeats" in printed.err and "at least 1, got 0" in printed.err
     assert not (tmp_path / "report").exists()
+
+
+def test_the_report_says_which_policy_the_runs_start_from(config_data, tmp_path):
+    from sim.config import parse_config
+    from validate.loop import starting_policy_note
+
+    cfg = parse_config(config_data)  # the tiny preset
+    assert "each run's own seed's" in starting_policy_note(cfg)
+    assert starting_policy_note(cfg.with_overrides({"real.init_seed": 3})) == (
+        "starting policy: one for every run (real.init_seed 3)")
+    (tmp_path / "config.json").write_text("{}")
+    assert starting_policy_note(cfg.with_overrides({"real.model": str(tmp_path)})) == (
+        f"starting policy: the checkpoint {tmp_path}, every run")

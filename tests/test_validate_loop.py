@@ -63,6 +63,7 @@ def test_validate_runs_the_whole_loop(tmp_path, profile_path, capsys):
     assert judged["staleness/mean"]["measured"] > 0 and judged["speedup/vs_sync"]["measured"] > 0
     assert report["recalibrated_rows"] is not None
     assert any("pilot run" in n for n in report["notes"])        # where the lengths came from
+    assert any(n.startswith("starting policy: each run's own seed's") for n in report["notes"])
     # ... and the learner's bookkeeping the prediction charges
     timed = np.mean([read_stalecast_run(out / name).steps["bookkeeping_s"].mean() for name in ("pilot", "pilot-2")])
     assert timed > 0 and any(f"learner bookkeeping: {timed:.4f} s a step" in n for n in report["notes"])

@@ -142,6 +142,18 @@ def predict_runs(pred_cfg: RunConfig, seeds: list[int], lengths_per_run: list[di
                        for seed, lens in zip(seeds, lengths_per_run)])
 
 
+def starting_policy_note(cfg: RunConfig) -> str:
+    """Where the runs start from: a pilot predicts lengths best from the policy its measured run starts from."""
+    from sim.hardware.specs import MODELS
+
+    if cfg.real.model not in MODELS:
+        return f"starting policy: the checkpoint {cfg.real.model}, every run"
+    if cfg.real.init_seed is not None:
+        return f"starting policy: one for every run (real.init_seed {cfg.real.init_seed})"
+    return ("starting policy: each run's own seed's (real.init_seed null), so a pilot starts from another policy "
+            "than its measured run, and its answer lengths may differ more than from one starting policy")
+
+
 def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int | None,
              say: Callable[[str], None], repeats: int = 1, train_timeout_s: float = 3600.0,
              quick_profile: bool = False) -> LoopResult:
@@ -179,6 +191,8 @@ def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pi
     else:
         pilot_lengths, bookkeeping_s = [{} for _ in seeds], None
         notes.append("lengths: the config's prompt_len / response_len distributions")
+
+    notes.append(starting_policy_note(cfg))
 
     if profile is None:
         say("profiling this machine")
