@@ -143,15 +143,15 @@ def predict_runs(pred_cfg: RunConfig, seeds: list[int], lengths_per_run: list[di
 
 
 def starting_policy_note(cfg: RunConfig) -> str:
-    """Where the runs start from: a pilot predicts lengths best from the policy its measured run starts from."""
+    """Where the runs start from (a pilot's lengths stand for a run's; with the tiny preset, they need not start
+    from one policy)."""
     from sim.hardware.specs import MODELS
 
     if cfg.real.model not in MODELS:
         return f"starting policy: the checkpoint {cfg.real.model}, every run"
     if cfg.real.init_seed is not None:
         return f"starting policy: one for every run (real.init_seed {cfg.real.init_seed})"
-    return ("starting policy: each run's own seed's (real.init_seed null), so a pilot starts from another policy "
-            "than its measured run, and its answer lengths may differ more than from one starting policy")
+    return "starting policy: each run's own seed's (real.init_seed null), pilots' and measured runs' alike"
 
 
 def run_loop(cfg: RunConfig, out: Path, *, profile: str | None, lengths: str, pilot_steps: int | None,
