@@ -1,13 +1,15 @@
 """A cell's in-run costs against its profile (validate/costs.py) recomputed with the current code from the run
 folders the cell kept (git ignores them): for reports written before a fix to that diagnostic.
 
-    python3 results/validate-tiny-cpu/costs_now.py continuous-w3-s4 [CONFIG] [--set KEY=VALUE ...]
+    python3 results/validate-tiny-cpu/costs_now.py continuous-w3-s4 [--set KEY=VALUE ...]
 
-CONFIG defaults to examples/tiny_cpu_longtail.yaml; the overrides are the cell's (as in its script).
+The cell's config is the one its first measured run trained with (its trace header: the example and the
+overrides of the cell's script); --set overrides go on top.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -15,19 +17,21 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from real.runfolder import RunFolder  # noqa: E402
-from sim.config import load_config  # noqa: E402
+from sim.config import parse_config  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 from validate.costs import costs_table, in_run_costs  # noqa: E402
 from validate.loop import SYNC, end_to_end, prediction_config, run_dir  # noqa: E402
 
 
 def read_cell(argv: list[str]):
-    """(the cell's folder, its config, the config its prediction used) from `NAME [CONFIG] [--set KEY=VALUE ...]`."""
+    """(the cell's folder, its config, the config its prediction used) from `NAME [--set KEY=VALUE ...]`."""
     name, rest = argv[0], argv[1:]
-    config = rest.pop(0) if rest and not rest[0].startswith("--") else "examples/tiny_cpu_longtail.yaml"
     overrides = dict(pair.split("=", 1) for flag, pair in zip(rest[::2], rest[1::2]) if flag == "--set")
     cell = HERE / name
-    cfg = load_config(HERE.parents[1] / config, overrides)
+    header = cell / run_dir("measured", 0) / "trace" / "header.json"
+    if not header.is_file():
+        sys.exit(f"{header}: missing (the script that drew the cell leaves its run folders; git does not keep them)")
+    cfg = parse_config(json.loads(header.read_text())["config"]).with_overrides(overrides)
     return cell, cfg, prediction_config(cfg, cell / "profile.yaml")
 
 

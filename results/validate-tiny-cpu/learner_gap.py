@@ -1,7 +1,7 @@
 """Where a cell's async step time goes, measured against simulated with the same lengths, from the run folders the
 cell kept (git ignores them): for the learner-bound continuous cells, whose s/step the prediction misses.
 
-    python3 results/validate-tiny-cpu/learner_gap.py continuous-w3-s4 [CONFIG] [--set KEY=VALUE ...]
+    python3 results/validate-tiny-cpu/learner_gap.py continuous-w3-s4 [--set KEY=VALUE ...]
 
 Per measured run (async, then sync): the step period and learner step (t_start..t_end) measured, and simulated
 with the run's own lengths replayed (the recalibrated prediction); the learner step over the profile's cost at the
