@@ -3,13 +3,12 @@ folders the cell kept (git ignores them): for reports written before a fix to th
 
     python3 results/validate-tiny-cpu/costs_now.py continuous-w3-s4 [--set KEY=VALUE ...]
 
-The cell's config is the one its first measured run trained with (its trace header: the example and the
-overrides of the cell's script); --set overrides go on top.
+The cell's config is the one its first measured run trained with (its run folder's config.yaml: the example and
+the overrides of the cell's script); --set overrides go on top.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +16,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from real.runfolder import RunFolder  # noqa: E402
-from sim.config import parse_config  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 from validate.costs import costs_table, in_run_costs  # noqa: E402
 from validate.loop import SYNC, end_to_end, prediction_config, run_dir  # noqa: E402
@@ -28,10 +26,11 @@ def read_cell(argv: list[str]):
     name, rest = argv[0], argv[1:]
     overrides = dict(pair.split("=", 1) for flag, pair in zip(rest[::2], rest[1::2]) if flag == "--set")
     cell = HERE / name
-    header = cell / run_dir("measured", 0) / "trace" / "header.json"
-    if not header.is_file():
-        sys.exit(f"{header}: missing (the script that drew the cell leaves its run folders; git does not keep them)")
-    cfg = parse_config(json.loads(header.read_text())["config"]).with_overrides(overrides)
+    first = RunFolder(cell / run_dir("measured", 0))
+    if not (first.path / "config.yaml").is_file():
+        sys.exit(f"{first.path}: missing (the script that drew the cell leaves its run folders; git does not keep "
+                 "them)")
+    cfg = first.read_config().with_overrides(overrides)
     return cell, cfg, prediction_config(cfg, cell / "profile.yaml")
 
 

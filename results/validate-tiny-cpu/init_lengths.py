@@ -4,7 +4,8 @@
 
     python3 results/validate-tiny-cpu/init_lengths.py OUT_DIR   (from the repo root; ~20 minutes on 2 cores)
 
-Runs already in OUT_DIR (a summary.json) are read, not run again.
+Runs already in OUT_DIR (a summary.json) are read, not run again; an unfinished one is run again (stalecast
+replaces a folder it wrote, and refuses one it did not).
 """
 import subprocess
 import sys
@@ -23,7 +24,7 @@ for seed in (1, 2, 3, 4):
         run = out / f"{start}-{seed}"
         if not (run / "summary.json").exists():
             subprocess.run(["stalecast", "train", CONFIG, "--set", "run.steps=100", "--set", f"seed={seed}", *sets,
-                            "--out", str(run), "--force"], check=True, stdout=subprocess.DEVNULL)
+                            "--out", str(run)], check=True, stdout=subprocess.DEVNULL)
         lengths = read_trace(run / "trace").samples["response_len"].to_numpy()
         print(f"| {seed} | {start} | {len(lengths)} | {lengths.mean():.2f} | {np.median(lengths):.0f} | "
               f"{np.mean(lengths >= CAP):.1%} |")
