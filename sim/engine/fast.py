@@ -273,28 +273,35 @@ def _commit(pi, pp, st, ev, q, ledger, unconsumed, ws, wi, held, pre, xs, ys, w,
 
 
 @njit
-def _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, asking_may):
-    """Simulation.route: the worker the next group goes to among those that could take it now (-1: none)."""
-    si, (free, eligible) = ws[0], rt
+def _route(pi, pp, st, ledger, ws, wi, w, oldest, asking_may):
+    """Simulation.route: the worker the next group goes to among those that could take it now (-1: none). The loop
+    of routers.choose, asking whether a worker could take the group only where the router would prefer it."""
+    si, n = ws[0], pi[P_W]
+    free = si[:, K.N_FREE]
     prompt = ledger[PROMPT][st[S_NGROUPS]]
-    for v in range(pi[P_W]):
-        free[v] = si[v, K.N_FREE]
+    best = -1
+    for i in range(n):
+        v = RT.candidate(pi[P_ROUTER], i, n, st[S_ROUTED])
+        if not RT.prefers(pi[P_ROUTER], free, v, best):
+            continue
         if v == w:
-            eligible[v] = asking_may
+            eligible = asking_may
         else:
             coming = wi[v, W_PC] == P_START or wi[v, W_PC] == P_LOAD  # not started, or loading: Worker.coming
-            eligible[v] = (wi[v, W_LISTENING] != 0 or coming) and K.can_admit(si, v, pi[P_G], prompt) and not (
+            eligible = (wi[v, W_LISTENING] != 0 or coming) and K.can_admit(si, v, pi[P_G], prompt) and not (
                 pi[P_STATIC] and K.in_flight(si, v) > 0) and R.admission(
                 pp, si[v, K.VER], st[S_LATEST], st[S_NGROUPS], st[S_LIVE], st[S_RUNNING], st[S_BUFLEN],
                 st[S_TRAINED], oldest, st[S_SINCE_SYNC]) == R.ADMIT
-    return RT.choose(pi[P_ROUTER], free, eligible, st[S_ROUTED])
+        if eligible:
+            best = v
+    return best
 
 
 @njit
-def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
+def _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, pre, w):
     """Worker._admit: the groups the router sends here, then wake the router's choice for the next one."""
-    reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
-    chosen = _route(pi, pp, st, ledger, ws, wi, rt, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
+    reason = _admit_groups(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, pre, w)
+    chosen = _route(pi, pp, st, ledger, ws, wi, w, st[S_OLDEST] if pi[P_GATING] else 0, False)
     if chosen >= 0 and wi[chosen, W_LISTENING]:  # Worker.poke
         wi[chosen, W_LISTENING] = 0
         _schedule(st, ev, ev[3][F_NOW], URGENT, (EV_INTERRUPT << 32) | chosen)
@@ -302,7 +309,7 @@ def _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
 
 
 @njit
-def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w):
+def _admit_groups(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, pre, w):
     """Worker._admit_groups: admit whole groups while slots, the rules and the router allow; returns why it
     stopped."""
     si = ws[0]
@@ -329,7 +336,7 @@ def _admit_groups(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
             return R_DRAIN
         if code != R.ADMIT:
             return R_BLOCKED
-        if _route(pi, pp, st, ledger, ws, wi, rt, w, oldest, True) != w:  # another worker's turn: listen for ours
+        if _route(pi, pp, st, ledger, ws, wi, w, oldest, True) != w:  # another worker's turn: listen for ours
             return R_BLOCKED
         gid = st[S_NGROUPS]
         st[S_NGROUPS] += 1
@@ -381,7 +388,7 @@ def _on_new_weights(st, ev, ledger, ws, wi, fresh, unconsumed, load_s, w):
 
 
 @njit
-def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
+def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
             interrupted):
     """Worker.run of worker w, from the yield it waits at to its next yield."""
     si, sf = ws[0], ws[1]
@@ -405,7 +412,7 @@ def _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, 
                 K.load_now(si, sf, w, target, load_s, now)
                 wi[w, W_PC], wi[w, W_TARGET] = P_LOAD, _until(st, ev, w, sf[w, K.T])
                 return
-        reason = _admit(pi, pp, st, ev, ledger, ws, wi, rt, fresh, unconsumed, pre, w)
+        reason = _admit(pi, pp, st, ev, ledger, ws, wi, fresh, unconsumed, pre, w)
         want_free = 0 if reason != R_SLOTS else pi[P_C] if pi[P_STATIC] else pi[P_ADMIT_SLOTS]
         listen = reason == R_BLOCKED or pi[P_INTERRUPTIBLE] != 0
         batch_moves = (si[w, K.KV_POLICY] == K.KV_RECOMPUTE or si[w, K.KV_POLICY] == K.KV_SWAP
@@ -567,7 +574,7 @@ def _learner(pi, pp, st, ev, q, ledger, wi, unconsumed, batch, steps_i, steps_f,
 
 # --------------------------------------------------------------------------- the loop
 def _build_loop(digest: str):
-    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, batch, steps_i, steps_f, pre, xs, ys,
+    def loop(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, held, unconsumed, batch, steps_i, steps_f, pre, xs, ys,
              publish_s, load_s, bookkeeping_s):
         """Process events until the run ends or Python must act: DONE, NEED_TRAIN_TIME, NEED_ROOM, STALLED."""
         digest  # noqa: B018 - part of the cache key (module docstring)
@@ -594,14 +601,14 @@ def _build_loop(digest: str):
             kind, w = what >> 32, what & 0xFFFFFFFF
             if kind == EV_WAKE:
                 if wi[w, W_TARGET] == eid:  # else an interrupt cancelled this wait
-                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
+                    _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
                             False)
             elif kind == EV_INTERRUPT:
                 wi[w, W_TARGET] = -1
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
                         True)
             elif kind == EV_START and w < pi[P_W]:
-                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, rt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
+                _worker(pi, pp, st, ev, q, ledger, ws, wi, wt, fresh, held, unconsumed, pre, xs, ys, load_s, w,
                             False)
             elif kind == EV_END:
                 return DONE
@@ -637,7 +644,6 @@ class _Run:
         self.pi = np.array([sim.B, sim.group_size, ctl.gating, ctl.interruptible, order, cfg.run.steps, W, c,
                             ctl.sync_every, sim.router, cfg.cluster.batching == "static",
                             sim.cost.train_slowdown != 1.0, sim.admit_slots, sim.prefill_copies], np.int64)
-        self.rt = (np.zeros(W, np.int64), np.zeros(W, np.int64))  # the router's scratch: free slots, eligible
         self.pp = ctl.p
         self.st = np.zeros(ST_LEN, np.int64)
         self.st[:W_.N_COUNTERS] = sim.world.array
@@ -678,7 +684,7 @@ class _Run:
         sim, st, ft = self.sim, self.st, self.ev[3]
         while True:
             code = _loop(self.pi, self.pp, st, self.ev, self.q, tuple(getattr(sim, name) for name in LEDGER),
-                         sim.worker_state, self.wi, self.wt, self.rt, self.fresh, self.held, self.unconsumed,
+                         sim.worker_state, self.wi, self.wt, self.fresh, self.held, self.unconsumed,
                          self.batch, self.steps_i, self.steps_f, sim.cost.prefill_table(), sim.decode_x, sim.decode_y,
                          sim.publish_s, sim.load_s, sim.bookkeeping_s)
             if code == NEED_TRAIN_TIME:

@@ -71,18 +71,18 @@ SF_LEN = 6
 # KV policies (KV_POLICY): `hardware.memory.kv_policy`, in config order
 KV_UNLIMITED, KV_RECOMPUTE, KV_SWAP, KV_RESERVE = range(4)
 # Rows of the per-slot integer table (slot: END is the end step, NXT the next slot in its bucket), of the
-# per-group-slot table (gs; a dry run counts down LEFT_DRY) and of the calendar (cal: bucket heads, and
-# room for the slots that end at one step). KV: ORDER stamps a running sequence's (re)admission (-1: not running),
-# RES its reservation (admit_reserve); an evicted one keeps its context CTX and tokens still to come REMAIN, and
-# WAITQ stacks the evicted slots (the last evicted on top). Multi-turn: TURN is the turn a sample is in (or returns to
-# from its environment call, with its context CTX, its cache held while KEPT), TOOLQ is a heap of the slots in calls
-# (the first to return at its root).
+# per-group-slot table (gs; a dry run counts LEFT down too and lists in UNDO the group slots it restores) and of the
+# calendar (cal: bucket heads, and room for the slots that end at one step). KV: ORDER stamps a running sequence's
+# (re)admission (-1: not running), RES its reservation (admit_reserve); an evicted one keeps its context CTX and
+# tokens still to come REMAIN, and WAITQ stacks the evicted slots (the last evicted on top). Multi-turn: TURN is the
+# turn a sample is in (or returns to from its environment call, with its context CTX, its cache held while KEPT),
+# TOOLQ is a heap of the slots in calls (the first to return at its root).
 SID, LEN, KOFF, GS, FREE, END, NXT, ORDER, RES, CTX, REMAIN, WAITQ, TURN, TOOLQ, KEPT = range(15)
 SLOT_ROWS = 15
 # Rows of the per-slot float table (slot_f): the version sum its tokens started from (while out of the batch, the
 # sum of its tokens' versions so far), and when its environment call returns
 VSTART, T_RET = range(2)
-LEFT, GID, GS_FREE, LEFT_DRY = range(4)
+LEFT, GID, GS_FREE, UNDO = range(4)
 HEADS, DUE = range(2)
 NO_STEP = 1 << 62
 # Event flags returned by advance(); BATCH_EVENT: a peek stopped where sequences would be evicted, resumed or started
@@ -348,8 +348,8 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
     """Decode worker w until its first event: a group completes (GROUPS_DONE, ids in done[w, :si[w, N_DONE]])
     or at least `want_free` slots are free, nothing waits and the KV budget has si[w, WANT_ROOM] tokens free
     (SLOTS_FREE; 0 disables it). Returns the flags, or 0 if nothing is left in flight or the next event lies beyond
-    `until`. The event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts are worked on in a
-    copy): a peek at when the next event is, which also stops where sequences would be evicted, resumed, started,
+    `until`. The event time is sf[w, EVT_T]. With `dry`, nothing else is written (group counts it counts down are
+    restored before it returns): a peek at when the next event is, which also stops where sequences would be evicted, resumed, started,
     leave for an environment call or come back from one (BATCH_EVENT). lens: response lengths per sample id
     (turn_len, turn_tool, turn_env: multi-turn, per sample id and turn, each turn's length and the tool tokens and
     seconds of the call after it); preempts: evictions per sample id; pre: the prefill table (prefill_time) that
@@ -363,10 +363,7 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
     n_pend, pend_prompt = si[w, N_PEND], si[w, PEND_PROMPT]
     turns, n_tool, held = si[w, TURNS], si[w, N_TOOL], si[w, HELD]
     bucket_mask, bshift = si[w, NBUCKETS] - 1, si[w, BSHIFT]
-    left = LEFT_DRY if dry else LEFT
-    if dry:
-        for i in range(gs.shape[2]):
-            gs[w, LEFT_DRY, i] = gs[w, LEFT, i]
+    n_undo = 0  # a dry run's completions so far, whose group counts it restores at the end
     sf[w, EVT_T] = np.inf
     flags = n_done = 0
     while n > 0 or n_tool > 0:
@@ -442,8 +439,11 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
                     slot[w, ORDER, s] = -1
                 n_free += 1
                 g = slot[w, GS, s]
-                gs[w, left, g] -= 1
-                if gs[w, left, g] == 0:
+                gs[w, LEFT, g] -= 1
+                if dry:
+                    gs[w, UNDO, n_undo] = g
+                    n_undo += 1
+                if gs[w, LEFT, g] == 0:
                     if not dry:
                         done[w, n_done] = gs[w, GID, g]
                         gs[w, GS_FREE, n_gs_free] = g
@@ -547,6 +547,8 @@ def advance(si, sf, cal, slot, slot_f, gs, done, w, xs, ys, lens, turn_len, turn
         if flags:
             sf[w, EVT_T] = t_new  # the completions' time (a load at this boundary comes after)
             break
+    for i in range(n_undo):
+        gs[w, LEFT, gs[w, UNDO, i]] += 1
     if not dry:
         si[w, N_ACTIVE], si[w, K_STEP], si[w, KSUM], si[w, VER], si[w, VBASE_STEP] = n, k, ksum, ver, vbase_step
         si[w, N_FREE], si[w, N_GS_FREE], si[w, PAUSE_STEP], si[w, N_DONE] = n_free, n_gs_free, pause, n_done

@@ -22,20 +22,28 @@ ROUTERS = {"least_loaded": LEAST_LOADED, "round_robin": ROUND_ROBIN, "fill_first
 
 
 @njit(cache=True, _nrt=False)
+def candidate(router, i, n, last):
+    """The i-th of n workers the router considers: round_robin from the one after `last` (the worker the previous
+    group went to, -1 before the first), the others from worker 0."""
+    return (last + 1 + i) % n if router == ROUND_ROBIN else i
+
+
+@njit(cache=True, _nrt=False)
+def prefers(router, free, w, best):
+    """Whether the router takes worker w (if w could take the group) over `best`, its choice among the workers
+    considered before w (-1: none yet): the first one for round_robin and fill_first, else one with more free slots
+    (free[w]). Whether a worker could take the group is asked only where this holds, so the compiled engine, where
+    asking costs, asks no more than it must."""
+    return best < 0 or (router == LEAST_LOADED and free[w] > free[best])
+
+
+@njit(cache=True, _nrt=False)
 def choose(router, free, eligible, last):
     """The worker the next group goes to among those with eligible[w] != 0, or -1 if none. free[w]: its free
     slots; last: the worker the previous group went to (-1 before the first)."""
-    n = free.shape[0]
-    if router == ROUND_ROBIN:
-        for i in range(1, n + 1):
-            w = (last + i) % n
-            if eligible[w]:
-                return w
-        return -1
     best = -1
-    for w in range(n):
-        if eligible[w] and (best < 0 or (router == LEAST_LOADED and free[w] > free[best])):
+    for i in range(free.shape[0]):
+        w = candidate(router, i, free.shape[0], last)
+        if prefers(router, free, w, best) and eligible[w]:
             best = w
-            if router == FILL_FIRST:
-                return w
     return best
