@@ -30,7 +30,7 @@ from sim.trace import read_trace  # noqa: E402
 from validate.costs import padded_tokens  # noqa: E402
 from validate.loop import lengths_from, measured_seeds, run_dir  # noqa: E402
 
-ACTIVE = (4, 8, 16, 24, 32)
+ACTIVE = (4, 8, 16, 24, 30, 32)
 
 
 def groups(trace):
@@ -76,12 +76,13 @@ def main(names: list[str]) -> None:
         for r, seed in enumerate(measured_seeds(cfg, 3)):
             print(mix_row(name, cfg, pred, r, seed))
     print()
-    print("| cell | engine step (ms) at " + " / ".join(map(str, ACTIVE)) + " active | |")
+    print("| cell | run | median engine step (ms), by active sequences |")
     print("| --- | --- | --- |")
     for name, cfg, pred in cells:
         cost = Simulation(pred).cost
         active = [n for n in ACTIVE if n <= cfg.cluster.max_concurrency]
-        print(f"| {name} | simulated | {' / '.join(f'{1000 * cost.decode_step_s(n, 23 * n):.1f}' for n in active)} |")
+        charged = " / ".join(f"{1000 * cost.decode_step_s(n, 23 * n):.1f}" for n in active)
+        print(f"| {name} | simulated, at {' / '.join(map(str, active))} active | {charged} |")
         for r in range(3):
             folder = RunFolder(HERE / name / run_dir("measured", r))
             print(f"| | {folder.path.name} | {' / '.join(engine_step_ms(folder, active))} |")
