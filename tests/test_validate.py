@@ -132,8 +132,9 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
                                                     "weight_sync_s": [0.0]}), {"rollout_workers": 1})
     log = pd.DataFrame({"worker_id": 0, "segment": 0, "t_start": t, "seconds": seconds, "active": active})
     assert start["C"] > end["B"]  # C took B's slot
-    ratios, outside = decode_step_ratios(trace, log, cost)
+    ratios, active, outside = decode_step_ratios(trace, log, cost)
     np.testing.assert_allclose(ratios, [1.25, 1.25, 1.25])
+    assert active.tolist() == [2, 2, 1]
     busy = end["C"] - start["A"]
     assert outside == pytest.approx((busy - sum(seconds)) / busy)
 
@@ -141,7 +142,7 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
     until = t[3] + seconds[3] / 2
     ended = Trace(trace.samples, trace.steps.assign(t_end=until), trace.header)
     inside = sum(seconds[:3]) + seconds[3] / 2
-    assert decode_step_ratios(ended, log, cost)[1] == pytest.approx((until - start["A"] - inside) / (until - start["A"]))
+    assert decode_step_ratios(ended, log, cost)[2] == pytest.approx((until - start["A"] - inside) / (until - start["A"]))
 
     # C still generating when the run ended counts to the last step; a step whose logged count the trace does not
     # account for is left out; static batching has no decode steps to charge.
@@ -151,6 +152,17 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
     assert len(decode_step_ratios(trace, log, cost)[0]) == 2
     ratios = cost_ratios(trace, cost, static=False, runs=[(trace, log), (trace, None)])
     assert ratios["decode_step"] == pytest.approx(1.25) and ratios["decode_steps"] == 2
+    assert np.isnan(ratios["decode_step_full"]) and np.isnan(ratios["decode_step_few"])  # no slots given
+
+    # By occupancy, against a worker's slots (step 4 restored, and twice as slow): steps 1 and 3 advanced 2
+    # sequences, all of 2 slots, and step 4 one, more than a quarter of them; of 4 slots, step 4 is a quarter and no
+    # step is full.
+    log.loc[4, "active"] = 1
+    log.loc[4, "seconds"] *= 2.0
+    full = cost_ratios(trace, cost, static=False, runs=[(trace, log)], slots=2)
+    assert full["decode_step_full"] == pytest.approx(1.25) and np.isnan(full["decode_step_few"])
+    few = cost_ratios(trace, cost, static=False, runs=[(trace, log)], slots=4)
+    assert few["decode_step_few"] == pytest.approx(2.5) and np.isnan(few["decode_step_full"])
     assert np.isnan(cost_ratios(trace, cost, static=True, runs=[(trace, log)])["decode_step"])
 
 

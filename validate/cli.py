@@ -132,8 +132,9 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
     print_rows(recalibrated, console)
     for run, c in res.costs.items():
         generation = (f"generation batch x{c['generation_batch']:.3f}" if c["batches"] else
-                      f"decode step x{c['decode_step']:.3f}, {c['outside_steps']:.1%} of busy worker time outside "
-                      "engine steps")
+                      f"decode step x{c['decode_step']:.3f} (x{c['decode_step_few']:.3f} at <= 1/4 of the slots, "
+                      f"x{c['decode_step_full']:.3f} at all of them), {c['outside_steps']:.1%} of busy worker time "
+                      "outside engine steps")
         console.print(f"in-run costs against the profile (post hoc), {run}: learner step x{c['learner_step']:.3f} "
                       f"(mean x{c['learner_step_mean']:.3f}), "
                       f"{generation}", highlight=False)

@@ -73,13 +73,14 @@ def generation_ratios(trace: Trace, cost) -> np.ndarray:
     return np.asarray(ratios)
 
 
-def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[np.ndarray, float]:
-    """(per decode step alone: measured seconds / charged seconds, the share of the workers' busy time outside
-    engine steps) of one run: its trace and its run folder's engine steps (one segment)."""
+def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[np.ndarray, np.ndarray, float]:
+    """(per decode step alone: measured seconds / charged seconds, and the sequences it advanced; the share of the
+    workers' busy time outside engine steps) of one run: its trace and its run folder's engine steps (one
+    segment)."""
     s = trace.samples.copy()
     s["t_start"] = s["t_start"].fillna(s["t_admit"])  # a real trace's samples still generating: admitted only
     s = s.dropna(subset=["t_start"])
-    ratios, inside, until = [], 0.0, run_wall_s(trace.steps)
+    ratios, active, inside, until = [], [], 0.0, run_wall_s(trace.steps)
     for w, log in engine_steps.groupby("worker_id"):
         log = log.sort_values("t_start")
         t, seconds, logged = (log[c].to_numpy() for c in ("t_start", "seconds", "active"))
@@ -104,29 +105,37 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
         prefills[first[first < len(t)]] = True
         for j in np.flatnonzero((n == logged) & ~prefills & (n > 0)):
             ratios.append(seconds[j] / cost.decode_step_s(int(n[j]), float(context[j])))
+            active.append(int(n[j]))
     worker, start, end, _ = group_intervals(trace.samples)
     _, starts, ends = busy_periods(worker, start, end, until)
     busy = float(np.sum(ends - starts))
-    return np.asarray(ratios), (1.0 - inside / busy) if busy > 0 else float("nan")
+    return np.asarray(ratios), np.asarray(active, np.int64), (1.0 - inside / busy) if busy > 0 else float("nan")
 
 
 def cost_ratios(trace: Trace, cost, static: bool = True,
-                runs: list[tuple[Trace, pd.DataFrame | None]] | None = None) -> dict[str, float]:
+                runs: list[tuple[Trace, pd.DataFrame | None]] | None = None, slots: int | None = None
+                ) -> dict[str, float]:
     """Median measured / charged (the learner's mean too: throughput pays the mean, a ratio of medians can hide a few
     slow steps), for the learner step, the generation batch (static batching) and the decode
-    step (continuous batching: from `runs`, each run's own trace and engine steps, pooled), and the share of busy
-    worker time outside engine steps (continuous; busy-time weighted over the runs)."""
+    step (continuous batching: from `runs`, each run's own trace and engine steps, pooled; with `slots`, a worker's
+    max_concurrency, also at a quarter of the slots or fewer and at all of them, since the simulator charges one
+    co-location factor at every occupancy), and the share of busy worker time outside engine steps (continuous;
+    busy-time weighted over the runs)."""
     learner = learner_ratios(trace, cost)
     gen = generation_ratios(trace, cost) if static else np.array([])
-    steps, outside = [], []
+    steps, active, outside = [], [], []
     for run_trace, engine_steps in ([] if static else runs or []):
         if engine_steps is not None and len(engine_steps):
-            r, out = decode_step_ratios(run_trace, engine_steps, cost)
+            r, n, out = decode_step_ratios(run_trace, engine_steps, cost)
             steps.append(r)
+            active.append(n)
             outside.append(out)
     decode = np.concatenate(steps) if steps else np.array([])
+    n = np.concatenate(active) if active else np.array([], np.int64)
     median = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
+    few, full = ((decode[n <= slots / 4], decode[n == slots]) if slots is not None else (np.array([]),) * 2)
     return {"learner_step": median(learner), "generation_batch": median(gen), "decode_step": median(decode),
+            "decode_step_few": median(few), "decode_step_full": median(full),
             "learner_step_mean": float(np.mean(learner)) if len(learner) else float("nan"),
             "outside_steps": float(np.mean(outside)) if outside else float("nan"),
             "steps": int(len(learner)), "batches": int(len(gen)), "decode_steps": int(len(decode))}
@@ -141,16 +150,19 @@ def in_run_costs(mode_cfg, together: Trace, runs: list[tuple[Trace, pd.DataFrame
     from sim.metrics import generating_beside, rollout_idle
 
     beside = generating_beside(together) if mode_cfg.pipeline.mode == "sync" else None
-    return cost_ratios(together, cost_model_for(mode_cfg, rollout_idle(together), beside), static, runs)
+    return cost_ratios(together, cost_model_for(mode_cfg, rollout_idle(together), beside), static, runs,
+                       mode_cfg.cluster.max_concurrency)
 
 
 def costs_table(costs: dict[str, dict[str, float]]) -> list[str]:
     """Markdown lines: one row per run."""
     lines = ["| run | learner step, measured / profile (median, mean) | generation batch, measured / charged | "
-             "decode step, measured / charged | busy worker time outside engine steps | steps, batches, decode steps |",
+             "decode step, measured / charged (all; at <= 1/4 of the slots; at all of them) | busy worker time "
+             "outside engine steps | steps, batches, decode steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for run, c in costs.items():
         lines.append(f"| {run} | x{c['learner_step']:.3f}, x{c['learner_step_mean']:.3f} | "
-                     f"x{c['generation_batch']:.3f} | x{c['decode_step']:.3f} | {c['outside_steps']:.1%} | "
+                     f"x{c['generation_batch']:.3f} | x{c['decode_step']:.3f}; x{c['decode_step_few']:.3f}; "
+                     f"x{c['decode_step_full']:.3f} | {c['outside_steps']:.1%} | "
                      f"{c['steps']}, {c['batches']}, {c['decode_steps']} |")
     return lines

@@ -60,10 +60,11 @@ def markdown(title: str, rows: list[Row], notes: list[str], recalibrated: list[R
                   "Median over the run of measured / charged: each learner step against the profile's cost at its "
                   "padded tokens, each generation batch (static batching) against what the simulator charges for "
                   "its prompts and responses, each decode step a worker timed (continuous batching, steps that "
-                  "prefilled nothing) against the simulator's at its sequences and their context. Near x1: the "
-                  "costs held as profiled; both runs off alike: the machine ran faster or slower than when it was "
-                  "profiled. Busy worker time outside engine steps (admitting, handing over, loading weights) is "
-                  "not charged by the simulator.", "", *costs_table(costs)]
+                  "prefilled nothing) against the simulator's at its sequences and their context, also at a "
+                  "quarter of a worker's slots or fewer and at all of them (the simulator charges one co-location "
+                  "factor at every occupancy). Near x1: the costs held as profiled; both runs off alike: the machine "
+                  "ran faster or slower than when it was profiled. Busy worker time outside engine steps (admitting, "
+                  "handing over, loading weights) is not charged by the simulator.", "", *costs_table(costs)]
     lines += ["", "Figures: `staleness.png` (histograms and ECDFs), `throughput.png` (rates and idle ratios), "
               "`timeline.png` (learner steps and buffer length over time).", ""]
     return "\n".join(lines)

@@ -1,16 +1,13 @@
-"""Which groups make an async batch, measured against simulated with the same lengths, and how long the workers'
-engine steps took against the profile: for the long-tail cells whose measured batches carried more padded tokens
-than their simulations (continuous.md, "Which groups make an async batch"). From the run folders a cell kept (git
-ignores them):
+"""Which groups make an async batch, measured against simulated with the same lengths: for the long-tail cells
+whose measured batches carried more padded tokens than their simulations (continuous.md, "Which groups make an
+async batch"). From the run folders a cell kept (git ignores them):
 
     python3 results/validate-tiny-cpu/batch_mix.py continuous-w2-s4 continuous-w3-s4 per-sample-w3-s4 ...
 
-First table, per measured async run: padded tokens a step; the share of steps whose batch holds a group with an
-answer at the cap (max_new_tokens); the mean step at which those capped groups were consumed, measured minus
-simulated (negative: the real run consumed them earlier); the seconds from a group's admission to its last answer,
-capped groups and the others. Second table, per cell: the median engine step (ms) of steps no sequence joined, by
-how many sequences were active, as the simulation charged it (the profile at 23 context tokens a sequence) and as
-each measured run took it.
+Per measured async run: padded tokens a step; the share of steps whose batch holds a group with an answer at the
+cap (max_new_tokens); the mean step at which those capped groups were consumed, measured minus simulated (negative:
+the real run consumed them earlier); the seconds from a group's admission to its last answer, capped groups and the
+others.
 """
 
 from __future__ import annotations
@@ -18,19 +15,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from costs_now import read_cell  # noqa: E402  (this folder: the script's own)
 from real.runfolder import RunFolder  # noqa: E402
-from sim.engine.pipeline import Simulation, simulate  # noqa: E402
+from sim.engine.pipeline import simulate  # noqa: E402
 from sim.trace import read_trace  # noqa: E402
 from validate.costs import padded_tokens  # noqa: E402
 from validate.loop import lengths_from, measured_seeds, run_dir  # noqa: E402
-
-ACTIVE = (4, 8, 16, 24, 30, 32)
 
 
 def groups(trace):
@@ -56,36 +49,14 @@ def mix_row(name: str, cfg, pred, r: int, seed: int) -> str:
             f"{latency[0][False]:.2f} / {latency[1][False]:.2f} |")
 
 
-def engine_step_ms(folder: RunFolder, active: list[int]) -> list[str]:
-    """Median engine step (ms) of the steps at which no sequence joined, at each active count."""
-    per_worker = [e for _, e in folder.read_engine_steps().sort_values(["worker_id", "t_start"]).groupby("worker_id")]
-    out = []
-    for n in active:
-        seconds = np.concatenate([e.seconds.to_numpy()[np.r_[False, np.diff(e.active.to_numpy()) <= 0]
-                                                        & (e.active.to_numpy() == n)] for e in per_worker])
-        out.append(f"{1000 * np.median(seconds):.1f}" if len(seconds) else "")
-    return out
-
-
 def main(names: list[str]) -> None:
     print("| cell / run | padded tokens a step, real / sim | steps holding a capped group, real / sim | capped groups' "
           "step, real - sim | admission to last answer, capped groups, real / sim (s) | the others (s) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    cells = [(name, *read_cell([name])[1:]) for name in names]
-    for name, cfg, pred in cells:
+    for name in names:
+        _, cfg, pred = read_cell([name])
         for r, seed in enumerate(measured_seeds(cfg, 3)):
             print(mix_row(name, cfg, pred, r, seed))
-    print()
-    print("| cell | run | median engine step (ms), by active sequences |")
-    print("| --- | --- | --- |")
-    for name, cfg, pred in cells:
-        cost = Simulation(pred).cost
-        active = [n for n in ACTIVE if n <= cfg.cluster.max_concurrency]
-        charged = " / ".join(f"{1000 * cost.decode_step_s(n, 23 * n):.1f}" for n in active)
-        print(f"| {name} | simulated, at {' / '.join(map(str, active))} active | {charged} |")
-        for r in range(3):
-            folder = RunFolder(HERE / name / run_dir("measured", r))
-            print(f"| | {folder.path.name} | {' / '.join(engine_step_ms(folder, active))} |")
 
 
 if __name__ == "__main__":
