@@ -132,9 +132,9 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
                                                     "weight_sync_s": [0.0]}), {"rollout_workers": 1})
     log = pd.DataFrame({"worker_id": 0, "segment": 0, "t_start": t, "seconds": seconds, "active": active})
     assert start["C"] > end["B"]  # C took B's slot
-    ratios, active, outside = decode_step_ratios(trace, log, cost)
-    np.testing.assert_allclose(ratios, [1.25, 1.25, 1.25])
-    assert active.tolist() == [2, 2, 1]
+    timed, outside = decode_step_ratios(trace, log, cost)
+    np.testing.assert_allclose(timed["ratio"], [1.25, 1.25, 1.25])
+    assert timed["active"].tolist() == [2, 2, 1] and timed["t_start"].tolist() == [t[1], t[3], t[4]]
     busy = end["C"] - start["A"]
     assert outside == pytest.approx((busy - sum(seconds)) / busy)
 
@@ -142,12 +142,12 @@ def test_decode_step_ratios_charge_each_timed_step_at_its_sequences_and_context(
     until = t[3] + seconds[3] / 2
     ended = Trace(trace.samples, trace.steps.assign(t_end=until), trace.header)
     inside = sum(seconds[:3]) + seconds[3] / 2
-    assert decode_step_ratios(ended, log, cost)[2] == pytest.approx((until - start["A"] - inside) / (until - start["A"]))
+    assert decode_step_ratios(ended, log, cost)[1] == pytest.approx((until - start["A"] - inside) / (until - start["A"]))
 
     # C still generating when the run ended counts to the last step; a step whose logged count the trace does not
     # account for is left out; static batching has no decode steps to charge.
     trace.samples.loc[2, "t_end"] = np.nan
-    np.testing.assert_allclose(decode_step_ratios(trace, log, cost)[0], [1.25, 1.25, 1.25])
+    np.testing.assert_allclose(decode_step_ratios(trace, log, cost)[0]["ratio"], [1.25, 1.25, 1.25])
     log.loc[4, "active"] = 2
     assert len(decode_step_ratios(trace, log, cost)[0]) == 2
     ratios = cost_ratios(trace, cost, static=False, runs=[(trace, log), (trace, None)])

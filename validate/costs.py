@@ -73,14 +73,14 @@ def generation_ratios(trace: Trace, cost) -> np.ndarray:
     return np.asarray(ratios)
 
 
-def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[np.ndarray, np.ndarray, float]:
-    """(per decode step alone: measured seconds / charged seconds, and the sequences it advanced; the share of the
-    workers' busy time outside engine steps) of one run: its trace and its run folder's engine steps (one
-    segment)."""
+def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[pd.DataFrame, float]:
+    """(each decode step alone, a row of worker_id, t_start, seconds, active (the sequences it advanced) and ratio
+    (measured seconds / charged seconds); the share of the workers' busy time outside engine steps) of one run: its
+    trace and its run folder's engine steps (one segment)."""
     s = trace.samples.copy()
     s["t_start"] = s["t_start"].fillna(s["t_admit"])  # a real trace's samples still generating: admitted only
     s = s.dropna(subset=["t_start"])
-    ratios, active, inside, until = [], [], 0.0, run_wall_s(trace.steps)
+    rows, inside, until = [], 0.0, run_wall_s(trace.steps)
     for w, log in engine_steps.groupby("worker_id"):
         log = log.sort_values("t_start")
         t, seconds, logged = (log[c].to_numpy() for c in ("t_start", "seconds", "active"))
@@ -104,12 +104,13 @@ def decode_step_ratios(trace: Trace, engine_steps: pd.DataFrame, cost) -> tuple[
         prefills = np.zeros(len(t), bool)
         prefills[first[first < len(t)]] = True
         for j in np.flatnonzero((n == logged) & ~prefills & (n > 0)):
-            ratios.append(seconds[j] / cost.decode_step_s(int(n[j]), float(context[j])))
-            active.append(int(n[j]))
+            rows.append((w, t[j], seconds[j], int(n[j]), seconds[j] / cost.decode_step_s(int(n[j]), float(context[j]))))
     worker, start, end, _ = group_intervals(trace.samples)
     _, starts, ends = busy_periods(worker, start, end, until)
     busy = float(np.sum(ends - starts))
-    return np.asarray(ratios), np.asarray(active, np.int64), (1.0 - inside / busy) if busy > 0 else float("nan")
+    steps = pd.DataFrame(rows, columns=["worker_id", "t_start", "seconds", "active", "ratio"]).astype(
+        {"worker_id": np.int64, "active": np.int64})
+    return steps, (1.0 - inside / busy) if busy > 0 else float("nan")
 
 
 def cost_ratios(trace: Trace, cost, static: bool = True,
@@ -123,15 +124,14 @@ def cost_ratios(trace: Trace, cost, static: bool = True,
     busy-time weighted over the runs)."""
     learner = learner_ratios(trace, cost)
     gen = generation_ratios(trace, cost) if static else np.array([])
-    steps, active, outside = [], [], []
+    steps, outside = [], []
     for run_trace, engine_steps in ([] if static else runs or []):
         if engine_steps is not None and len(engine_steps):
-            r, n, out = decode_step_ratios(run_trace, engine_steps, cost)
-            steps.append(r)
-            active.append(n)
+            timed, out = decode_step_ratios(run_trace, engine_steps, cost)
+            steps.append(timed)
             outside.append(out)
-    decode = np.concatenate(steps) if steps else np.array([])
-    n = np.concatenate(active) if active else np.array([], np.int64)
+    decode = np.concatenate([t["ratio"].to_numpy() for t in steps]) if steps else np.array([])
+    n = np.concatenate([t["active"].to_numpy() for t in steps]) if steps else np.array([], np.int64)
     median = lambda a: float(np.median(a)) if len(a) else float("nan")  # noqa: E731
     few, full = ((decode[n <= slots / 4], decode[n == slots]) if slots is not None else (np.array([]),) * 2)
     return {"learner_step": median(learner), "generation_batch": median(gen), "decode_step": median(decode),
