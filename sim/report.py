@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import RunConfig
+from sim.engine.policies import describe
 from sim.metrics import consumed_mask, sample_staleness
 from sim.stability import ConfigPrediction
 from sim.trace import Trace
@@ -27,7 +28,7 @@ def print_summary(cfg: RunConfig, metrics: dict, histogram: dict[int, int], cons
                   stability: ConfigPrediction | None = None, kv_budget: int | None = None) -> None:
     """kv_budget: the KV tokens a worker holds (trace header "kv"), for the KV rows."""
     pl, cl = cfg.pipeline, cfg.cluster
-    control = f", {pl.staleness_control} S={pl.max_staleness}" if pl.mode == "async" else ""
+    control = f", {describe(pl)}" if pl.mode == "async" else ""
     console.print(f"[bold]{cfg.name}[/]: {pl.mode}{control}, {cl.rollout_workers} workers x {cl.gpus_per_worker} GPU, "
                   f"{cl.learner_gpus} learner GPU(s), {cfg.workload.batch_prompts}x{cfg.workload.group_size} "
                   f"per step, {cfg.run.steps} steps")

@@ -139,6 +139,27 @@ def test_config_names_each_policys_knobs_and_refuses_others(config_data):
             assert f"{knob}:" in text, knob
 
 
+def test_a_run_is_described_by_the_knobs_that_bound_it(tmp_path, capsys):
+    """The summary names the knobs that set a policy's bound with their values: max_staleness only for the
+    policies that read it. areal's bound is its own max_head_offpolicyness (AReaL's default 0), whatever
+    max_staleness says."""
+    import yaml
+
+    from sim.cli import main
+    assert P.describe(schedule_cfg("oldest_unconsumed", S=3).pipeline) == "oldest_unconsumed S=3"
+    assert P.describe(schedule_cfg("drop", {"max_inflight_tasks": 2}, S=3).pipeline) == (
+        "drop S=3, max_inflight_tasks=2")
+    assert P.describe(schedule_cfg("areal", S=3).pipeline) == (
+        "areal max_head_offpolicyness=0, max_concurrent_rollouts=None")
+    assert P.describe(schedule_cfg("tinker", {"sampling_steps_ahead": 2}).pipeline) == "tinker sampling_steps_ahead=2"
+    assert P.describe(schedule_cfg("none").pipeline) == "none"
+    path = tmp_path / "areal.yaml"
+    path.write_text(yaml.safe_dump(schedule_cfg("areal", S=3).model_dump(mode="json")))
+    assert main(["simulate", str(path), "--out", str(tmp_path / "out")]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "per step" in line)
+    assert "async, areal max_head_offpolicyness=0, max_concurrent_rollouts=None," in header and "S=3" not in header
+
+
 # --------------------------------------------------------------------------- each policy on a hand-derived schedule
 @pytest.mark.parametrize("engine", ENGINES)
 def test_areal_lets_a_late_group_be_staler_than_its_bound_where_oldest_unconsumed_does_not(engine):

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sim.config import load_config
+from sim.engine.policies import describe
 from sim.cli import add_out_options, positive_int
 from sim.outputs import staged
 from validate.compare import FAIL, INCOMPLETE, PASS, Tolerances, compare, not_judged, verdict
@@ -143,8 +144,9 @@ def _loop(args, cfg, tol: Tolerances, tmp: Path, console: Console):
             console.print(f"run {run['run']} (seed {run['seed']}): {run['samples_per_s']:.1f} samples/s, "
                           f"{run['step_s']:.3f} s/step, sync {run['sync_step_s']:.3f} s/step, speedup "
                           f"{run['speedup_vs_sync']:.2f}", highlight=False)
-    notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), "
-             f"S={cfg.pipeline.max_staleness}, {cfg.run.steps} steps)", *res.notes]
+    control = f"{describe(cfg.pipeline)}, " if cfg.pipeline.mode == "async" else ""
+    notes = [f"config: {args.config} ({cfg.pipeline.mode}, {cfg.cluster.rollout_workers} worker(s), {control}"
+             f"{cfg.run.steps} steps)", *res.notes]
     write_report(tmp, f"{cfg.name}: prediction vs measurement", rows, notes, res.predicted, res.measured,
                  recalibrated=recalibrated, costs=res.costs, runs=res.runs if len(res.runs) > 1 else None)
     return rows

@@ -232,12 +232,13 @@ class PolicySpec:
     interrupts: bool = False
     source: str = ""
     fill: object = _fill_nothing
+    uses_max_staleness: bool = False  # whether pipeline.max_staleness sets its bound (else its own knobs do)
 
 
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("oldest_unconsumed", OLDEST_UNCONSUMED, {}, "no consumed group is staler than max_staleness, even "
                "when groups finish out of order (gate on the oldest unconsumed group's version)", False,
-               "stalecast", _fill_oldest_unconsumed),
+               "stalecast", _fill_oldest_unconsumed, uses_max_staleness=True),
     PolicySpec("areal", AREAL, {"max_head_offpolicyness": 0, "max_concurrent_rollouts": None},
                "admissions are bounded by the learner's version; a group that finishes late can be consumed "
                "staler than max_head_offpolicyness (no bound on the maximum)", True,
@@ -262,10 +263,20 @@ POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("drop", DROP, {"max_inflight_tasks": None},
                "no consumed group is staler than max_staleness (staler ones are dropped and counted)", True,
                "huggingface/trl trl/experimental/async_grpo/async_grpo_trainer.py (max_staleness, "
-               "max_inflight_tasks)", _fill_drop),
+               "max_inflight_tasks)", _fill_drop, uses_max_staleness=True),
     PolicySpec("queue_drop", QUEUE_DROP, {"capacity": None},
                "none on staleness: a bounded buffer that discards its oldest group when full (the assumption of "
                "Applied Compute's closed-form staleness model; PipelineRL's default ring buffer)", False,
                "ServiceNow/PipelineRL (bounded buffers, oldest dropped)", _fill_queue_drop),
     PolicySpec("none", NONE, {}, "none", False, "stalecast"),
 )}
+
+
+def describe(pipeline) -> str:
+    """The staleness control a config's pipeline runs, with the values of the knobs that set it (max_staleness only
+    where the policy reads it): "oldest_unconsumed S=2", or "areal max_head_offpolicyness=0,
+    max_concurrent_rollouts=None"."""
+    spec, knobs = POLICIES[pipeline.staleness_control], pipeline.knobs()
+    values = ([f"S={pipeline.max_staleness}"] if spec.uses_max_staleness else []) + [
+        f"{name}={getattr(knobs, name)}" for name in spec.knobs]
+    return f"{spec.name} {', '.join(values)}" if values else spec.name
