@@ -95,6 +95,19 @@ def _bound_label(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(bound=[f"S={s}" for s in table["pipeline.max_staleness"]])
 
 
+def _at_bound(cfg: RunConfig, bound: int) -> dict:
+    """Overrides that set staleness bound `bound` where the config's own policy keeps its bound (its knob:
+    `bound_overrides`); the column pipeline.max_staleness carries it in the tables either way. Async only: no other
+    mode has a bound to vary (fixed_lag's lag aside, which the stability study varies)."""
+    pl = cfg.pipeline
+    if pl.mode != "async":
+        raise ConfigError(f"pipeline.mode: the study varies the staleness bound, which only async mode has (it is "
+                          f"{pl.mode})")
+    if pl.staleness_control == "none":
+        raise ConfigError("pipeline.staleness_control: none has no staleness bound to vary (choose a policy with one)")
+    return bound_overrides(pl.staleness_control, pl.knobs(), bound, cfg.workload.batch_prompts)
+
+
 # --------------------------------------------------------------------------- the studies
 @dataclass
 class RatioStudy(Study):
@@ -116,7 +129,7 @@ class RatioStudy(Study):
         for r in workers:
             for s in self.bounds:
                 points.append({"cluster.rollout_workers": r, "cluster.learner_gpus": budget - r * tp,
-                               "pipeline.max_staleness": s})
+                               **_at_bound(cfg, s)})
                 labels.append({"rollout_gpus": r * tp})
         return cfg, points, labels
 
@@ -144,8 +157,9 @@ class RatioStudy(Study):
         top = best.loc[best["throughput/samples_per_s"].idxmax()]
         cl = cfg.cluster
         current = means[(means["rollout_gpus"] == cl.rollout_workers * cl.gpus_per_worker)
-                        & (means["pipeline.max_staleness"] == cfg.pipeline.max_staleness)]
-        lines = ["Best split per staleness bound (mean over replications):", "", *md_table(rows), "",
+                        & (means["pipeline.max_staleness"] == own_bound(cfg))]
+        lines = [f"Best split per staleness bound (mean over replications; S is set in "
+                 f"{bound_knob(cfg.pipeline.staleness_control)}):", "", *md_table(rows), "",
                  f"Fastest overall: {top['rollout_gpus']:.0f} rollout GPUs and {top['cluster.learner_gpus']:.0f} "
                  f"learner GPUs at S={top['pipeline.max_staleness']:.0f}: {top['throughput/samples_per_s']:.1f} "
                  f"samples/s, mean staleness {top['staleness/mean']:.2f}."]
@@ -165,9 +179,7 @@ class BoundStudy(Study):
         "help": "staleness bounds S to try", "min": 0})
 
     def grid(self, cfg):
-        if cfg.pipeline.mode != "async":
-            raise ConfigError("the bound study varies pipeline.max_staleness, which only async mode uses")
-        return cfg, [{"pipeline.max_staleness": s} for s in self.bounds], [{} for _ in self.bounds]
+        return cfg, [_at_bound(cfg, s) for s in self.bounds], [{} for _ in self.bounds]
 
     def figures(self, table, cfg, out):
         data = table[table["status"] == "ok"]
@@ -192,7 +204,7 @@ class BoundStudy(Study):
             "learner idle": means["idle/trainer"], "speedup vs sync": means["speedup/vs_sync"]})
         peak = means["throughput/samples_per_s"].max()
         enough = means[means["throughput/samples_per_s"] >= 0.95 * peak].iloc[0]
-        return [*md_table(rows), "",
+        return [f"S is set in {bound_knob(cfg.pipeline.staleness_control)}.", "", *md_table(rows), "",
                 f"The smallest bound within 5 % of the best throughput ({peak:.1f} samples/s) is "
                 f"S={enough['pipeline.max_staleness']:.0f}: {enough['throughput/samples_per_s']:.1f} samples/s at mean "
                 f"staleness {enough['staleness/mean']:.2f} (p99 {enough['staleness/p99']:.0f})."]
@@ -338,6 +350,25 @@ def bound_overrides(name: str, knobs, bound: int, batch: int) -> dict:
     elif name == "queue_drop":
         out["pipeline.queue_drop"] = {"capacity": (bound + 1) * batch}
     return out
+
+
+def bound_knob(name: str) -> str:
+    """Where policy `name` keeps the staleness bound `bound_overrides` sets."""
+    if name in BOUND_KNOBS:
+        return f"pipeline.{name}.{BOUND_KNOBS[name]}"
+    return "pipeline.queue_drop.capacity (S + 1 batches)" if name == "queue_drop" else "pipeline.max_staleness"
+
+
+def own_bound(cfg: RunConfig) -> float | None:
+    """The bound S the config itself runs at, as `bound_overrides` would set it (None: a queue_drop capacity that
+    is not a whole number of batches)."""
+    pl = cfg.pipeline
+    if pl.staleness_control in BOUND_KNOBS:
+        return float(getattr(pl.knobs(), BOUND_KNOBS[pl.staleness_control]))
+    if pl.staleness_control == "queue_drop":
+        batches, rest = divmod(pl.knobs().capacity, cfg.workload.batch_prompts)
+        return float(batches - 1) if rest == 0 else None
+    return float(pl.max_staleness)
 
 
 def matched_policy(name: str, bound: int, batch: int) -> dict:

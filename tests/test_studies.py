@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from sim.cli import main
-from sim.config import parse_config
+from sim.config import ConfigError, parse_config
 from sim.engine.pipeline import Simulation
 from sim.metrics import compute_metrics
 from studies import runner
@@ -173,6 +173,30 @@ def test_ray_backend_gives_the_same_table(tmp_path):
     assert len(list((tmp_path / "ray" / "runs").glob("*.json"))) == remote.simulated + remote.reused
     drop = ["compute_s"]
     pd.testing.assert_frame_equal(local.table.drop(columns=drop), remote.table.drop(columns=drop))
+
+
+@pytest.mark.parametrize("policy, knob", [("oldest_unconsumed", None), ("areal", "max_head_offpolicyness"),
+                                          ("prime_rl", "max_async_level")])
+def test_bound_and_ratio_studies_vary_the_bound_where_the_policy_keeps_it(policy, knob):
+    """areal and prime_rl ignore pipeline.max_staleness: a study that varied only it would draw one curve per S
+    that are all the same run. The bound goes into the policy's own knob, and the runs at two bounds differ."""
+    from studies.named import BoundStudy, RatioStudy
+    cfg = small(**{"pipeline.staleness_control": policy, "cluster.learner_gpus": 2})
+    _, points, _ = BoundStudy(bounds=[0, 4]).grid(cfg)
+    _, ratio_points, _ = RatioStudy(bounds=[0, 4], rollout_workers=[2]).grid(cfg)
+    for bound, point in zip([0, 4], points):
+        assert point["pipeline.max_staleness"] == bound  # the tables' column either way
+        if knob is not None:
+            assert point[f"pipeline.{policy}"][knob] == bound
+        assert {k: v for k, v in ratio_points[[0, 4].index(bound)].items() if not k.startswith("cluster.")} == point
+    runs = [runner.run_config(cfg.with_overrides({**point, "run.steps": 12}))["metrics"] for point in points]
+    assert runs[0]["staleness/mean"] < runs[1]["staleness/mean"]
+    for bad, why in (({"pipeline.staleness_control": "none"}, "none has no staleness bound"),
+                     ({"pipeline.mode": "sync"}, "only async mode has")):
+        with pytest.raises(ConfigError, match=why):
+            BoundStudy(bounds=[1]).grid(small(**bad))
+        with pytest.raises(ConfigError, match=why):
+            RatioStudy(bounds=[1]).grid(small(**bad))
 
 
 # --------------------------------------------------------------------------- named studies, from the command line
