@@ -557,8 +557,12 @@ OUT = [
     case("plan-out-foreign-folder", "plan {cfg} --out {out}", ["the folder exists and was not written by stalecast"],
          setup=_existing_out),
     # The study and the plan check the config against what they vary before claiming --out:
-    case("study-config-it-cannot-vary", "study bound {cfg} --out {out}", ["only async mode uses"],
+    case("study-config-it-cannot-vary", "study bound {cfg} --out {out}",
+         ["pipeline.mode: the study varies the staleness bound, which only async mode has (it is sync)"],
          change=setting("pipeline.mode", "sync")),
+    case("study-policy-without-a-bound", "study ratio {cfg} --out {out}",
+         ["pipeline.staleness_control: none has no staleness bound to vary"],
+         change=setting("pipeline.staleness_control", "none")),
     case("plan-colocated-config", "plan {cfg} --out {out}", ["the config is colocated"],
          change=setting("cluster.colocated", True)),
     case("stability-horizon-lag-not-run", "study stability {cfg} --out {out} --bounds 1 --horizon-bounds 1,8",
